@@ -1,0 +1,307 @@
+/*
+ * The request pipeline: every request enters through edge_dispatch(), which gives it an id and a
+ * locale, finds its route, enforces the route's body and media-type rules, and calls the handler.
+ * The response helpers here are the only way handlers answer, so every response carries the request
+ * id and the security headers, and every error has the one error body.
+ *
+ * Accounting happens when h2o disposes the request's pool (the request is over, whatever way it
+ * ended): the in-flight count drops and the request counter and latency histogram are updated with
+ * the final status.
+ */
+#include <string.h>
+#include <strings.h>
+
+#include "bg/err.h"
+#include "bg/i18n.h"
+#include "bg/id.h"
+#include "bg/log.h"
+#include "bg/metrics.h"
+#include "bg/timeutil.h"
+#include "edge.h"
+
+static bg_metrics_counter_t *m_requests;
+static bg_metrics_histogram_t *m_latency;
+
+void edge_request_metrics_init(void);
+void edge_request_metrics_init(void)
+{
+    static const char *const counter_labels[] = {"route", "method", "status", NULL};
+    static const char *const hist_labels[] = {"route", NULL};
+    m_requests = bg_metrics_counter("bg_http_requests_total", "HTTP requests by route, method and status",
+                                    counter_labels);
+    m_latency = bg_metrics_histogram("bg_http_request_duration_seconds",
+                                     "Time from request start to the end of its response", hist_labels,
+                                     NULL, 0);
+}
+
+void edge_req_ref(edge_req_t *er)
+{
+    er->refs++;
+}
+
+void edge_req_unref(edge_req_t *er)
+{
+    if (--er->refs > 0)
+        return;
+    if (er->data_free != NULL)
+        er->data_free(er->data);
+    free(er);
+}
+
+/* Called by h2o when the request's pool goes away: the request is over. */
+static void on_pool_dispose(void *p)
+{
+    edge_req_t *er = *(edge_req_t **)p;
+    h2o_req_t *req = er->req;
+    int status = req->res.status != 0 ? req->res.status : 499; /* 499: client went away first */
+    char status_s[8];
+    snprintf(status_s, sizeof(status_s), "%d", status);
+    const char *route = er->route != NULL ? er->route->name : "unmatched";
+    char method[16];
+    snprintf(method, sizeof(method), "%.*s", (int)(req->method.len < 15 ? req->method.len : 15),
+             req->method.base);
+    const char *labels[] = {route, method, status_s};
+    bg_metrics_counter_add(m_requests, labels, 1);
+    const char *hlabels[] = {route};
+    bg_metrics_histogram_observe(m_latency, hlabels,
+                                 (double)((int64_t)bg_timeutil_mono_us() - er->start_us) / 1e6);
+    if (status >= 500)
+        bg_warn("%s %.*s -> %d (%s)", method, (int)req->path.len, req->path.base, status,
+                er->request_id);
+    else
+        bg_debug("%s %.*s -> %d (%s)", method, (int)req->path.len, req->path.base, status,
+                 er->request_id);
+    atomic_fetch_sub(&er->thread->inflight, 1);
+    er->req = NULL;
+    edge_req_unref(er);
+}
+
+h2o_iovec_t edge_req_header(const edge_req_t *er, const char *name)
+{
+    if (er->req == NULL)
+        return h2o_iovec_init(NULL, 0);
+    ssize_t i = h2o_find_header_by_str(&er->req->headers, name, strlen(name), -1);
+    if (i < 0)
+        return h2o_iovec_init(NULL, 0);
+    return er->req->headers.entries[i].value;
+}
+
+void edge_add_header(edge_req_t *er, const char *name, const char *value)
+{
+    if (er->req == NULL)
+        return;
+    h2o_req_t *req = er->req;
+    h2o_iovec_t v = h2o_strdup(&req->pool, value, SIZE_MAX);
+    h2o_add_header_by_str(&req->pool, &req->res.headers, name, strlen(name), 1, NULL, v.base,
+                          v.len);
+}
+
+/* A request id from the client (or a load balancer) is kept when it looks like one. */
+static bool acceptable_request_id(h2o_iovec_t v)
+{
+    if (v.len < 8 || v.len > EDGE_REQUEST_ID_LEN)
+        return false;
+    for (size_t i = 0; i < v.len; i++) {
+        char c = v.base[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.'))
+            return false;
+    }
+    return true;
+}
+
+static void add_common_headers(edge_req_t *er)
+{
+    h2o_req_t *req = er->req;
+    h2o_add_header_by_str(&req->pool, &req->res.headers, H2O_STRLIT("x-request-id"), 0, NULL,
+                          er->request_id, strlen(er->request_id));
+    h2o_add_header_by_str(&req->pool, &req->res.headers, H2O_STRLIT("x-content-type-options"), 0,
+                          NULL, H2O_STRLIT("nosniff"));
+}
+
+void edge_respond(edge_req_t *er, int status, const char *content_type, const char *body,
+                  size_t len)
+{
+    static h2o_generator_t generator = {NULL, NULL};
+    h2o_req_t *req = er->req;
+    if (req == NULL)
+        return;
+    req->res.status = status;
+    req->res.reason = "OK"; /* HTTP/1.1 reason phrases carry no meaning; h2 has none */
+    add_common_headers(er);
+    if (content_type != NULL)
+        h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL, content_type,
+                       strlen(content_type));
+    req->res.content_length = len;
+    h2o_iovec_t b = h2o_strdup(&req->pool, body != NULL ? body : "", len);
+    h2o_start_response(req, &generator);
+    h2o_send(req, &b, 1, H2O_SEND_STATE_FINAL);
+}
+
+void edge_respond_json(edge_req_t *er, int status, bg_buf_t *buf)
+{
+    edge_respond(er, status, "application/json; charset=utf-8", buf->base, buf->len);
+    bg_buf_reset(buf);
+}
+
+void edge_error(edge_req_t *er, const char *code, const char *details_json,
+                const char *const params[], int retry_after_s)
+{
+    const bg_api_error_t *e = bg_api_error_find(code);
+    if (e == NULL) {
+        bg_error("unknown API error code \"%s\"", code);
+        e = bg_api_error_find("internal");
+    }
+    bg_buf_t msg, body;
+    bg_buf_init(&msg, 4096);
+    bg_buf_init(&body, 16384);
+    if (bg_i18n_format(&msg, er->locale, e->msg_key, params) != 0)
+        bg_buf_reset(&msg);
+    int r = bg_buf_puts(&body, "{\"error\":{\"code\":");
+    r |= bg_buf_json_str(&body, e->code, strlen(e->code));
+    r |= bg_buf_puts(&body, ",\"message\":");
+    r |= bg_buf_json_str(&body, msg.base != NULL ? msg.base : "", msg.len);
+    r |= bg_buf_puts(&body, ",\"request_id\":");
+    r |= bg_buf_json_str(&body, er->request_id, strlen(er->request_id));
+    if (details_json != NULL) {
+        r |= bg_buf_puts(&body, ",\"details\":");
+        r |= bg_buf_puts(&body, details_json);
+    }
+    r |= bg_buf_puts(&body, "}}");
+    if (r != 0) {
+        /* only oversized details can get here: answer without them */
+        bg_buf_reset(&body);
+        if (bg_buf_printf(&body, "{\"error\":{\"code\":\"%s\",\"request_id\":\"%s\"}}", e->code,
+                          er->request_id) != 0)
+            bg_error("cannot render the error body of %s", e->code);
+    }
+    if (retry_after_s > 0 && er->req != NULL) {
+        char ra[16];
+        snprintf(ra, sizeof(ra), "%d", retry_after_s);
+        edge_add_header(er, "retry-after", ra);
+    }
+    edge_add_header(er, "cache-control", "no-store");
+    edge_respond_json(er, e->status, &body);
+    bg_buf_dispose(&msg);
+    bg_buf_dispose(&body);
+}
+
+/* ---- blocking work on the thread pool ---- */
+
+typedef struct st_blocking {
+    uv_work_t work;
+    edge_req_t *er;
+    edge_work_fn fn;
+    edge_done_fn done;
+    void *arg;
+} blocking_t;
+
+static void blocking_run(uv_work_t *w)
+{
+    blocking_t *b = w->data;
+    b->fn(b->arg);
+}
+
+static void blocking_after(uv_work_t *w, int status)
+{
+    blocking_t *b = w->data;
+    (void)status; /* UV_ECANCELED only at loop shutdown; done() still releases what arg holds */
+    b->done(b->er, b->arg);
+    edge_req_unref(b->er);
+    free(b);
+}
+
+int edge_blocking(edge_req_t *er, edge_work_fn work, edge_done_fn done, void *arg)
+{
+    blocking_t *b = bg_calloc(1, sizeof(*b));
+    b->er = er;
+    b->fn = work;
+    b->done = done;
+    b->arg = arg;
+    b->work.data = b;
+    if (uv_queue_work(&er->thread->loop, &b->work, blocking_run, blocking_after) != 0) {
+        free(b);
+        return BG_ERR_UNAVAILABLE;
+    }
+    edge_req_ref(er);
+    return 0;
+}
+
+/* ---- dispatch ---- */
+
+static bool media_type_is_json(h2o_iovec_t ct)
+{
+    static const char json[] = "application/json";
+    if (ct.len < sizeof(json) - 1 || strncasecmp(ct.base, json, sizeof(json) - 1) != 0)
+        return false;
+    return ct.len == sizeof(json) - 1 || ct.base[sizeof(json) - 1] == ';' ||
+           ct.base[sizeof(json) - 1] == ' ';
+}
+
+static edge_thread_t *thread_of(h2o_req_t *req)
+{
+    return (edge_thread_t *)(void *)((char *)req->conn->ctx - offsetof(edge_thread_t, ctx));
+}
+
+/* Entry point of every request (registered as the only h2o handler, on "/"). */
+int edge_dispatch(h2o_handler_t *self, h2o_req_t *req);
+int edge_dispatch(h2o_handler_t *self, h2o_req_t *req)
+{
+    (void)self;
+    edge_thread_t *thread = thread_of(req);
+    edge_req_t *er = bg_calloc(1, sizeof(*er));
+    er->req = req;
+    er->thread = thread;
+    er->refs = 1; /* held by the pool link below */
+    er->start_us = (int64_t)bg_timeutil_mono_us();
+    edge_req_t **link = h2o_mem_alloc_shared(&req->pool, sizeof(*link), on_pool_dispose);
+    *link = er;
+    atomic_fetch_add(&thread->inflight, 1);
+
+    h2o_iovec_t rid = edge_req_header(er, "x-request-id");
+    if (acceptable_request_id(rid))
+        memcpy(er->request_id, rid.base, rid.len);
+    else
+        bg_id_request(er->request_id);
+
+    h2o_iovec_t al = edge_req_header(er, "accept-language");
+    char al_buf[256];
+    snprintf(al_buf, sizeof(al_buf), "%.*s", (int)(al.len < 255 ? al.len : 255),
+             al.base != NULL ? al.base : "");
+    er->locale = bg_i18n_negotiate(NULL, al_buf);
+
+    if (atomic_load(&thread->server->shutting_down) && thread->draining) {
+        /* connections opened before the listeners closed can still send; tell them to go */
+        edge_error(er, "shutting_down", NULL, NULL, 1);
+        return 0;
+    }
+
+    bool method_mismatch;
+    const char *path = req->path_normalized.base;
+    size_t path_len = req->path_normalized.len;
+    er->route = edge_router_match(req->method.base, req->method.len, path, path_len, er->params,
+                                  &er->nparams, &method_mismatch);
+    if (er->route == NULL) {
+        edge_error(er, method_mismatch ? "method_not_allowed" : "not_found", NULL, NULL, 0);
+        return 0;
+    }
+    size_t max_body = er->route->max_body != 0 ? er->route->max_body
+                                                : (size_t)thread->server->cfg->max_body_bytes;
+    if (req->entity.len > max_body) {
+        char max_s[24], details[64];
+        snprintf(max_s, sizeof(max_s), "%zu", max_body);
+        snprintf(details, sizeof(details), "{\"max_bytes\":%zu}", max_body);
+        const char *params[] = {"max_bytes", max_s, NULL};
+        edge_error(er, "payload_too_large", details, params, 0);
+        return 0;
+    }
+    if ((er->route->flags & EDGE_ROUTE_JSON) != 0 && req->entity.base != NULL &&
+        !media_type_is_json(edge_req_header(er, "content-type"))) {
+        edge_error(er, "unsupported_media_type", NULL, NULL, 0);
+        return 0;
+    }
+    bg_log_set_context(er->request_id);
+    er->route->fn(er);
+    bg_log_set_context(NULL);
+    return 0;
+}
