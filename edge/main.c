@@ -8,7 +8,23 @@
 #include "bg/config.h"
 #include "bg/i18n.h"
 #include "bg/log.h"
+#include "bg/pg.h"
 #include "edge.h"
+
+/*
+ * Says at start-up whether Postgres answers, so an operator sees a wrong BG_DATABASE_URL at once.
+ * The edge starts either way: /readyz answers 503 until Postgres is reachable.
+ */
+static void probe_postgres(const bg_config_t *cfg)
+{
+    PGconn *c = NULL;
+    char err[256];
+    if (bg_pg_connect(cfg->database_url, 1, &c, err, sizeof(err)) != 0) {
+        bg_warn("Postgres is not reachable (%s); /readyz answers 503 until it is", err);
+        return;
+    }
+    PQfinish(c);
+}
 
 int main(void)
 {
@@ -22,6 +38,11 @@ int main(void)
         bg_config_dispose(&cfg);
         return 2;
     }
+    /* Blocking work (Postgres, password hashing) runs on libuv's pool: size it before any loop. */
+    char pool[16];
+    snprintf(pool, sizeof(pool), "%lld", (long long)cfg.db_pool_size);
+    setenv("UV_THREADPOOL_SIZE", pool, 1); /* NOLINT(concurrency-mt-unsafe): before any thread */
+    probe_postgres(&cfg);
     if (edge_server_init(&server, &cfg) != 0) {
         bg_config_dispose(&cfg);
         return 1;
