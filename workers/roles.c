@@ -1,0 +1,28 @@
+/*
+ * The role table. Adding a role is adding its line here (and its files under workers/).
+ */
+#include <string.h>
+
+#include "roles.h"
+
+/* clang-format off */
+static const wk_role_t registry[] = {
+    /* {"llm", wk_llm_handle, wk_llm_init, wk_llm_dispose, wk_llm_thread_dispose}, */
+    {NULL, NULL, NULL, NULL, NULL} /* end of table */
+};
+/* clang-format on */
+
+const wk_role_t *wk_roles_all(size_t *count)
+{
+    *count = BG_ARRAY_SIZE(registry) - 1;
+    return registry;
+}
+
+const wk_role_t *wk_roles_find(const char *name)
+{
+    for (size_t i = 0; registry[i].name != NULL; i++) {
+        if (strcmp(registry[i].name, name) == 0)
+            return &registry[i];
+    }
+    return NULL;
+}
