@@ -59,6 +59,7 @@ test-run:
 	       cmake --build $(ASAN_DIR) -j$(JOBS); then \
 	        if ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	           UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	           LSAN_OPTIONS=suppressions=$(CURDIR)/test/lsan.supp \
 	           ctest --test-dir $(ASAN_DIR) --output-on-failure -j$(JOBS) $(CTEST_ARGS); then asan=PASS; fi; \
 	    else \
 	        asan="FAIL (build)"; \

@@ -4,13 +4,13 @@
  *
  * The edge runs one libuv event loop per thread (one per core by default), each with its own h2o
  * context and its own Redis connection; a request lives and dies on the loop that accepted it.
- * Blocking work (Postgres, password hashing) runs on libuv's thread pool through edge_blocking(), and
- * its completion comes back to the request's loop.
+ * Blocking work (Postgres, password hashing) runs on libuv's thread pool through edge_blocking(),
+ * and its completion comes back to the request's loop.
  *
  * A request handed to a route handler is wrapped in an edge_req_t. The edge_req_t outlives the h2o
- * request when asynchronous work is pending: when the client goes away, h2o frees the request's pool
- * and edge_req_t.req becomes NULL, so a completion that arrives later sees that and only releases its
- * reference.
+ * request when asynchronous work is pending: when the client goes away, h2o frees the request's
+ * pool and edge_req_t.req becomes NULL, so a completion that arrives later sees that and only
+ * releases its reference.
  */
 #ifndef EDGE_H
 #define EDGE_H
@@ -69,13 +69,13 @@ struct st_edge_server {
 
 /** Per-request context, reference-counted (see the file comment). Touch only on its loop thread. */
 struct st_edge_req {
-    h2o_req_t *req;         /**< NULL once h2o disposed the request */
-    edge_thread_t *thread;  /**< borrowed */
+    h2o_req_t *req;        /**< NULL once h2o disposed the request */
+    edge_thread_t *thread; /**< borrowed */
     const edge_route_t *route;
     int refs;
     int64_t start_us;
     char request_id[EDGE_REQUEST_ID_LEN + 1];
-    const char *locale; /**< negotiated locale (static string from i18n) */
+    const char *locale;                  /**< negotiated locale (static string from i18n) */
     h2o_iovec_t params[EDGE_MAX_PARAMS]; /**< path parameters, pointing into req->path */
     size_t nparams;
     void *data; /**< handler state; freed by data_free when the last reference goes */
@@ -104,8 +104,9 @@ struct st_edge_route {
 extern const edge_route_t edge_routes_ops[];
 
 /**
- * Finds the route for method and path; fills params. Returns the route, or NULL with *method_mismatch
- * set when the path exists for another method (→ 405) and cleared when it does not exist (→ 404).
+ * Finds the route for method and path; fills params. Returns the route, or NULL with
+ * *method_mismatch set when the path exists for another method (→ 405) and cleared when it does not
+ * exist (→ 404).
  */
 const edge_route_t *edge_router_match(const char *method, size_t method_len, const char *path,
                                       size_t path_len, h2o_iovec_t *params, size_t *nparams,
@@ -142,8 +143,8 @@ void edge_respond_json(edge_req_t *er, int status, bg_buf_t *buf);
 
 /**
  * Sends the one error body of the API: code from the API error table, message from the catalogue
- * of the request's locale with params (name, value, …, NULL), optional details (a JSON object text or
- * NULL). 429 and 503 carry Retry-After from retry_after_s when > 0.
+ * of the request's locale with params (name, value, …, NULL), optional details (a JSON object text
+ * or NULL). 429 and 503 carry Retry-After from retry_after_s when > 0.
  */
 void edge_error(edge_req_t *er, const char *code, const char *details_json,
                 const char *const params[], int retry_after_s);

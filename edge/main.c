@@ -26,10 +26,12 @@ static void probe_postgres(const bg_config_t *cfg)
     PQfinish(c);
 }
 
+/* Static: the server's loops outlive main's frame until exit (see edge_server_dispose). */
+static edge_server_t server;
+
 int main(void)
 {
     bg_config_t cfg;
-    edge_server_t server;
     char err[256];
 
     bg_config_load_or_exit(&cfg, "edge");

@@ -27,11 +27,11 @@ void edge_request_metrics_init(void)
 {
     static const char *const counter_labels[] = {"route", "method", "status", NULL};
     static const char *const hist_labels[] = {"route", NULL};
-    m_requests = bg_metrics_counter("bg_http_requests_total", "HTTP requests by route, method and status",
-                                    counter_labels);
+    m_requests = bg_metrics_counter("bg_http_requests_total",
+                                    "HTTP requests by route, method and status", counter_labels);
     m_latency = bg_metrics_histogram("bg_http_request_duration_seconds",
-                                     "Time from request start to the end of its response", hist_labels,
-                                     NULL, 0);
+                                     "Time from request start to the end of its response",
+                                     hist_labels, NULL, 0);
 }
 
 void edge_req_ref(edge_req_t *er)
@@ -155,7 +155,19 @@ void edge_error(edge_req_t *er, const char *code, const char *details_json,
     bg_buf_t msg, body;
     bg_buf_init(&msg, 4096);
     bg_buf_init(&body, 16384);
-    if (bg_i18n_format(&msg, er->locale, e->msg_key, params) != 0)
+    /* messages of 429 and 503 may name the wait: add it to the caller's parameters */
+    const char *all[16];
+    size_t n = 0;
+    for (; params != NULL && params[n] != NULL && n < BG_ARRAY_SIZE(all) - 3; n++)
+        all[n] = params[n];
+    char ra[16];
+    if (retry_after_s > 0) {
+        snprintf(ra, sizeof(ra), "%d", retry_after_s);
+        all[n++] = "retry_after";
+        all[n++] = ra;
+    }
+    all[n] = NULL;
+    if (bg_i18n_format(&msg, er->locale, e->msg_key, all) != 0)
         bg_buf_reset(&msg);
     int r = bg_buf_puts(&body, "{\"error\":{\"code\":");
     r |= bg_buf_json_str(&body, e->code, strlen(e->code));
@@ -175,11 +187,8 @@ void edge_error(edge_req_t *er, const char *code, const char *details_json,
                           er->request_id) != 0)
             bg_error("cannot render the error body of %s", e->code);
     }
-    if (retry_after_s > 0 && er->req != NULL) {
-        char ra[16];
-        snprintf(ra, sizeof(ra), "%d", retry_after_s);
+    if (retry_after_s > 0)
         edge_add_header(er, "retry-after", ra);
-    }
     edge_add_header(er, "cache-control", "no-store");
     edge_respond_json(er, e->status, &body);
     bg_buf_dispose(&msg);
@@ -286,7 +295,7 @@ int edge_dispatch(h2o_handler_t *self, h2o_req_t *req)
         return 0;
     }
     size_t max_body = er->route->max_body != 0 ? er->route->max_body
-                                                : (size_t)thread->server->cfg->max_body_bytes;
+                                               : (size_t)thread->server->cfg->max_body_bytes;
     if (req->entity.len > max_body) {
         char max_s[24], details[64];
         snprintf(max_s, sizeof(max_s), "%zu", max_body);

@@ -2,8 +2,8 @@
  * Route matching.
  *
  * Route tables are small and static, so matching is a linear scan comparing segment by segment; a
- * "{name}" segment matches any one non-empty segment and is captured. A path that matches some route
- * under another method is reported so the caller can answer 405 instead of 404.
+ * "{name}" segment matches any one non-empty segment and is captured. A path that matches some
+ * route under another method is reported so the caller can answer 405 instead of 404.
  */
 #include <string.h>
 
@@ -56,8 +56,8 @@ const edge_route_t *edge_router_match(const char *method, size_t method_len, con
             size_t ntmp = 0;
             if (!match(r->pattern, path, path_len, tmp, &ntmp))
                 continue;
-            bool same_method = strlen(r->method) == method_len &&
-                               memcmp(r->method, method, method_len) == 0;
+            bool same_method =
+                strlen(r->method) == method_len && memcmp(r->method, method, method_len) == 0;
             /* HEAD is answered by GET routes (h2o drops the body) */
             if (!same_method && method_len == 4 && memcmp(method, "HEAD", 4) == 0 &&
                 strcmp(r->method, "GET") == 0)

@@ -24,7 +24,7 @@ static void healthz(edge_req_t *er)
 
 typedef struct st_ready {
     int pending;
-    const char *redis;      /* static strings: "ok" or the problem */
+    const char *redis; /* static strings: "ok" or the problem */
     const char *postgres;
     const char *migrations;
     char *database_url; /* owned copy for the pool thread */

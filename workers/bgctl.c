@@ -15,10 +15,12 @@ static const struct {
     ctl_main_fn fn;
     const char *usage;
 } commands[] = {
-    {"migrate", ctl_migrate_main, "migrate [status]            apply pending migrations, or list them"},
+    {"migrate", ctl_migrate_main,
+     "migrate [status]            apply pending migrations, or list them"},
     {"user", ctl_user_main, "user create --email E --password P [--name N] [--admin]"},
     {"dlq", ctl_dlq_main, "dlq list|replay|purge [--role R] [--id ID|--all]   dead-letter jobs"},
-    {"config", ctl_config_main, "config [check|example]      print the effective configuration, or a .env template"},
+    {"config", ctl_config_main,
+     "config [check|example]      print the effective configuration, or a .env template"},
 };
 
 static void usage(FILE *out)

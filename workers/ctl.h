@@ -1,9 +1,9 @@
 /*
  * bgctl subcommands. Each lives in its own ctl_<group>.c and is dispatched by bgctl.c.
  *
- * A subcommand receives the arguments after its group name (argv[0] is the group name) and the loaded
- * configuration, prints what it did to stdout and problems to stderr, and returns the process exit
- * status: 0 success, 1 failure, 2 usage error.
+ * A subcommand receives the arguments after its group name (argv[0] is the group name) and the
+ * loaded configuration, prints what it did to stdout and problems to stderr, and returns the
+ * process exit status: 0 success, 1 failure, 2 usage error.
  */
 #ifndef WK_CTL_H
 #define WK_CTL_H

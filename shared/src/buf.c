@@ -1,5 +1,6 @@
 /*
- * Capped growable buffers. Growth doubles the allocation, but never beyond max + 1 (the terminator).
+ * Capped growable buffers. Growth doubles the allocation, but never beyond max + 1 (the
+ * terminator).
  */
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,10 +1,10 @@
 /*
  * The configuration table and its loader.
  *
- * Loading is three steps: read the optional .env file into a small list (it never overrides the real
- * environment), look every variable of the table up, then parse and check each value against its type
- * and bounds. The first failure is reported with the variable's name, the value's problem and what was
- * expected; nothing is half-applied.
+ * Loading is three steps: read the optional .env file into a small list (it never overrides the
+ * real environment), look every variable of the table up, then parse and check each value against
+ * its type and bounds. The first failure is reported with the variable's name, the value's problem
+ * and what was expected; nothing is half-applied.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -248,8 +248,8 @@ static int parse_var(const bg_config_var_t *v, const char *value, bg_config_t *c
     case BG_CFG_INT:
     case BG_CFG_PORT:
         if (!parse_int(value, &n) || n < v->min || n > v->max) {
-            snprintf(err, errlen, "%s=\"%s\": expected an integer from %lld to %lld", v->name, value,
-                     (long long)v->min, (long long)v->max);
+            snprintf(err, errlen, "%s=\"%s\": expected an integer from %lld to %lld", v->name,
+                     value, (long long)v->min, (long long)v->max);
             return BG_ERR_CONFIG;
         }
         if (v->type == BG_CFG_PORT)
@@ -280,8 +280,8 @@ static int parse_var(const bg_config_var_t *v, const char *value, bg_config_t *c
     case BG_CFG_LOCALES: {
         const char *p = value;
         if (*p == '\0') {
-            snprintf(err, errlen, "%s: expected a comma-separated list of locale tags such as en,ru",
-                     v->name);
+            snprintf(err, errlen,
+                     "%s: expected a comma-separated list of locale tags such as en,ru", v->name);
             return BG_ERR_CONFIG;
         }
         while (*p != '\0') {

@@ -2,8 +2,8 @@
  * Error descriptions and the table of API errors.
  *
  * The API error table is the contract between the edge (which turns failures into responses), the
- * locale catalogues (which hold the messages) and the tests (which check that every code has a message
- * in every shipped locale). Codes are stable: clients match on them.
+ * locale catalogues (which hold the messages) and the tests (which check that every code has a
+ * message in every shipped locale). Codes are stable: clients match on them.
  */
 #include <string.h>
 

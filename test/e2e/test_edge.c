@@ -28,8 +28,9 @@ static void make_cert(const char *dir)
     char key[300], crt[300], out[4096];
     snprintf(key, sizeof(key), "%s/key.pem", dir);
     snprintf(crt, sizeof(crt), "%s/cert.pem", dir);
-    const char *argv[] = {"openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                          "-out", crt, "-days", "2", "-subj", "/CN=localhost", NULL};
+    const char *argv[] = {"openssl", "req",     "-x509", "-newkey",       "rsa:2048",
+                          "-nodes",  "-keyout", key,     "-out",          crt,
+                          "-days",   "2",       "-subj", "/CN=localhost", NULL};
     cr_assert_eq(bgt_run(argv, NULL, out, sizeof(out)), 0, "openssl: %s", out);
 }
 
@@ -181,8 +182,8 @@ Test(edge, unknown_path_is_a_localized_404_in_the_one_error_format)
     bgt_resp_t r;
     get(BGT_H2C, E.base, "/no/such/thing", NULL, &r);
     cr_assert_eq(r.status, 404);
-    cr_assert(strstr(r.body, "{\"error\":{\"code\":\"not_found\",\"message\":\"") == r.body,
-              "%s", r.body);
+    cr_assert(strstr(r.body, "{\"error\":{\"code\":\"not_found\",\"message\":\"") == r.body, "%s",
+              r.body);
     cr_assert(strstr(r.body, "\"request_id\":\"") != NULL, "%s", r.body);
     char en[512];
     snprintf(en, sizeof(en), "%s", r.body);
@@ -249,13 +250,15 @@ Test(edge, metrics_count_requests_by_route_and_status)
                      "bg_http_requests_total{route=\"healthz\",method=\"GET\",status=\"200\"} ") !=
                   NULL,
               "%s", r.body);
-    cr_assert(strstr(r.body,
-                     "bg_http_requests_total{route=\"unmatched\",method=\"GET\",status=\"404\"} 1") !=
-                  NULL,
-              "%s", r.body);
-    cr_assert(strstr(r.body, "bg_http_request_duration_seconds_bucket{route=\"healthz\",le=\"+Inf\"}") !=
-                  NULL,
-              "%s", r.body);
+    cr_assert(
+        strstr(r.body,
+               "bg_http_requests_total{route=\"unmatched\",method=\"GET\",status=\"404\"} 1") !=
+            NULL,
+        "%s", r.body);
+    cr_assert(
+        strstr(r.body, "bg_http_request_duration_seconds_bucket{route=\"healthz\",le=\"+Inf\"}") !=
+            NULL,
+        "%s", r.body);
     cr_assert(strstr(r.body, "bg_sse_streams_open") != NULL, "%s", r.body);
     bgt_resp_free(&r);
 }

@@ -212,9 +212,22 @@ int bgt_redis_start(bgt_redis_t *r)
         r->port = bgt_free_port();
         char port[16];
         snprintf(port, sizeof(port), "%d", r->port);
-        const char *argv[] = {"redis-server", "--port", port, "--bind", "127.0.0.1", "--dir", r->dir,
-                              "--save", "", "--appendonly", "no", "--protected-mode", "no",
-                              "--loglevel", "warning", NULL};
+        const char *argv[] = {"redis-server",
+                              "--port",
+                              port,
+                              "--bind",
+                              "127.0.0.1",
+                              "--dir",
+                              r->dir,
+                              "--save",
+                              "",
+                              "--appendonly",
+                              "no",
+                              "--protected-mode",
+                              "no",
+                              "--loglevel",
+                              "warning",
+                              NULL};
         char log[300];
         snprintf(log, sizeof(log), "%s/redis.log", r->dir);
         r->pid = bgt_spawn(argv, NULL, log);
@@ -261,7 +274,7 @@ static void url_with_db(const char *base, const char *dbname, char *out, size_t 
     hostpart = hostpart != NULL ? hostpart + 3 : base;
     const char *slash = strchr(hostpart, '/');
     const char *query = strchr(hostpart, '?');
-    size_t prefix = slash != NULL ? (size_t)(slash - base)
+    size_t prefix = slash != NULL   ? (size_t)(slash - base)
                     : query != NULL ? (size_t)(query - base)
                                     : strlen(base);
     snprintf(out, outlen, "%.*s/%s%s", (int)prefix, base, dbname, query != NULL ? query : "");

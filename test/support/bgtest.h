@@ -45,7 +45,8 @@ void bgt_pg_drop(bgt_pg_t *db);
 /** Returns a free TCP port on 127.0.0.1 (bound and released, so a race is possible but rare). */
 int bgt_free_port(void);
 
-/** Returns the path of a built binary ("bg-edge", "bg-worker", "bgctl"); static storage per call site. */
+/** Returns the path of a built binary ("bg-edge", "bg-worker", "bgctl"); static storage per call
+ * site. */
 const char *bgt_bin(const char *name);
 
 /**
@@ -62,25 +63,26 @@ int bgt_wait(pid_t pid, int timeout_ms);
 int bgt_stop(pid_t pid, int sig, int timeout_ms);
 
 /**
- * Runs a command to completion (env as in bgt_spawn), capturing stdout+stderr into out (NUL-terminated,
- * cut at outlen). Returns its exit status (0..255), or -1 when it could not run or was killed.
+ * Runs a command to completion (env as in bgt_spawn), capturing stdout+stderr into out
+ * (NUL-terminated, cut at outlen). Returns its exit status (0..255), or -1 when it could not run or
+ * was killed.
  */
 int bgt_run(const char *const argv[], const char *const env[], char *out, size_t outlen);
 
 /** Response of bgt_http. */
 typedef struct bgt_resp {
-    long status;   /**< 0 when the request failed at transport level */
-    long version;  /**< 1 = HTTP/1.x, 2 = HTTP/2 */
-    char *body;    /**< owned, NUL-terminated */
+    long status;  /**< 0 when the request failed at transport level */
+    long version; /**< 1 = HTTP/1.x, 2 = HTTP/2 */
+    char *body;   /**< owned, NUL-terminated */
     size_t body_len;
     char *headers; /**< owned, raw header block (lower-case names for h2) */
     char error[256];
 } bgt_resp_t;
 
 enum {
-    BGT_H1 = 0,       /**< HTTP/1.1 */
-    BGT_H2C = 1,      /**< HTTP/2 with prior knowledge, cleartext */
-    BGT_H2_TLS = 2,   /**< https with ALPN, certificate not verified */
+    BGT_H1 = 0,     /**< HTTP/1.1 */
+    BGT_H2C = 1,    /**< HTTP/2 with prior knowledge, cleartext */
+    BGT_H2_TLS = 2, /**< https with ALPN, certificate not verified */
     BGT_H2C_UPGRADE = 3
 };
 

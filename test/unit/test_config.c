@@ -43,8 +43,8 @@ static void expect_error(const char *name, const char *value, const char *fragme
     bg_config_t cfg;
     char err[256] = "";
     setenv(name, value, 1);
-    cr_assert_eq(bg_config_load(&cfg, NULL, err, sizeof(err)), BG_ERR_CONFIG, "%s=%s accepted", name,
-                 value);
+    cr_assert_eq(bg_config_load(&cfg, NULL, err, sizeof(err)), BG_ERR_CONFIG, "%s=%s accepted",
+                 name, value);
     cr_assert(strstr(err, name) != NULL, "message does not name %s: %s", name, err);
     cr_assert(strstr(err, fragment) != NULL, "message lacks \"%s\": %s", fragment, err);
     unsetenv(name);
@@ -71,7 +71,8 @@ Test(config, environment_wins_over_dotenv_and_dotenv_over_defaults)
     int fd = mkstemp(path);
     cr_assert(fd >= 0);
     FILE *f = fdopen(fd, "w");
-    fprintf(f, "# comment\nexport BG_HTTP_PORT=9090\nBG_HTTPS_PORT='9443'\nBG_LOG_FORMAT=\"text\"\n");
+    fprintf(f,
+            "# comment\nexport BG_HTTP_PORT=9090\nBG_HTTPS_PORT='9443'\nBG_LOG_FORMAT=\"text\"\n");
     fclose(f);
     setenv("BG_HTTP_PORT", "7070", 1);
     bg_config_t cfg;

@@ -36,8 +36,8 @@ char *bg_strdup(const char *s);
 char *bg_strndup(const char *s, size_t n);
 
 /**
- * Formats into a newly allocated string (vasprintf that aborts on out-of-memory). The result is owned
- * by the caller.
+ * Formats into a newly allocated string (vasprintf that aborts on out-of-memory). The result is
+ * owned by the caller.
  */
 char *bg_asprintf(const char *fmt, ...) BG_PRINTF(1, 2);
 

@@ -1,12 +1,12 @@
 /*
- * Configuration: the BG_* environment variables, optionally read from a .env file, validated once at
- * start-up and constant afterwards.
+ * Configuration: the BG_* environment variables, optionally read from a .env file, validated once
+ * at start-up and constant afterwards.
  *
- * One table (config.c) names every variable, its type, bounds and default. All three binaries load the
- * same table, so a variable means the same everywhere and .env.example can be checked against it by a
- * test. A value from the environment wins over one from the .env file; a value from neither takes the
- * default. A value that does not parse or is out of bounds stops the binary with a message naming the
- * variable and what it expected.
+ * One table (config.c) names every variable, its type, bounds and default. All three binaries load
+ * the same table, so a variable means the same everywhere and .env.example can be checked against
+ * it by a test. A value from the environment wins over one from the .env file; a value from neither
+ * takes the default. A value that does not parse or is out of bounds stops the binary with a
+ * message naming the variable and what it expected.
  */
 #ifndef BG_CONFIG_H
 #define BG_CONFIG_H
@@ -16,31 +16,31 @@
 
 typedef struct bg_config {
     /* listeners and public address */
-    int http_port;          /**< BG_HTTP_PORT */
-    int https_port;         /**< BG_HTTPS_PORT; 0 disables the TLS listener */
-    char *bind_address;     /**< BG_BIND_ADDRESS */
-    char *tls_cert;         /**< BG_TLS_CERT (path) or NULL */
-    char *tls_key;          /**< BG_TLS_KEY (path) or NULL */
-    char *public_url;       /**< BG_PUBLIC_URL */
-    int edge_threads;       /**< BG_EDGE_THREADS; 0 = one per core */
-    int64_t max_body_bytes; /**< BG_MAX_BODY_BYTES */
-    int64_t shutdown_grace_ms; /**< BG_SHUTDOWN_GRACE_MS */
+    int http_port;                /**< BG_HTTP_PORT */
+    int https_port;               /**< BG_HTTPS_PORT; 0 disables the TLS listener */
+    char *bind_address;           /**< BG_BIND_ADDRESS */
+    char *tls_cert;               /**< BG_TLS_CERT (path) or NULL */
+    char *tls_key;                /**< BG_TLS_KEY (path) or NULL */
+    char *public_url;             /**< BG_PUBLIC_URL */
+    int edge_threads;             /**< BG_EDGE_THREADS; 0 = one per core */
+    int64_t max_body_bytes;       /**< BG_MAX_BODY_BYTES */
+    int64_t shutdown_grace_ms;    /**< BG_SHUTDOWN_GRACE_MS */
     int64_t max_streams_per_conn; /**< BG_MAX_STREAMS_PER_CONN */
-    char *web_root;         /**< BG_WEB_ROOT */
+    char *web_root;               /**< BG_WEB_ROOT */
     /* stores */
-    char *redis_url;    /**< BG_REDIS_URL */
-    char *database_url; /**< BG_DATABASE_URL */
+    char *redis_url;          /**< BG_REDIS_URL */
+    char *database_url;       /**< BG_DATABASE_URL */
     int64_t redis_timeout_ms; /**< BG_REDIS_TIMEOUT_MS */
-    int64_t db_pool_size; /**< BG_DB_POOL_SIZE */
-    int shards;         /**< BG_SHARDS */
+    int64_t db_pool_size;     /**< BG_DB_POOL_SIZE */
+    int shards;               /**< BG_SHARDS */
     /* auth */
     char *jwt_secret; /**< BG_JWT_SECRET (secret) */
     char *jwt_keys;   /**< BG_JWT_KEYS "kid:secret,…" (secret) */
     /* providers */
-    char *llm_base_url;          /**< BG_LLM_BASE_URL */
-    char *llm_api_key;           /**< BG_LLM_API_KEY (secret) */
-    char *llm_model;             /**< BG_LLM_MODEL */
-    char *llm_fallback_base_url; /**< BG_LLM_FALLBACK_BASE_URL */
+    char *llm_base_url;            /**< BG_LLM_BASE_URL */
+    char *llm_api_key;             /**< BG_LLM_API_KEY (secret) */
+    char *llm_model;               /**< BG_LLM_MODEL */
+    char *llm_fallback_base_url;   /**< BG_LLM_FALLBACK_BASE_URL */
     char *telegram_api_url;        /**< BG_TELEGRAM_API_URL */
     char *telegram_bot_token;      /**< BG_TELEGRAM_BOT_TOKEN (secret) */
     char *telegram_webhook_secret; /**< BG_TELEGRAM_WEBHOOK_SECRET (secret) */
@@ -93,11 +93,12 @@ typedef struct bg_config_var {
 const bg_config_var_t *bg_config_vars(size_t *count);
 
 /**
- * Loads the configuration from the environment and, when dotenv_path names a readable file, from it.
- * On failure returns BG_ERR_CONFIG and writes a message naming the variable into err. On success cfg is
- * filled and owns its strings (bg_config_dispose frees them).
+ * Loads the configuration from the environment and, when dotenv_path names a readable file, from
+ * it. On failure returns BG_ERR_CONFIG and writes a message naming the variable into err. On
+ * success cfg is filled and owns its strings (bg_config_dispose frees them).
  */
-BG_MUSTCHECK int bg_config_load(bg_config_t *cfg, const char *dotenv_path, char *err, size_t errlen);
+BG_MUSTCHECK int bg_config_load(bg_config_t *cfg, const char *dotenv_path, char *err,
+                                size_t errlen);
 
 /** Frees the strings of a loaded configuration. */
 void bg_config_dispose(bg_config_t *cfg);

@@ -42,8 +42,8 @@ typedef struct bg_api_error {
 } bg_api_error_t;
 
 /**
- * Finds the API error with the given code. Returns NULL for an unknown code (a programmer error: every
- * code used must be in the table, which a unit test checks against the catalogues).
+ * Finds the API error with the given code. Returns NULL for an unknown code (a programmer error:
+ * every code used must be in the table, which a unit test checks against the catalogues).
  */
 const bg_api_error_t *bg_api_error_find(const char *code);
 

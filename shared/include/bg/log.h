@@ -2,8 +2,9 @@
  * Structured logging to stderr, one line per event, as JSON (for collectors) or text (for people).
  *
  * The level is checked before any argument is formatted, so a disabled debug line costs one branch.
- * Each thread carries a context id (the request or job being handled) that rides along on every line
- * it logs; set it when work starts and clear it when it ends. Never pass secrets to these functions.
+ * Each thread carries a context id (the request or job being handled) that rides along on every
+ * line it logs; set it when work starts and clear it when it ends. Never pass secrets to these
+ * functions.
  */
 #ifndef BG_LOG_H
 #define BG_LOG_H
@@ -32,7 +33,8 @@ BG_MUSTCHECK int bg_log_level_parse(const char *s, bg_log_level_t *out);
 /** Sets this thread's context id (request or job id), copied; NULL clears it. */
 void bg_log_set_context(const char *id);
 
-/** Returns this thread's context id, or "" when none is set. The pointer is valid until the next set. */
+/** Returns this thread's context id, or "" when none is set. The pointer is valid until the next
+ * set. */
 const char *bg_log_context(void);
 
 /** Writes one line; use the bg_log() macro, which checks the level first. */

@@ -1,9 +1,9 @@
 /*
  * Files compiled into the binaries: migrations/, lua/ and locales/.
  *
- * Embedding them means a deployed binary always carries the migrations, scripts and catalogues it was
- * built and tested with; there is no search path to get wrong. The build generates the table from the
- * source tree (scripts/embed.cmake), sorted by name.
+ * Embedding them means a deployed binary always carries the migrations, scripts and catalogues it
+ * was built and tested with; there is no search path to get wrong. The build generates the table
+ * from the source tree (scripts/embed.cmake), sorted by name.
  */
 #ifndef BG_RESOURCE_H
 #define BG_RESOURCE_H
