@@ -22,6 +22,7 @@
 
 #include "bg/buf.h"
 #include "bg/config.h"
+#include "bg/jwt.h"
 #include "bg/redis_async.h"
 
 #define EDGE_MAX_PARAMS 4
@@ -65,7 +66,26 @@ struct st_edge_server {
     atomic_bool force_stop;
     atomic_int stopped_loops;
     int64_t started_at_ms;
+    bg_jwt_ring_t *jwt; /**< owned; access-token keys */
+    char **origins;     /**< owned; allowed browser origins (BG_CORS_ORIGINS or the public URL's) */
+    size_t norigins;
 };
+
+/** How a request proved who it is. */
+typedef enum edge_auth_mode {
+    EDGE_AUTHN_NONE = 0,
+    EDGE_AUTHN_BEARER, /**< Authorization: Bearer <access token> */
+    EDGE_AUTHN_COOKIE  /**< the bg_at cookie (browser mode: CSRF rules apply) */
+} edge_auth_mode_t;
+
+/** The authenticated caller. */
+typedef struct st_edge_auth {
+    edge_auth_mode_t mode;
+    char user_id[64];
+    char session_id[64];
+    char role[16];
+    int shard;
+} edge_auth_t;
 
 /** Per-request context, reference-counted (see the file comment). Touch only on its loop thread. */
 struct st_edge_req {
@@ -78,6 +98,9 @@ struct st_edge_req {
     const char *locale;                  /**< negotiated locale (static string from i18n) */
     h2o_iovec_t params[EDGE_MAX_PARAMS]; /**< path parameters, pointing into req->path */
     size_t nparams;
+    edge_auth_t auth;
+    char locale_buf[16]; /**< the user's own locale, when known */
+    void *body_doc;      /**< owned parsed body (bg_json_doc_t), freed with the context */
     void *data; /**< handler state; freed by data_free when the last reference goes */
     void (*data_free)(void *data);
 };
@@ -87,6 +110,13 @@ struct st_edge_req {
 enum {
     EDGE_ROUTE_JSON = 1 << 0, /**< a body, when present, must be application/json */
 };
+
+/** What a route requires of its caller (checked before the handler runs). */
+typedef enum edge_route_auth {
+    EDGE_PUBLIC = 0, /**< anyone */
+    EDGE_USER,       /**< a signed-in user (access token, Bearer or cookie) */
+    EDGE_ADMIN,      /**< a signed-in platform admin */
+} edge_route_auth_t;
 
 /** A route handler answers (or arranges to answer asynchronously) and returns 0. */
 typedef void (*edge_handler_fn)(edge_req_t *er);
@@ -98,10 +128,14 @@ struct st_edge_route {
     edge_handler_fn fn;
     unsigned flags;
     size_t max_body; /**< 0 = the global BG_MAX_BODY_BYTES */
+    edge_route_auth_t auth;
 };
 
 /** The tables of route groups; each edge/routes_*.c defines one. NULL-pattern terminated. */
 extern const edge_route_t edge_routes_ops[];
+extern const edge_route_t edge_routes_auth[];
+extern const edge_route_t edge_routes_orgs[];
+extern const edge_route_t edge_routes_admin[];
 
 /**
  * Finds the route for method and path; fills params. Returns the route, or NULL with
@@ -131,6 +165,12 @@ void edge_req_unref(edge_req_t *er);
 /** Returns a request header's value, or an empty iovec. */
 h2o_iovec_t edge_req_header(const edge_req_t *er, const char *name);
 
+/**
+ * Copies the URL-decoded value of query parameter name into out (NUL-terminated). Returns true when
+ * the parameter is present and fits (a value that does not fit counts as absent).
+ */
+bool edge_query(const edge_req_t *er, const char *name, char *out, size_t outlen);
+
 /** Adds a response header (copied into the request's pool). */
 void edge_add_header(edge_req_t *er, const char *name, const char *value);
 
@@ -148,6 +188,111 @@ void edge_respond_json(edge_req_t *er, int status, bg_buf_t *buf);
  */
 void edge_error(edge_req_t *er, const char *code, const char *details_json,
                 const char *const params[], int retry_after_s);
+
+/* ---- authentication, cookies, CORS, CSRF (auth.c) ---- */
+
+/** Loads the key ring and the allowed origins. Returns 0 or BG_ERR_CONFIG (logged). */
+BG_MUSTCHECK int edge_auth_init(edge_server_t *s);
+/** Frees what edge_auth_init took. */
+void edge_auth_dispose(edge_server_t *s);
+
+/**
+ * Applies CORS to the response (Vary: Origin always; Access-Control-Allow-* for allowed origins) and
+ * answers preflight requests. Returns true when the request was answered (preflight or refused).
+ */
+bool edge_cors(edge_req_t *er);
+
+/**
+ * Runs the route's checks that need the caller: for EDGE_USER/EDGE_ADMIN it verifies the access
+ * token, asks Redis whether its session was revoked (and the user's locale), and applies the CSRF
+ * rules of cookie mode; for any state-changing request it refuses a foreign Origin. Then calls the
+ * route's handler, or answers with the error. Asynchronous (holds a reference on er meanwhile).
+ */
+void edge_auth_run(edge_req_t *er);
+
+/** Returns true when a browser-mode request carries a valid CSRF token from an allowed Origin. */
+bool edge_csrf_ok(const edge_req_t *er);
+
+/** Returns the value of cookie name, or an empty iovec. */
+h2o_iovec_t edge_cookie(const edge_req_t *er, const char *name);
+
+/** Adds a Set-Cookie header (HttpOnly unless readable; Secure; SameSite as given; max_age_s 0 = delete). */
+void edge_set_cookie(edge_req_t *er, const char *name, const char *value, const char *path,
+                     const char *same_site, int64_t max_age_s, bool http_only);
+
+/** Returns true for methods that change state (POST, PUT, PATCH, DELETE). */
+bool edge_is_state_changing(const edge_req_t *er);
+
+/** The client's address as text (from the connection), written into out. */
+void edge_peer_ip(const edge_req_t *er, char *out, size_t outlen);
+
+/* ---- request bodies (body.c) ---- */
+
+typedef enum edge_field_type {
+    EDGE_F_STR,
+    EDGE_F_INT,
+    EDGE_F_BOOL,
+    EDGE_F_STR_ARRAY /**< an array of strings, each checked like a string field */
+} edge_field_type_t;
+typedef enum edge_field_check {
+    EDGE_CHECK_NONE,
+    EDGE_CHECK_EMAIL,
+    EDGE_CHECK_PASSWORD,
+    EDGE_CHECK_LOCALE, /**< a supported locale */
+    EDGE_CHECK_UUID,
+} edge_field_check_t;
+
+/** One field of a JSON object body. */
+typedef struct st_edge_field {
+    const char *name;
+    edge_field_type_t type;
+    bool required;
+    size_t min_len, max_len; /**< characters (UTF-8 code points) for strings */
+    edge_field_check_t check;
+} edge_field_t;
+
+#define EDGE_MAX_FIELDS 12
+
+/** Parsed values, indexed like the field specs; strings point into the parsed document. */
+typedef struct st_edge_values {
+    bool present[EDGE_MAX_FIELDS];
+    const char *str[EDGE_MAX_FIELDS];
+    int64_t num[EDGE_MAX_FIELDS];
+    bool flag[EDGE_MAX_FIELDS];
+    const void *arr[EDGE_MAX_FIELDS]; /**< EDGE_F_STR_ARRAY: the bg_json_t array */
+} edge_values_t;
+
+/** Why a body was refused: an API error code and, for validation, the field and its problem. */
+typedef struct st_edge_body_error {
+    const char *code;   /**< "malformed_json", "payload_too_large", "validation_failed" */
+    const char *field;  /**< the field at fault (validation) */
+    const char *reason; /**< catalogue key suffix: "missing", "wrong_type", "unknown_field", … */
+    size_t offset;      /**< malformed_json: byte offset */
+    size_t limit;       /**< too_long / too_short: the bound */
+} edge_body_error_t;
+
+/**
+ * Parses and validates a JSON object body against fields (pure: no request, no I/O; fuzzed).
+ * Returns 0 with *doc owned by the caller (bg_json_doc_free) and values filled, or a negative
+ * bg_err with *err describing the first problem. An empty body counts as {}.
+ */
+BG_MUSTCHECK int edge_body_validate(const char *body, size_t len, const edge_field_t *fields,
+                                    size_t nfields, void **doc, edge_values_t *values,
+                                    edge_body_error_t *err);
+
+/**
+ * edge_body_validate on the request's body; on failure answers with the localized error and returns
+ * false. The document lives as long as the request context.
+ */
+bool edge_body(edge_req_t *er, const edge_field_t *fields, size_t nfields, edge_values_t *values);
+
+/** Answers 422 validation_failed for one field with reason (a catalogue suffix) and params. */
+void edge_invalid_field(edge_req_t *er, const char *field, const char *reason,
+                        const char *const params[]);
+
+/** edge_error with a message already formatted (and localized) by the caller. */
+void edge_error_msg(edge_req_t *er, const char *code, const char *message,
+                    const char *details_json, int retry_after_s);
 
 /* ---- blocking work ---- */
 

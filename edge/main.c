@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include "bg/config.h"
+#include "bg/crypto.h"
 #include "bg/i18n.h"
 #include "bg/log.h"
 #include "bg/pg.h"
@@ -29,6 +30,8 @@ static void probe_postgres(const bg_config_t *cfg)
 /* Static: the server's loops outlive main's frame until exit (see edge_server_dispose). */
 static edge_server_t server;
 
+int edge_routes_auth_init(void);
+
 int main(void)
 {
     bg_config_t cfg;
@@ -39,6 +42,11 @@ int main(void)
         fprintf(stderr, "edge: configuration error: BG_SUPPORTED_LOCALES: %s\n", err);
         bg_config_dispose(&cfg);
         return 2;
+    }
+    if (bg_crypto_init() != 0 || edge_routes_auth_init() != 0) {
+        fprintf(stderr, "edge: cannot initialise the crypto library\n");
+        bg_config_dispose(&cfg);
+        return 1;
     }
     /* Blocking work (Postgres, password hashing) runs on libuv's pool: size it before any loop. */
     char pool[16];

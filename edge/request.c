@@ -14,6 +14,7 @@
 #include "bg/err.h"
 #include "bg/i18n.h"
 #include "bg/id.h"
+#include "bg/json.h"
 #include "bg/log.h"
 #include "bg/metrics.h"
 #include "bg/timeutil.h"
@@ -45,6 +46,7 @@ void edge_req_unref(edge_req_t *er)
         return;
     if (er->data_free != NULL)
         er->data_free(er->data);
+    bg_json_doc_free(er->body_doc);
     free(er);
 }
 
@@ -84,6 +86,51 @@ h2o_iovec_t edge_req_header(const edge_req_t *er, const char *name)
     if (i < 0)
         return h2o_iovec_init(NULL, 0);
     return er->req->headers.entries[i].value;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+bool edge_query(const edge_req_t *er, const char *name, char *out, size_t outlen)
+{
+    if (er->req == NULL || er->req->query_at == SIZE_MAX || outlen == 0)
+        return false;
+    const char *q = er->req->path.base + er->req->query_at + 1;
+    const char *end = er->req->path.base + er->req->path.len;
+    size_t nl = strlen(name);
+    while (q < end) {
+        const char *amp = memchr(q, '&', (size_t)(end - q));
+        const char *stop = amp != NULL ? amp : end;
+        const char *eq = memchr(q, '=', (size_t)(stop - q));
+        const char *kend = eq != NULL ? eq : stop;
+        if ((size_t)(kend - q) == nl && memcmp(q, name, nl) == 0) {
+            size_t n = 0;
+            for (const char *p = eq != NULL ? eq + 1 : stop; p < stop; p++) {
+                char c = *p;
+                if (c == '+') {
+                    c = ' ';
+                } else if (c == '%' && stop - p >= 3 && hexval(p[1]) >= 0 && hexval(p[2]) >= 0) {
+                    c = (char)(hexval(p[1]) * 16 + hexval(p[2]));
+                    p += 2;
+                }
+                if (n + 1 >= outlen || c == '\0')
+                    return false;
+                out[n++] = c;
+            }
+            out[n] = '\0';
+            return true;
+        }
+        q = stop + 1;
+    }
+    return false;
 }
 
 void edge_add_header(edge_req_t *er, const char *name, const char *value)
@@ -144,35 +191,22 @@ void edge_respond_json(edge_req_t *er, int status, bg_buf_t *buf)
     bg_buf_reset(buf);
 }
 
-void edge_error(edge_req_t *er, const char *code, const char *details_json,
-                const char *const params[], int retry_after_s)
+void edge_error_msg(edge_req_t *er, const char *code, const char *message,
+                    const char *details_json, int retry_after_s)
 {
     const bg_api_error_t *e = bg_api_error_find(code);
     if (e == NULL) {
         bg_error("unknown API error code \"%s\"", code);
         e = bg_api_error_find("internal");
     }
-    bg_buf_t msg, body;
-    bg_buf_init(&msg, 4096);
+    bg_buf_t body;
     bg_buf_init(&body, 16384);
-    /* messages of 429 and 503 may name the wait: add it to the caller's parameters */
-    const char *all[16];
-    size_t n = 0;
-    for (; params != NULL && params[n] != NULL && n < BG_ARRAY_SIZE(all) - 3; n++)
-        all[n] = params[n];
-    char ra[16];
-    if (retry_after_s > 0) {
-        snprintf(ra, sizeof(ra), "%d", retry_after_s);
-        all[n++] = "retry_after";
-        all[n++] = ra;
-    }
-    all[n] = NULL;
-    if (bg_i18n_format(&msg, er->locale, e->msg_key, all) != 0)
-        bg_buf_reset(&msg);
+    if (message == NULL)
+        message = "";
     int r = bg_buf_puts(&body, "{\"error\":{\"code\":");
     r |= bg_buf_json_str(&body, e->code, strlen(e->code));
     r |= bg_buf_puts(&body, ",\"message\":");
-    r |= bg_buf_json_str(&body, msg.base != NULL ? msg.base : "", msg.len);
+    r |= bg_buf_json_str(&body, message, strlen(message));
     r |= bg_buf_puts(&body, ",\"request_id\":");
     r |= bg_buf_json_str(&body, er->request_id, strlen(er->request_id));
     if (details_json != NULL) {
@@ -187,12 +221,39 @@ void edge_error(edge_req_t *er, const char *code, const char *details_json,
                           er->request_id) != 0)
             bg_error("cannot render the error body of %s", e->code);
     }
-    if (retry_after_s > 0)
+    if (retry_after_s > 0) {
+        char ra[16];
+        snprintf(ra, sizeof(ra), "%d", retry_after_s);
         edge_add_header(er, "retry-after", ra);
+    }
     edge_add_header(er, "cache-control", "no-store");
     edge_respond_json(er, e->status, &body);
-    bg_buf_dispose(&msg);
     bg_buf_dispose(&body);
+}
+
+void edge_error(edge_req_t *er, const char *code, const char *details_json,
+                const char *const params[], int retry_after_s)
+{
+    const bg_api_error_t *e = bg_api_error_find(code);
+    const char *key = e != NULL ? e->msg_key : "error.internal";
+    /* messages of 429 and 503 may name the wait: add it to the caller's parameters */
+    const char *all[16];
+    size_t n = 0;
+    for (; params != NULL && params[n] != NULL && n < BG_ARRAY_SIZE(all) - 3; n++)
+        all[n] = params[n];
+    char ra[16];
+    if (retry_after_s > 0) {
+        snprintf(ra, sizeof(ra), "%d", retry_after_s);
+        all[n++] = "retry_after";
+        all[n++] = ra;
+    }
+    all[n] = NULL;
+    bg_buf_t msg;
+    bg_buf_init(&msg, 4096);
+    if (bg_i18n_format(&msg, er->locale, key, all) != 0)
+        bg_buf_reset(&msg);
+    edge_error_msg(er, code, msg.base, details_json, retry_after_s);
+    bg_buf_dispose(&msg);
 }
 
 /* ---- blocking work on the thread pool ---- */
@@ -285,6 +346,9 @@ int edge_dispatch(h2o_handler_t *self, h2o_req_t *req)
         return 0;
     }
 
+    if (edge_cors(er))
+        return 0;
+
     bool method_mismatch;
     const char *path = req->path_normalized.base;
     size_t path_len = req->path_normalized.len;
@@ -309,8 +373,6 @@ int edge_dispatch(h2o_handler_t *self, h2o_req_t *req)
         edge_error(er, "unsupported_media_type", NULL, NULL, 0);
         return 0;
     }
-    bg_log_set_context(er->request_id);
-    er->route->fn(er);
-    bg_log_set_context(NULL);
+    edge_auth_run(er);
     return 0;
 }

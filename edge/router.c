@@ -11,6 +11,9 @@
 
 static const edge_route_t *const route_tables[] = {
     edge_routes_ops,
+    edge_routes_auth,
+    edge_routes_orgs,
+    edge_routes_admin,
 };
 
 /* Matches path against pattern; on success fills params. */

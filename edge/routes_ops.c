@@ -165,8 +165,8 @@ static void metrics(edge_req_t *er)
 }
 
 const edge_route_t edge_routes_ops[] = {
-    {"GET", "/healthz", "healthz", healthz, 0, 0},
-    {"GET", "/readyz", "readyz", readyz, 0, 0},
-    {"GET", "/metrics", "metrics", metrics, 0, 0},
-    {NULL, NULL, NULL, NULL, 0, 0},
+    {"GET", "/healthz", "healthz", healthz, 0, 0, EDGE_PUBLIC},
+    {"GET", "/readyz", "readyz", readyz, 0, 0, EDGE_PUBLIC},
+    {"GET", "/metrics", "metrics", metrics, 0, 0, EDGE_PUBLIC},
+    {NULL, NULL, NULL, NULL, 0, 0, EDGE_PUBLIC},
 };

@@ -137,6 +137,8 @@ int edge_server_init(edge_server_t *s, const bg_config_t *cfg)
     h2o_handler_t *handler = h2o_create_handler(path, sizeof(*handler));
     handler->on_req = edge_dispatch;
 
+    if ((r = edge_auth_init(s)) != 0)
+        goto err_dispose;
     if ((r = setup_tls(s)) != 0)
         goto err_dispose;
     if ((r = open_listener(cfg->bind_address, cfg->http_port, &s->fd_http)) != 0)
@@ -332,6 +334,7 @@ int edge_server_run(edge_server_t *s)
 
 void edge_server_dispose(edge_server_t *s)
 {
+    edge_auth_dispose(s);
     if (s->fd_http >= 0)
         close(s->fd_http);
     if (s->fd_https >= 0)

@@ -20,6 +20,7 @@
 #include "bg/crypto.h"
 #include "bg/err.h"
 #include "bg/pg.h"
+#include "bg/validate.h"
 #include "ctl.h"
 
 #define PASSWORD_MIN_CHARS 10
@@ -38,51 +39,6 @@ typedef struct st_opts {
     bool password_stdin;
     char password_buf[BG_CRYPTO_PASSWORD_MAX + 2];
 } opts_t;
-
-/*
- * A pragmatic check of an address as people type it (RFC 5321 sizes, one '@', a dotted domain, no
- * spaces or control characters). Deliverability is proven by mail, not by syntax.
- */
-static bool email_is_valid(const char *e)
-{
-    size_t len = strlen(e);
-    if (len < 3 || len > 254)
-        return false;
-    const char *at = strchr(e, '@');
-    if (at == NULL || strchr(at + 1, '@') != NULL)
-        return false;
-    size_t local = (size_t)(at - e);
-    const char *domain = at + 1;
-    size_t dlen = strlen(domain);
-    if (local == 0 || local > 64 || dlen < 3 || strchr(domain, '.') == NULL)
-        return false;
-    if (e[0] == '.' || e[local - 1] == '.' || domain[0] == '.' || domain[0] == '-' ||
-        domain[dlen - 1] == '.' || domain[dlen - 1] == '-' || strstr(e, "..") != NULL)
-        return false;
-    for (const unsigned char *p = (const unsigned char *)e; *p != '\0'; p++) {
-        if (*p <= 0x20 || *p == 0x7f || strchr("\"(),:;<>[\\]", *p) != NULL)
-            return false;
-    }
-    /* Domain labels: letters, digits, hyphens, or UTF-8 bytes of an internationalised name. */
-    for (const unsigned char *p = (const unsigned char *)domain; *p != '\0'; p++) {
-        bool ok = (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-                  (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p >= 0x80;
-        if (!ok)
-            return false;
-    }
-    return true;
-}
-
-/* Counts characters (UTF-8 code points), which is what "10 characters" means to a person. */
-static size_t utf8_chars(const char *s)
-{
-    size_t n = 0;
-    for (const unsigned char *p = (const unsigned char *)s; *p != '\0'; p++) {
-        if ((*p & 0xC0) != 0x80)
-            n++;
-    }
-    return n;
-}
 
 /* Reads one line from stdin into o->password_buf, without its line end. Returns 0 or -1. */
 static int read_password_stdin(opts_t *o)
@@ -135,11 +91,11 @@ static int parse_args(int argc, char **argv, opts_t *o)
 /* Returns 0, or 1 after printing why the input is refused. */
 static int validate(const opts_t *o)
 {
-    if (!email_is_valid(o->email)) {
+    if (!bg_validate_email(o->email)) {
         fprintf(stderr, "bgctl user create: \"%s\" is not a valid email address\n", o->email);
         return 1;
     }
-    if (utf8_chars(o->password) < PASSWORD_MIN_CHARS) {
+    if (bg_utf8_chars(o->password) < PASSWORD_MIN_CHARS) {
         fprintf(
             stderr,
             "bgctl user create: the password is too weak: it must have at least %d characters\n",
