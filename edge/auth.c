@@ -2,16 +2,16 @@
  * Who is calling, and may they: access tokens, the shared revocation state, browser cookies with
  * their CSRF rules, and CORS.
  *
- * Two modes. Header mode (API clients): "Authorization: Bearer <access token>"; no cookies are read,
- * so CSRF cannot apply. Browser mode: the access token in the HttpOnly cookie bg_at; every
+ * Two modes. Header mode (API clients): "Authorization: Bearer <access token>"; no cookies are
+ * read, so CSRF cannot apply. Browser mode: the access token in the HttpOnly cookie bg_at; every
  * state-changing request must then come from an allowed Origin and carry X-CSRF-Token equal to the
  * bg_csrf cookie (double submit: a foreign site can make the browser send cookies but cannot read
  * them). Independently of mode, a state-changing request whose Origin is foreign is refused.
  *
- * An access token is verified on the loop (an HMAC: microseconds), then one MGET on the loop's Redis
- * connection reads the session's revocation mark, the user's not-before time and locale, all under
- * the user's shard tag. Redis not answering means 503: revocation cannot be checked, so nothing is
- * let through (fail closed).
+ * An access token is verified on the loop (an HMAC: microseconds), then one MGET on the loop's
+ * Redis connection reads the session's revocation mark, the user's not-before time and locale, all
+ * under the user's shard tag. Redis not answering means 503: revocation cannot be checked, so
+ * nothing is let through (fail closed).
  */
 #include <string.h>
 #include <strings.h>
@@ -182,10 +182,11 @@ bool edge_cors(edge_req_t *er)
         snprintf(o, sizeof(o), "%.*s", (int)(origin.len < 299 ? origin.len : 299), origin.base);
         edge_add_header(er, "access-control-allow-origin", o);
         edge_add_header(er, "access-control-allow-credentials", "true");
-        edge_add_header(er, "access-control-expose-headers",
-                        "x-request-id, retry-after, x-ratelimit-limit-requests, "
-                        "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-quota-limit, "
-                        "x-quota-remaining, x-quota-reset");
+        edge_add_header(
+            er, "access-control-expose-headers",
+            "x-request-id, retry-after, x-ratelimit-limit-requests, "
+            "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-quota-limit, "
+            "x-quota-remaining, x-quota-reset");
     }
     h2o_iovec_t m = er->req->method;
     bool preflight = h2o_memis(m.base, m.len, H2O_STRLIT("OPTIONS")) &&

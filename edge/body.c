@@ -34,8 +34,8 @@ static int check_string(const edge_field_t *f, const char *s, size_t len, edge_b
     if (f->max_len > 0 && chars > f->max_len)
         return fail(err, "validation_failed", f->name, "too_long", f->max_len);
     if (chars < f->min_len)
-        return fail(err, "validation_failed", f->name, f->required && chars == 0 ? "missing" : "too_short",
-                    f->min_len);
+        return fail(err, "validation_failed", f->name,
+                    f->required && chars == 0 ? "missing" : "too_short", f->min_len);
     switch (f->check) {
     case EDGE_CHECK_EMAIL:
         if (!bg_validate_email(s))
@@ -61,8 +61,8 @@ static int check_string(const edge_field_t *f, const char *s, size_t len, edge_b
 int edge_body_validate(const char *body, size_t len, const edge_field_t *fields, size_t nfields,
                        void **doc_out, edge_values_t *values, edge_body_error_t *err)
 {
-    static const bg_json_limits_t limits = {.max_bytes = 0, .max_depth = 8, .max_string = 0,
-                                            .max_members = 64, .max_values = 4096};
+    static const bg_json_limits_t limits = {
+        .max_bytes = 0, .max_depth = 8, .max_string = 0, .max_members = 64, .max_values = 4096};
     bg_json_doc_t *doc = NULL;
     const char *desc = NULL;
     int r;
@@ -198,7 +198,8 @@ bool edge_body(edge_req_t *er, const edge_field_t *fields, size_t nfields, edge_
     edge_body_error_t e;
     void *doc = NULL;
     h2o_req_t *req = er->req;
-    int r = edge_body_validate(req->entity.base, req->entity.len, fields, nfields, &doc, values, &e);
+    int r =
+        edge_body_validate(req->entity.base, req->entity.len, fields, nfields, &doc, values, &e);
     if (r == 0) {
         er->body_doc = doc;
         return true;

@@ -101,7 +101,7 @@ struct st_edge_req {
     edge_auth_t auth;
     char locale_buf[16]; /**< the user's own locale, when known */
     void *body_doc;      /**< owned parsed body (bg_json_doc_t), freed with the context */
-    void *data; /**< handler state; freed by data_free when the last reference goes */
+    void *data;          /**< handler state; freed by data_free when the last reference goes */
     void (*data_free)(void *data);
 };
 
@@ -197,8 +197,9 @@ BG_MUSTCHECK int edge_auth_init(edge_server_t *s);
 void edge_auth_dispose(edge_server_t *s);
 
 /**
- * Applies CORS to the response (Vary: Origin always; Access-Control-Allow-* for allowed origins) and
- * answers preflight requests. Returns true when the request was answered (preflight or refused).
+ * Applies CORS to the response (Vary: Origin always; Access-Control-Allow-* for allowed origins)
+ * and answers preflight requests. Returns true when the request was answered (preflight or
+ * refused).
  */
 bool edge_cors(edge_req_t *er);
 
@@ -216,7 +217,8 @@ bool edge_csrf_ok(const edge_req_t *er);
 /** Returns the value of cookie name, or an empty iovec. */
 h2o_iovec_t edge_cookie(const edge_req_t *er, const char *name);
 
-/** Adds a Set-Cookie header (HttpOnly unless readable; Secure; SameSite as given; max_age_s 0 = delete). */
+/** Adds a Set-Cookie header (HttpOnly unless readable; Secure; SameSite as given; max_age_s 0 =
+ * delete). */
 void edge_set_cookie(edge_req_t *er, const char *name, const char *value, const char *path,
                      const char *same_site, int64_t max_age_s, bool http_only);
 
@@ -291,8 +293,8 @@ void edge_invalid_field(edge_req_t *er, const char *field, const char *reason,
                         const char *const params[]);
 
 /** edge_error with a message already formatted (and localized) by the caller. */
-void edge_error_msg(edge_req_t *er, const char *code, const char *message,
-                    const char *details_json, int retry_after_s);
+void edge_error_msg(edge_req_t *er, const char *code, const char *message, const char *details_json,
+                    int retry_after_s);
 
 /* ---- blocking work ---- */
 

@@ -191,8 +191,8 @@ void edge_respond_json(edge_req_t *er, int status, bg_buf_t *buf)
     bg_buf_reset(buf);
 }
 
-void edge_error_msg(edge_req_t *er, const char *code, const char *message,
-                    const char *details_json, int retry_after_s)
+void edge_error_msg(edge_req_t *er, const char *code, const char *message, const char *details_json,
+                    int retry_after_s)
 {
     const bg_api_error_t *e = bg_api_error_find(code);
     if (e == NULL) {

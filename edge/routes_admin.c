@@ -153,8 +153,8 @@ static void end_sessions_everywhere(edge_req_t *er, const char *user_id)
     char key[160], now[24], ttl[24];
     if (bg_authstate_key_nbf(key, sizeof(key), bg_shard_of(user_id, cfg->shards), user_id) != 0)
         return;
-    snprintf(now, sizeof(now), "%lld", (long long)(bg_timeutil_wall_ms() / 1000 + 1));
-    snprintf(ttl, sizeof(ttl), "%lld", (long long)(cfg->access_ttl_s * 2));
+    snprintf(now, sizeof(now), "%lld", (long long)bg_timeutil_wall_ms() / 1000 + 1);
+    snprintf(ttl, sizeof(ttl), "%lld", (long long)cfg->access_ttl_s * 2);
     const char *argv[] = {"SET", key, now, "EX", ttl};
     if (bg_redis_async_argv(er->thread->redis, ignore_reply, NULL, 5, argv, NULL) != 0)
         bg_warn("cannot end the sessions of user %s in Redis", user_id);
@@ -258,9 +258,10 @@ static void update_work(void *arg)
     bg_actor_t actor = actor_of(op);
     op->rc = bg_acct_admin_update_user(c, op->user_id, op->name, op->locale, op->role, op->status,
                                        &actor, &op->user);
-    op->ends_sessions = op->rc == 0 && (strcmp(before.role, op->user.role) != 0 ||
-                                        (strcmp(before.status, op->user.status) != 0 &&
-                                         strcmp(op->user.status, "disabled") == 0));
+    op->ends_sessions =
+        op->rc == 0 &&
+        (strcmp(before.role, op->user.role) != 0 ||
+         (strcmp(before.status, op->user.status) != 0 && strcmp(op->user.status, "disabled") == 0));
 }
 
 static void update_done(edge_req_t *er, void *arg)

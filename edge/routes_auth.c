@@ -3,8 +3,8 @@
  *
  * Every handler follows the same shape: parse and check the body on the loop, ask Redis what only
  * Redis knows (attempt counters), do the Postgres work and the password hashing on the thread pool,
- * then answer on the loop. The operation's inputs are copied into an op_t before the pool sees them;
- * the pool never touches the request.
+ * then answer on the loop. The operation's inputs are copied into an op_t before the pool sees
+ * them; the pool never touches the request.
  *
  * Sign-in answers the same 401 for an unknown e-mail and a wrong password, and spends the same time
  * on both: an unknown e-mail is verified against a dummy hash made at start-up.
@@ -286,8 +286,8 @@ static void register_work(void *arg)
     if (c == NULL)
         return;
     bg_actor_t actor = actor_of(op);
-    if ((op->rc = bg_acct_register(c, op->email, hash, op->name != NULL ? op->name : "",
-                                   op->locale, &actor, &op->user)) != 0)
+    if ((op->rc = bg_acct_register(c, op->email, hash, op->name != NULL ? op->name : "", op->locale,
+                                   &actor, &op->user)) != 0)
         return;
     op->rc = bg_acct_session_start(c, op->user.id, op->user_agent, op->ip[0] ? op->ip : NULL,
                                    op->cfg->session_ttl_s, op->cfg->refresh_ttl_s, op->session_id,
@@ -391,7 +391,8 @@ static void login_done(edge_req_t *er, void *arg)
     if (er->req == NULL)
         return;
     if (op->rc == BG_ERR_DENIED)
-        edge_error(er, strcmp(op->why, "disabled") == 0 ? "account_disabled" : "invalid_credentials",
+        edge_error(er,
+                   strcmp(op->why, "disabled") == 0 ? "account_disabled" : "invalid_credentials",
                    NULL, NULL, 0);
     else if (op->rc != 0)
         fail_generic(er, op->rc);
@@ -404,11 +405,10 @@ static void account_limit_done(void *ud, int err, const redisReply *reply)
     edge_req_t *er = ud;
     if (er->req != NULL) {
         op_t *op = er->data;
-        if (err != 0 || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2)
-            edge_error(er, "service_unavailable", NULL, NULL, 1);
-        else if (reply->element[0]->integer >= op->cfg->login_failures_max)
+        bool valid = err == 0 && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2;
+        if (valid && reply->element[0]->integer >= op->cfg->login_failures_max)
             edge_error(er, "rate_limited", NULL, NULL, (int)(reply->element[1]->integer + 1));
-        else if (edge_blocking(er, login_work, login_done, op) != 0)
+        else if (!valid || edge_blocking(er, login_work, login_done, op) != 0)
             edge_error(er, "service_unavailable", NULL, NULL, 1);
     }
     edge_req_unref(er);
@@ -455,11 +455,11 @@ static void revoke_in_redis(edge_req_t *er, const char *user_id, const char *ses
 {
     const bg_config_t *cfg = er->thread->server->cfg;
     char key[160], ttl[24];
-    if (bg_authstate_key_revoked(key, sizeof(key), bg_shard_of(user_id, cfg->shards),
-                                 session_id) != 0)
+    if (bg_authstate_key_revoked(key, sizeof(key), bg_shard_of(user_id, cfg->shards), session_id) !=
+        0)
         return;
     /* twice the access-token lifetime: no token of the session can outlive that */
-    snprintf(ttl, sizeof(ttl), "%lld", (long long)(cfg->access_ttl_s * 2));
+    snprintf(ttl, sizeof(ttl), "%lld", (long long)cfg->access_ttl_s * 2);
     const char *argv[] = {"SET", key, "1", "EX", ttl};
     if (bg_redis_async_argv(er->thread->redis, ignore_reply, NULL, 5, argv, NULL) != 0)
         bg_warn("cannot mark session %s revoked in Redis", session_id);
@@ -592,8 +592,8 @@ static void auth_logout(edge_req_t *er)
     op_t *op = op_new(er);
     /* the access token names the session; else the refresh token does */
     h2o_iovec_t authz = edge_req_header(er, "authorization");
-    h2o_iovec_t token = authz.len > 7 ? h2o_iovec_init(authz.base + 7, authz.len - 7)
-                                      : edge_cookie(er, "bg_at");
+    h2o_iovec_t token =
+        authz.len > 7 ? h2o_iovec_init(authz.base + 7, authz.len - 7) : edge_cookie(er, "bg_at");
     if (authz.len == 0 && (token.len > 0 || edge_cookie(er, "bg_rt").len > 0)) {
         op->cookie_mode = true;
         if (!edge_csrf_ok(er)) {
@@ -603,9 +603,8 @@ static void auth_logout(edge_req_t *er)
     }
     bg_jwt_claims_t claims;
     const char *why;
-    if (token.len > 0 &&
-        bg_jwt_verify(er->thread->server->jwt, token.base, token.len,
-                      bg_timeutil_wall_ms() / 1000, &claims, &why) == 0) {
+    if (token.len > 0 && bg_jwt_verify(er->thread->server->jwt, token.base, token.len,
+                                       bg_timeutil_wall_ms() / 1000, &claims, &why) == 0) {
         bg_strlcpy(op->user_id, claims.sub, sizeof(op->user_id));
         bg_strlcpy(op->session_id, claims.sid, sizeof(op->session_id));
     } else if (!take_refresh_token(er, &v, op, false)) {
@@ -775,8 +774,8 @@ static void keys_create_work(void *arg)
     if (c == NULL)
         return;
     bg_actor_t actor = actor_of(op);
-    op->rc = bg_acct_api_key_create(c, op->user_id, op->name, op->scopes, &actor, op->key,
-                                    &op->keys[0]);
+    op->rc =
+        bg_acct_api_key_create(c, op->user_id, op->name, op->scopes, &actor, op->key, &op->keys[0]);
 }
 
 static void keys_create_done(edge_req_t *er, void *arg)

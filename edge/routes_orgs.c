@@ -20,7 +20,7 @@ typedef struct st_org_op {
     int rc;
     const char *what;
     bg_org_t org;
-    bg_org_t *orgs;          /* owned */
+    bg_org_t *orgs;           /* owned */
     bg_org_member_t *members; /* owned */
     size_t count;
 } org_op_t;
@@ -76,8 +76,8 @@ static bool failed(edge_req_t *er, const org_op_t *op)
     case 0:
         return false;
     case BG_ERR_NOT_FOUND:
-        edge_error(er, "not_found", op->what != NULL ? "{\"reason\":\"unknown_user\"}" : NULL,
-                   NULL, 0);
+        edge_error(er, "not_found", op->what != NULL ? "{\"reason\":\"unknown_user\"}" : NULL, NULL,
+                   0);
         break;
     case BG_ERR_DENIED:
         edge_error(er, "forbidden", NULL, NULL, 0);
@@ -204,8 +204,8 @@ static void get_work(void *arg)
     if (c == NULL)
         return;
     op->members = bg_calloc(MAX_MEMBERS, sizeof(*op->members));
-    op->rc = bg_acct_org_get(c, op->user_id, op->org_id, &op->org, op->members, MAX_MEMBERS,
-                             &op->count);
+    op->rc =
+        bg_acct_org_get(c, op->user_id, op->org_id, &op->org, op->members, MAX_MEMBERS, &op->count);
 }
 
 static void get_done(edge_req_t *er, void *arg)
@@ -251,8 +251,8 @@ static void member_set_work(void *arg)
     if (c == NULL)
         return;
     bg_actor_t actor = actor_of(op);
-    op->rc = bg_acct_org_set_member(c, op->user_id, op->org_id, op->email, op->role, &actor,
-                                    &op->what);
+    op->rc =
+        bg_acct_org_set_member(c, op->user_id, op->org_id, op->email, op->role, &actor, &op->what);
 }
 
 static void member_done(edge_req_t *er, void *arg)

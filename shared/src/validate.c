@@ -51,11 +51,11 @@ size_t bg_utf8_chars(const char *s)
 
 /* The first passwords every credential-stuffing list tries (all at least 10 characters long). */
 static const char *const common_passwords[] = {
-    "1234567890", "12345678910", "123456789a", "0123456789", "1q2w3e4r5t", "1qaz2wsx3edc",
-    "aaaaaaaaaa", "abc1234567", "abcdefghij", "iloveyou12", "password01", "password12",
-    "password123", "password1234", "passw0rd123", "qwerty1234", "qwerty12345", "qwertyuiop",
-    "qwertyuiop1", "letmein123", "welcome123", "administrator", "changeme123", "trustno1234",
-    "football123", "monkey12345", "dragon12345", "sunshine123", "princess123", "zaq12wsxcde",
+    "1234567890",  "12345678910",  "123456789a",  "0123456789",    "1q2w3e4r5t",  "1qaz2wsx3edc",
+    "aaaaaaaaaa",  "abc1234567",   "abcdefghij",  "iloveyou12",    "password01",  "password12",
+    "password123", "password1234", "passw0rd123", "qwerty1234",    "qwerty12345", "qwertyuiop",
+    "qwertyuiop1", "letmein123",   "welcome123",  "administrator", "changeme123", "trustno1234",
+    "football123", "monkey12345",  "dragon12345", "sunshine123",   "princess123", "zaq12wsxcde",
 };
 
 const char *bg_validate_password(const char *password, const char *email)

@@ -20,15 +20,24 @@
 #define BG_ACCT_ID_LEN 37          /**< uuid text + NUL */
 #define BG_ACCT_TOKEN_LEN 64       /**< refresh token / API key text buffers (NUL included) */
 #define BG_ACCT_TRIAL_DAYS 14
+/*
+ * Text buffers sized for the longest value the schema accepts: its limits count characters, and a
+ * character takes up to 4 bytes in UTF-8, so nothing stored is ever cut when it is read back.
+ */
+#define BG_ACCT_EMAIL_SIZE 1017   /**< users.email: 254 characters */
+#define BG_ACCT_NAME_SIZE 801     /**< users.name, organizations.name: 200 characters */
+#define BG_ACCT_KEY_NAME_SIZE 401 /**< api_keys.name: 100 characters */
+#define BG_ACCT_SCOPES_MAX 255    /**< bytes of the comma-separated scopes of an API key */
+#define BG_ACCT_CURSOR_LEN 96     /**< an admin list cursor, NUL included */
 
 /** A user as the API shows it. */
 typedef struct bg_user {
     char id[BG_ACCT_ID_LEN];
-    char email[256];
-    char name[201];
+    char email[BG_ACCT_EMAIL_SIZE]; /**< "" for accounts without one (other channels) */
+    char name[BG_ACCT_NAME_SIZE];
     char locale[16];
-    char role[8];    /**< "user" | "admin" */
-    char status[16]; /**< "active" | "disabled" */
+    char role[8];                         /**< "user" | "admin" */
+    char status[16];                      /**< "active" | "disabled" */
     char organization_id[BG_ACCT_ID_LEN]; /**< the personal organization */
     char created_at[40];                  /**< RFC 3339 UTC */
     bool deleted;
@@ -55,8 +64,10 @@ BG_MUSTCHECK int bg_acct_register(PGconn *c, const char *email, const char *pass
                                   bg_user_t *out);
 
 /**
- * Finds a live (not deleted) user by email for sign-in; copies the stored password hash into hash.
- * BG_ERR_NOT_FOUND when there is none.
+ * Finds a live (not deleted) user by email for sign-in; copies the stored password hash into hash
+ * ("" for an account without a password). BG_ERR_NOT_FOUND when there is none, BG_ERR_TOO_LARGE
+ * when the hash does not fit hashlen (BG_CRYPTO_PWHASH_LEN always does). Disabled users are found
+ * too: the caller refuses them by status.
  */
 BG_MUSTCHECK int bg_acct_find_for_login(PGconn *c, const char *email, bg_user_t *out,
                                         char *hash, size_t hashlen);
@@ -64,7 +75,10 @@ BG_MUSTCHECK int bg_acct_find_for_login(PGconn *c, const char *email, bg_user_t 
 /** Loads a live user by id. BG_ERR_NOT_FOUND for unknown or deleted ids (and malformed ones). */
 BG_MUSTCHECK int bg_acct_get_user(PGconn *c, const char *user_id, bg_user_t *out);
 
-/** Updates name and/or locale (NULL = unchanged) of the user; returns the new row. */
+/**
+ * Updates name and/or locale (NULL = unchanged) of the user; returns the new row. Audited as
+ * "user.update" with the user as actor.
+ */
 BG_MUSTCHECK int bg_acct_update_profile(PGconn *c, const char *user_id, const char *name,
                                         const char *locale, bg_user_t *out);
 
@@ -74,8 +88,10 @@ BG_MUSTCHECK int bg_acct_touch_login(PGconn *c, const char *user_id);
 /* ---- sessions and refresh tokens (RFC 9700 rotation with reuse detection) ---- */
 
 /**
- * Starts a session (a refresh-token family) for the user, lasting ttl_s at most, and issues its first
- * refresh token into token (BG_ACCT_TOKEN_LEN). Fills session_id.
+ * Starts a session (a refresh-token family) for the user, lasting ttl_s at most, and issues its
+ * first refresh token into token (BG_ACCT_TOKEN_LEN), valid token_ttl_s (never past the session's
+ * end). Fills session_id. BG_ERR_DENIED for a disabled user, BG_ERR_INVALID for a ttl ≤ 0; a user
+ * agent is cut to 512 characters and an ip that is no IPv4/IPv6 address is stored as NULL.
  */
 BG_MUSTCHECK int bg_acct_session_start(PGconn *c, const char *user_id, const char *user_agent,
                                        const char *ip, int64_t ttl_s, int64_t token_ttl_s,
@@ -84,10 +100,12 @@ BG_MUSTCHECK int bg_acct_session_start(PGconn *c, const char *user_id, const cha
 
 /**
  * Rotates a refresh token: the presented one becomes used and a new one of the same family is
- * written into new_token. The session must be live and the user active. A token that was already used
- * revokes its whole family (reason "reuse_detected") and fails with BG_ERR_DENIED and *why "reuse";
- * other refusals: "unknown", "expired", "revoked", "user_disabled". On success fills user and
- * session_id.
+ * written into new_token. The session must be live and the user active. A token that was already
+ * used revokes its whole family (reason "reuse_detected") and fails with BG_ERR_DENIED and *why
+ * "reuse"; other refusals: "unknown", "expired", "revoked", "user_disabled" (checked first: a
+ * disabled or deleted user's tokens say so whatever became of the session). Refusals other than
+ * reuse change nothing. On success fills user and session_id and sets *why to NULL; *why is NULL
+ * for errors other than BG_ERR_DENIED too. why may be NULL.
  */
 BG_MUSTCHECK int bg_acct_session_refresh(PGconn *c, const char *token, int64_t token_ttl_s,
                                          char new_token[BG_ACCT_TOKEN_LEN], bg_user_t *user,
@@ -109,9 +127,9 @@ BG_MUSTCHECK int bg_acct_session_of_token(PGconn *c, const char *token,
 
 typedef struct bg_api_key {
     char id[BG_ACCT_ID_LEN];
-    char name[101];
-    char prefix[16];       /**< first characters of the key, shown in lists */
-    char scopes[256];      /**< comma-separated */
+    char name[BG_ACCT_KEY_NAME_SIZE];
+    char prefix[16];                     /**< first characters of the key, shown in lists */
+    char scopes[BG_ACCT_SCOPES_MAX + 1]; /**< comma-separated */
     char created_at[40];
     char last_used_at[40]; /**< "" when never used */
 } bg_api_key_t;
@@ -143,14 +161,14 @@ BG_MUSTCHECK int bg_acct_api_key_verify(PGconn *c, const char *key, bg_user_t *u
 
 typedef struct bg_org_member {
     char user_id[BG_ACCT_ID_LEN];
-    char email[256];
-    char name[201];
+    char email[BG_ACCT_EMAIL_SIZE];
+    char name[BG_ACCT_NAME_SIZE];
     char role[8]; /**< owner | admin | member */
 } bg_org_member_t;
 
 typedef struct bg_org {
     char id[BG_ACCT_ID_LEN];
-    char name[201];
+    char name[BG_ACCT_NAME_SIZE];
     bool personal;
     char my_role[8]; /**< the caller's role */
 } bg_org_t;
@@ -179,13 +197,18 @@ BG_MUSTCHECK int bg_acct_org_remove_member(PGconn *c, const char *user_id, const
 
 /* ---- platform administration ---- */
 
-/** Returns 0 when user_id is a live, active platform admin, BG_ERR_DENIED otherwise. */
+/**
+ * Returns 0 when user_id is a live, active platform admin, BG_ERR_DENIED otherwise (a malformed id
+ * included, without a query), or BG_ERR_UNAVAILABLE/… when Postgres cannot answer.
+ */
 BG_MUSTCHECK int bg_acct_require_admin(PGconn *c, const char *user_id);
 
 /**
- * Lists users (deleted ones included, flagged), newest first, optionally filtered by an email or name
- * substring (case-insensitive), after the opaque cursor (NULL for the first page); fills next_cursor
- * ("" at the end).
+ * Lists users (deleted ones included, flagged), newest first, optionally filtered by an email or
+ * name substring (case-insensitive; % and _ match themselves), after the opaque cursor (NULL or ""
+ * for the first page); fills next_cursor (BG_ACCT_CURSOR_LEN bytes suffice; "" at the end). At most
+ * limit (≤ 1000) users go into out. BG_ERR_INVALID for a cursor this function did not make, a
+ * query longer than 254 bytes or a larger limit.
  */
 BG_MUSTCHECK int bg_acct_admin_list_users(PGconn *c, const char *query, const char *cursor,
                                           size_t limit, bg_user_t *out, size_t *count,
@@ -193,14 +216,21 @@ BG_MUSTCHECK int bg_acct_admin_list_users(PGconn *c, const char *query, const ch
 /** Reads any user, deleted ones included. */
 BG_MUSTCHECK int bg_acct_admin_get_user(PGconn *c, const char *user_id, bg_user_t *out);
 /**
- * Changes name, locale, role ("user"|"admin") and/or status ("active"|"disabled") (NULL = unchanged).
- * Disabling revokes every session of the user. Audited with the changed fields.
+ * Changes name, locale, role ("user"|"admin") and/or status ("active"|"disabled") (NULL =
+ * unchanged) of a live user. Disabling revokes every session of the user (reason "user_disabled").
+ * Audited as "user.disable" (when it disables) or "user.update", details {"<field>":{"from","to"}}
+ * for the fields that changed; nothing is audited when nothing changed. BG_ERR_INVALID for values
+ * the schema refuses (nothing is changed then).
  */
 BG_MUSTCHECK int bg_acct_admin_update_user(PGconn *c, const char *user_id, const char *name,
                                            const char *locale, const char *role,
                                            const char *status, const bg_actor_t *actor,
                                            bg_user_t *out);
-/** Soft-deletes a user (deleted_at, sessions and API keys revoked). Audited. */
+/**
+ * Soft-deletes a live user (deleted_at, sessions revoked with reason "admin", API keys revoked);
+ * the email is free for a new registration afterwards. Audited as "user.delete". Organizations,
+ * subscriptions and history are left as they are.
+ */
 BG_MUSTCHECK int bg_acct_admin_delete_user(PGconn *c, const char *user_id,
                                            const bg_actor_t *actor);
 
