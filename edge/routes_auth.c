@@ -42,6 +42,7 @@ typedef struct st_op {
     char key[BG_ACCT_TOKEN_LEN];
     bg_api_key_t keys[MAX_KEYS];
     size_t nkeys;
+    bg_plan_summary_t plan;
 } op_t;
 
 static char dummy_hash[256];
@@ -112,9 +113,8 @@ static void fail_generic(edge_req_t *er, int rc)
         edge_error(er, bg_api_error_code_for(rc), NULL, NULL, 0);
 }
 
-static void write_user(bg_json_writer_t *w, const bg_user_t *u)
+static void write_user_fields(bg_json_writer_t *w, const bg_user_t *u)
 {
-    bg_json_write_begin_object(w);
     bg_json_write_field_str(w, "id", u->id);
     bg_json_write_field_str(w, "email", u->email);
     bg_json_write_field_str(w, "name", u->name);
@@ -123,6 +123,12 @@ static void write_user(bg_json_writer_t *w, const bg_user_t *u)
     bg_json_write_field_str(w, "status", u->status);
     bg_json_write_field_str(w, "organization_id", u->organization_id);
     bg_json_write_field_str(w, "created_at", u->created_at);
+}
+
+static void write_user(bg_json_writer_t *w, const bg_user_t *u)
+{
+    bg_json_write_begin_object(w);
+    write_user_fields(w, u);
     bg_json_write_end_object(w);
 }
 
@@ -630,6 +636,8 @@ static void profile_work(void *arg)
         op->rc = bg_acct_update_profile(c, op->user_id, op->name, op->locale, &op->user);
     else
         op->rc = bg_acct_get_user(c, op->user_id, &op->user);
+    if (op->rc == 0)
+        op->rc = bg_acct_plan_summary(c, op->user_id, &op->plan);
 }
 
 static void profile_done(edge_req_t *er, void *arg)
@@ -651,7 +659,19 @@ static void profile_done(edge_req_t *er, void *arg)
     bg_buf_init(&out, 65536);
     bg_json_writer_t w;
     bg_json_writer_init(&w, &out);
-    write_user(&w, &op->user);
+    bg_json_write_begin_object(&w);
+    write_user_fields(&w, &op->user);
+    bg_json_write_key(&w, "plan");
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "id", op->plan.plan[0] != '\0' ? op->plan.plan : NULL);
+    bg_json_write_field_str(&w, "name", op->plan.name[0] != '\0' ? op->plan.name : NULL);
+    bg_json_write_field_str(&w, "status", op->plan.status);
+    bg_json_write_field_str(&w, "trial_ends_at",
+                            op->plan.trial_ends_at[0] != '\0' ? op->plan.trial_ends_at : NULL);
+    bg_json_write_field_str(&w, "period_end",
+                            op->plan.period_end[0] != '\0' ? op->plan.period_end : NULL);
+    bg_json_write_end_object(&w);
+    bg_json_write_end_object(&w);
     respond_writer(er, 200, &out, &w);
     bg_buf_dispose(&out);
 }

@@ -393,6 +393,36 @@ int bg_acct_get_user(PGconn *c, const char *user_id, bg_user_t *out)
     return load_user(c, user_id, false, out);
 }
 
+int bg_acct_plan_summary(PGconn *c, const char *user_id, bg_plan_summary_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    bg_strlcpy(out->status, "none", sizeof(out->status));
+    if (!bg_id_uuid_is_valid(user_id))
+        return BG_ERR_NOT_FOUND;
+    PGresult *res = NULL;
+    const char *p[] = {user_id};
+    int rc = bg_pg_exec(
+        c,
+        "SELECT s.plan_id, p.name, s.status, "
+        "coalesce(to_char(s.trial_ends_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "
+        "''), "
+        "to_char(s.current_period_end AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') "
+        "FROM subscriptions s JOIN plans p ON p.id = s.plan_id "
+        "WHERE s.user_id = $1 AND s.status <> 'canceled' ORDER BY s.created_at DESC LIMIT 1",
+        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 1) {
+        copy(out->plan, sizeof(out->plan), res, 0, 0);
+        copy(out->name, sizeof(out->name), res, 0, 1);
+        copy(out->status, sizeof(out->status), res, 0, 2);
+        copy(out->trial_ends_at, sizeof(out->trial_ends_at), res, 0, 3);
+        copy(out->period_end, sizeof(out->period_end), res, 0, 4);
+    }
+    clear(&res);
+    return 0;
+}
+
 int bg_acct_update_profile(PGconn *c, const char *user_id, const char *name, const char *locale,
                            bg_user_t *out)
 {

@@ -4,11 +4,11 @@
  * by the edge (on its thread pool) and bgctl.
  *
  * Every function takes a connection it does not own and runs in its own transaction where it writes
- * more than one row. Errors: BG_ERR_NOT_FOUND (no such row, or a row of someone else: callers answer
- * 404 for both), BG_ERR_CONFLICT (duplicate email), BG_ERR_DENIED (bad credentials, revoked, reused,
- * expired, not allowed), BG_ERR_INVALID (input the database refused), BG_ERR_UNAVAILABLE (Postgres
- * down). Secrets (refresh tokens, API keys) are generated here, returned once, and stored only as
- * SHA-256.
+ * more than one row. Errors: BG_ERR_NOT_FOUND (no such row, or a row of someone else: callers
+ * answer 404 for both), BG_ERR_CONFLICT (duplicate email), BG_ERR_DENIED (bad credentials, revoked,
+ * reused, expired, not allowed), BG_ERR_INVALID (input the database refused), BG_ERR_UNAVAILABLE
+ * (Postgres down). Secrets (refresh tokens, API keys) are generated here, returned once, and stored
+ * only as SHA-256.
  */
 #ifndef BG_ACCOUNTS_H
 #define BG_ACCOUNTS_H
@@ -17,8 +17,8 @@
 
 #include "bg/common.h"
 
-#define BG_ACCT_ID_LEN 37          /**< uuid text + NUL */
-#define BG_ACCT_TOKEN_LEN 64       /**< refresh token / API key text buffers (NUL included) */
+#define BG_ACCT_ID_LEN 37    /**< uuid text + NUL */
+#define BG_ACCT_TOKEN_LEN 64 /**< refresh token / API key text buffers (NUL included) */
 #define BG_ACCT_TRIAL_DAYS 14
 /*
  * Text buffers sized for the longest value the schema accepts: its limits count characters, and a
@@ -69,8 +69,8 @@ BG_MUSTCHECK int bg_acct_register(PGconn *c, const char *email, const char *pass
  * when the hash does not fit hashlen (BG_CRYPTO_PWHASH_LEN always does). Disabled users are found
  * too: the caller refuses them by status.
  */
-BG_MUSTCHECK int bg_acct_find_for_login(PGconn *c, const char *email, bg_user_t *out,
-                                        char *hash, size_t hashlen);
+BG_MUSTCHECK int bg_acct_find_for_login(PGconn *c, const char *email, bg_user_t *out, char *hash,
+                                        size_t hashlen);
 
 /** Loads a live user by id. BG_ERR_NOT_FOUND for unknown or deleted ids (and malformed ones). */
 BG_MUSTCHECK int bg_acct_get_user(PGconn *c, const char *user_id, bg_user_t *out);
@@ -84,6 +84,18 @@ BG_MUSTCHECK int bg_acct_update_profile(PGconn *c, const char *user_id, const ch
 
 /** Records a successful sign-in (last_login_at). */
 BG_MUSTCHECK int bg_acct_touch_login(PGconn *c, const char *user_id);
+
+/** The user's current plan as the profile shows it. */
+typedef struct bg_plan_summary {
+    char plan[33]; /**< plan id, "" when the user has no live subscription */
+    char name[101];
+    char status[16];        /**< trialing | active | past_due | paused | canceled | none */
+    char trial_ends_at[40]; /**< RFC 3339 or "" */
+    char period_end[40];    /**< RFC 3339 or "" */
+} bg_plan_summary_t;
+
+/** Loads the user's live subscription; a user without one gets status "none". */
+BG_MUSTCHECK int bg_acct_plan_summary(PGconn *c, const char *user_id, bg_plan_summary_t *out);
 
 /* ---- sessions and refresh tokens (RFC 9700 rotation with reuse detection) ---- */
 
@@ -143,8 +155,8 @@ BG_MUSTCHECK int bg_acct_api_key_create(PGconn *c, const char *user_id, const ch
                                         char key[BG_ACCT_TOKEN_LEN], bg_api_key_t *out);
 
 /** Lists the user's live keys, newest first, at most max; *count is set. */
-BG_MUSTCHECK int bg_acct_api_key_list(PGconn *c, const char *user_id, bg_api_key_t *out,
-                                      size_t max, size_t *count);
+BG_MUSTCHECK int bg_acct_api_key_list(PGconn *c, const char *user_id, bg_api_key_t *out, size_t max,
+                                      size_t *count);
 
 /** Revokes a key of the user; another user's or unknown key is BG_ERR_NOT_FOUND. Audited. */
 BG_MUSTCHECK int bg_acct_api_key_revoke(PGconn *c, const char *user_id, const char *key_id,
@@ -223,16 +235,14 @@ BG_MUSTCHECK int bg_acct_admin_get_user(PGconn *c, const char *user_id, bg_user_
  * the schema refuses (nothing is changed then).
  */
 BG_MUSTCHECK int bg_acct_admin_update_user(PGconn *c, const char *user_id, const char *name,
-                                           const char *locale, const char *role,
-                                           const char *status, const bg_actor_t *actor,
-                                           bg_user_t *out);
+                                           const char *locale, const char *role, const char *status,
+                                           const bg_actor_t *actor, bg_user_t *out);
 /**
  * Soft-deletes a live user (deleted_at, sessions revoked with reason "admin", API keys revoked);
  * the email is free for a new registration afterwards. Audited as "user.delete". Organizations,
  * subscriptions and history are left as they are.
  */
-BG_MUSTCHECK int bg_acct_admin_delete_user(PGconn *c, const char *user_id,
-                                           const bg_actor_t *actor);
+BG_MUSTCHECK int bg_acct_admin_delete_user(PGconn *c, const char *user_id, const bg_actor_t *actor);
 
 /** Appends to the audit log; details_json is a JSON object text or NULL. */
 BG_MUSTCHECK int bg_acct_audit(PGconn *c, const bg_actor_t *actor, const char *action,
