@@ -13,6 +13,7 @@
 #include "bg/metrics.h"
 #include "bg/migrate.h"
 #include "bg/pg.h"
+#include "bg/resource.h"
 #include "bg/timeutil.h"
 #include "edge.h"
 
@@ -164,9 +165,22 @@ static void metrics(edge_req_t *er)
     bg_buf_dispose(&out);
 }
 
+/* The API contract, compiled in from docs/openapi.json. */
+static void openapi(edge_req_t *er)
+{
+    const bg_resource_t *doc = bg_resource_find("docs/openapi.json");
+    if (doc == NULL) {
+        edge_error(er, "not_found", NULL, NULL, 0);
+        return;
+    }
+    edge_add_header(er, "cache-control", "public, max-age=300");
+    edge_respond(er, 200, "application/json", doc->data, doc->len);
+}
+
 const edge_route_t edge_routes_ops[] = {
     {"GET", "/healthz", "healthz", healthz, 0, 0, EDGE_PUBLIC},
     {"GET", "/readyz", "readyz", readyz, 0, 0, EDGE_PUBLIC},
     {"GET", "/metrics", "metrics", metrics, 0, 0, EDGE_PUBLIC},
+    {"GET", "/openapi.json", "openapi", openapi, 0, 0, EDGE_PUBLIC},
     {NULL, NULL, NULL, NULL, 0, 0, EDGE_PUBLIC},
 };
