@@ -167,6 +167,17 @@ void edge_invalid_field(edge_req_t *er, const char *field, const char *reason,
 {
     char key[96];
     snprintf(key, sizeof(key), "error.validation.%s", reason);
+    /* an unknown field's name comes from the client: echo at most 64 bytes of it, on a UTF-8
+     * boundary, so the answer stays small */
+    char shown[72];
+    size_t flen = strlen(field);
+    if (flen > 64) {
+        size_t cut = 64;
+        while (cut > 0 && ((unsigned char)field[cut] & 0xC0) == 0x80)
+            cut--;
+        snprintf(shown, sizeof(shown), "%.*s…", (int)cut, field);
+        field = shown;
+    }
     const char *all[16];
     size_t n = 0;
     all[n++] = "field";
