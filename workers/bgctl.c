@@ -21,6 +21,9 @@ static const struct {
     {"dlq", ctl_dlq_main, "dlq list|replay|purge [--role R] [--id ID|--all]   dead-letter jobs"},
     {"config", ctl_config_main,
      "config [check|example]      print the effective configuration, or a .env template"},
+    {"quota", ctl_quota_main,
+     "quota rebuild (--user ID|--all) | show (--user ID|--email E)   Redis quota state"},
+    {"plan", ctl_plan_main, "plan grant (--email E|--user ID) --plan P --days N [--id UUID]"},
 };
 
 static void usage(FILE *out)

@@ -20,5 +20,9 @@ int ctl_user_main(int argc, char **argv, const bg_config_t *cfg);
 int ctl_dlq_main(int argc, char **argv, const bg_config_t *cfg);
 /** bgctl config [check] */
 int ctl_config_main(int argc, char **argv, const bg_config_t *cfg);
+/** bgctl quota rebuild (--user ID|--all) | show (--user ID|--email E) */
+int ctl_quota_main(int argc, char **argv, const bg_config_t *cfg);
+/** bgctl plan grant (--email E|--user ID) --plan P --days N [--id UUID] */
+int ctl_plan_main(int argc, char **argv, const bg_config_t *cfg);
 
 #endif
