@@ -22,6 +22,7 @@
 #include "bg/crypto.h"
 #include "bg/err.h"
 #include "bg/i18n.h"
+#include "bg/id.h"
 #include "bg/log.h"
 #include "bg/redis.h"
 #include "bg/timeutil.h"
@@ -227,7 +228,9 @@ static void run_handler(edge_req_t *er)
 }
 
 typedef struct st_auth_pending {
-    int64_t iat;
+    int64_t issued_ms; /* from the jti (a UUIDv7), else iat */
+    bool needs_admin;
+    bool is_admin;
 } auth_pending_t;
 
 static void on_state(void *ud, int err, const redisReply *reply)
@@ -240,14 +243,15 @@ static void on_state(void *ud, int err, const redisReply *reply)
         goto done;
     }
     const redisReply *rev = reply->element[0], *nbf = reply->element[1], *loc = reply->element[2];
-    int64_t iat = ((auth_pending_t *)er->data)->iat;
+    auth_pending_t pending = *(auth_pending_t *)er->data;
     free(er->data);
     er->data = NULL;
     if (rev->type == REDIS_REPLY_STRING) {
         edge_error(er, "unauthorized", "{\"reason\":\"session_revoked\"}", NULL, 0);
         goto done;
     }
-    if (nbf->type == REDIS_REPLY_STRING && strtoll(nbf->str, NULL, 10) > iat) {
+    /* the mark is in milliseconds: a sign-in right after a role change is not caught by it */
+    if (nbf->type == REDIS_REPLY_STRING && strtoll(nbf->str, NULL, 10) > pending.issued_ms) {
         edge_error(er, "unauthorized", "{\"reason\":\"session_revoked\"}", NULL, 0);
         goto done;
     }
@@ -256,6 +260,11 @@ static void on_state(void *ud, int err, const redisReply *reply)
         er->locale_buf[loc->len] = '\0';
         if (bg_i18n_is_supported(er->locale_buf))
             er->locale = bg_i18n_negotiate(er->locale_buf, NULL);
+    }
+    /* only a live session learns that it lacks the role (a dead one gets 401 above) */
+    if (pending.needs_admin && !pending.is_admin) {
+        edge_error(er, "forbidden", NULL, NULL, 0);
+        goto done;
     }
     run_handler(er);
 done:
@@ -308,10 +317,6 @@ void edge_auth_run(edge_req_t *er)
         edge_error(er, "csrf_failed", NULL, NULL, 0);
         return;
     }
-    if (route->auth == EDGE_ADMIN && strcmp(claims.role, "admin") != 0) {
-        edge_error(er, "forbidden", NULL, NULL, 0);
-        return;
-    }
     bg_strlcpy(er->auth.user_id, claims.sub, sizeof(er->auth.user_id));
     bg_strlcpy(er->auth.session_id, claims.sid, sizeof(er->auth.session_id));
     bg_strlcpy(er->auth.role, claims.role, sizeof(er->auth.role));
@@ -325,7 +330,13 @@ void edge_auth_run(edge_req_t *er)
         return;
     }
     auth_pending_t *p = bg_malloc(sizeof(*p));
-    p->iat = claims.iat;
+    bg_uuid_t jti;
+    p->issued_ms =
+        bg_id_uuid_parse(claims.jti, strlen(claims.jti), &jti) == 0 && bg_id_uuid_version(&jti) == 7
+            ? bg_id_uuid_v7_ms(&jti)
+            : claims.iat * 1000;
+    p->needs_admin = route->auth == EDGE_ADMIN;
+    p->is_admin = strcmp(claims.role, "admin") == 0;
     er->data = p;
     er->data_free = free;
     const char *argv[] = {"MGET", k_rev, k_nbf, k_loc};

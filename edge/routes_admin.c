@@ -153,7 +153,8 @@ static void end_sessions_everywhere(edge_req_t *er, const char *user_id)
     char key[160], now[24], ttl[24];
     if (bg_authstate_key_nbf(key, sizeof(key), bg_shard_of(user_id, cfg->shards), user_id) != 0)
         return;
-    snprintf(now, sizeof(now), "%lld", (long long)bg_timeutil_wall_ms() / 1000 + 1);
+    /* milliseconds, compared with the issue time in a token's jti (a UUIDv7) */
+    snprintf(now, sizeof(now), "%lld", (long long)bg_timeutil_wall_ms());
     snprintf(ttl, sizeof(ttl), "%lld", (long long)cfg->access_ttl_s * 2);
     const char *argv[] = {"SET", key, now, "EX", ttl};
     if (bg_redis_async_argv(er->thread->redis, ignore_reply, NULL, 5, argv, NULL) != 0)

@@ -76,8 +76,12 @@ static bool failed(edge_req_t *er, const org_op_t *op)
     case 0:
         return false;
     case BG_ERR_NOT_FOUND:
-        edge_error(er, "not_found", op->what != NULL ? "{\"reason\":\"unknown_user\"}" : NULL, NULL,
-                   0);
+        /* "user": the e-mail names nobody; otherwise the organization is not the caller's */
+        edge_error(er, "not_found",
+                   op->what != NULL && strcmp(op->what, "user") == 0
+                       ? "{\"reason\":\"unknown_user\"}"
+                       : NULL,
+                   NULL, 0);
         break;
     case BG_ERR_DENIED:
         edge_error(er, "forbidden", NULL, NULL, 0);

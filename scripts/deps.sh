@@ -17,6 +17,8 @@ packages=(
     nghttp2-client openssl curl ca-certificates python3 nodejs npm
     # lint
     clang clang-tidy cppcheck clang-format shellcheck
+    # make fuzz: libFuzzer and the sanitizer runtimes of clang
+    libclang-rt-14-dev
 )
 
 check_only=0

@@ -4,7 +4,8 @@
  *
  *   bg:{s<N>}:sess:<sid>:rev    set when a session is revoked (logout, reuse, admin); expires after
  *                               the access-token lifetime, when no token of it can be alive anyway
- *   bg:{s<N>}:user:<uid>:nbf    seconds since the epoch: access tokens issued before are refused
+ *   bg:{s<N>}:user:<uid>:nbf    milliseconds since the epoch: access tokens issued before (by the
+ *                               time in their jti, a UUIDv7) are refused
  *                               (set when a user is disabled, deleted or changes role)
  *   bg:{s<N>}:user:<uid>:locale the user's locale, so the next message is in the new language
  */
