@@ -7,6 +7,7 @@
 
 #include "bg/config.h"
 #include "bg/crypto.h"
+#include "bg/err.h"
 #include "bg/i18n.h"
 #include "bg/log.h"
 #include "bg/pg.h"
@@ -53,9 +54,10 @@ int main(void)
     snprintf(pool, sizeof(pool), "%lld", (long long)cfg.db_pool_size);
     setenv("UV_THREADPOOL_SIZE", pool, 1); /* NOLINT(concurrency-mt-unsafe): before any thread */
     probe_postgres(&cfg);
-    if (edge_server_init(&server, &cfg) != 0) {
+    int r = edge_server_init(&server, &cfg);
+    if (r != 0) {
         bg_config_dispose(&cfg);
-        return 1;
+        return r == BG_ERR_CONFIG ? 2 : 1; /* 2: like every other configuration error */
     }
     int rc = edge_server_run(&server);
     edge_server_dispose(&server);
