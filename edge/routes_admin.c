@@ -31,6 +31,7 @@ typedef struct st_admin_op {
     bg_user_t *users; /* owned */
     size_t count;
     char next_cursor[256];
+    void (*then)(edge_req_t *er, bool stored); /* continuation after a Redis write */
 } admin_op_t;
 
 static void op_free(void *p)
@@ -78,13 +79,6 @@ static bg_actor_t actor_of(const admin_op_t *op)
 {
     bg_actor_t a = {"admin", op->admin_id, op->request_id, op->ip[0] != '\0' ? op->ip : NULL};
     return a;
-}
-
-static void ignore_reply(void *ud, int err, const redisReply *reply)
-{
-    (void)ud;
-    (void)err;
-    (void)reply;
 }
 
 static bool failed(edge_req_t *er, const admin_op_t *op)
@@ -146,19 +140,40 @@ static void start(edge_req_t *er, edge_work_fn work, edge_done_fn done)
         edge_error(er, "service_unavailable", NULL, NULL, 1);
 }
 
-/* Every edge instance refuses the user's current access tokens from now on. */
-static void end_sessions_everywhere(edge_req_t *er, const char *user_id)
+static void sessions_ended(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    admin_op_t *op = er->data;
+    bool stored = err == 0 && reply->type == REDIS_REPLY_STATUS;
+    if (!stored)
+        bg_warn("cannot end the sessions of user %s in Redis", op->user_id);
+    op->then(er, stored);
+    edge_req_unref(er);
+}
+
+/*
+ * Every edge instance refuses the user's current access tokens from now on; then(er, stored) runs
+ * once Redis has the mark, so the admin's answer means it is in force everywhere.
+ */
+static void end_sessions_everywhere(edge_req_t *er, admin_op_t *op, const char *user_id,
+                                    void (*then)(edge_req_t *er, bool stored))
 {
     const bg_config_t *cfg = er->thread->server->cfg;
     char key[160], now[24], ttl[24];
-    if (bg_authstate_key_nbf(key, sizeof(key), bg_shard_of(user_id, cfg->shards), user_id) != 0)
+    op->then = then;
+    if (bg_authstate_key_nbf(key, sizeof(key), bg_shard_of(user_id, cfg->shards), user_id) != 0) {
+        then(er, false);
         return;
+    }
     /* milliseconds, compared with the issue time in a token's jti (a UUIDv7) */
     snprintf(now, sizeof(now), "%lld", (long long)bg_timeutil_wall_ms());
     snprintf(ttl, sizeof(ttl), "%lld", (long long)cfg->access_ttl_s * 2);
     const char *argv[] = {"SET", key, now, "EX", ttl};
-    if (bg_redis_async_argv(er->thread->redis, ignore_reply, NULL, 5, argv, NULL) != 0)
-        bg_warn("cannot end the sessions of user %s in Redis", user_id);
+    edge_req_ref(er);
+    if (bg_redis_async_argv(er->thread->redis, sessions_ended, er, 5, argv, NULL) != 0) {
+        edge_req_unref(er);
+        then(er, false);
+    }
 }
 
 /* GET /admin/users?q=&cursor=&limit= */
@@ -265,12 +280,23 @@ static void update_work(void *arg)
          (strcmp(before.status, op->user.status) != 0 && strcmp(op->user.status, "disabled") == 0));
 }
 
+static void update_answer(edge_req_t *er, bool stored)
+{
+    admin_op_t *op = er->data;
+    if (er->req == NULL)
+        return;
+    if (!stored)
+        edge_error(er, "service_unavailable", NULL, NULL, 1); /* the PUT is safe to repeat */
+    else
+        respond_user(er, &op->user);
+}
+
 static void update_done(edge_req_t *er, void *arg)
 {
     admin_op_t *op = arg;
     if (op->rc == 0 && op->ends_sessions)
-        end_sessions_everywhere(er, op->user.id);
-    if (!failed(er, op))
+        end_sessions_everywhere(er, op, op->user.id, update_answer);
+    else if (!failed(er, op))
         respond_user(er, &op->user);
 }
 
@@ -320,13 +346,23 @@ static void delete_work(void *arg)
     op->rc = bg_acct_admin_delete_user(c, op->user_id, &actor);
 }
 
+static void delete_answer(edge_req_t *er, bool stored)
+{
+    if (er->req == NULL)
+        return;
+    if (!stored)
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+    else
+        edge_respond(er, 204, NULL, NULL, 0);
+}
+
 static void delete_done(edge_req_t *er, void *arg)
 {
     admin_op_t *op = arg;
     if (op->rc == 0)
-        end_sessions_everywhere(er, op->user_id);
-    if (!failed(er, op))
-        edge_respond(er, 204, NULL, NULL, 0);
+        end_sessions_everywhere(er, op, op->user_id, delete_answer);
+    else
+        (void)failed(er, op);
 }
 
 static void users_delete(edge_req_t *er)

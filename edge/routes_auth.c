@@ -43,6 +43,7 @@ typedef struct st_op {
     bg_api_key_t keys[MAX_KEYS];
     size_t nkeys;
     bg_plan_summary_t plan;
+    void (*then)(edge_req_t *er, bool stored); /* continuation after a Redis write */
 } op_t;
 
 static char dummy_hash[256];
@@ -382,14 +383,8 @@ static void login_done(edge_req_t *er, void *arg)
     op_t *op = arg;
     char key[128];
     account_key(op->email, key, sizeof(key));
-    const char *keys[] = {key};
-    if (op->rc == BG_ERR_DENIED && strcmp(op->why, "credentials") == 0) {
-        /* count the failure even when the client has gone */
-        const char *args[] = {"1", "900"};
-        if (bg_redis_async_script(er->thread->redis, ignore_reply, NULL, "lua/counter.lua", 1, keys,
-                                  2, args) != 0)
-            bg_warn("cannot count a failed sign-in");
-    } else if (op->rc == 0) {
+    /* the attempt was counted before the password was checked; a success clears the count */
+    if (op->rc == 0) {
         const char *argv[] = {"DEL", key};
         if (bg_redis_async_argv(er->thread->redis, ignore_reply, NULL, 2, argv, NULL) != 0)
             bg_warn("cannot reset the failed sign-in counter");
@@ -412,7 +407,7 @@ static void account_limit_done(void *ud, int err, const redisReply *reply)
     if (er->req != NULL) {
         op_t *op = er->data;
         bool valid = err == 0 && reply->type == REDIS_REPLY_ARRAY && reply->elements == 2;
-        if (valid && reply->element[0]->integer >= op->cfg->login_failures_max)
+        if (valid && reply->element[0]->integer > op->cfg->login_failures_max)
             edge_error(er, "rate_limited", NULL, NULL, (int)(reply->element[1]->integer + 1));
         else if (!valid || edge_blocking(er, login_work, login_done, op) != 0)
             edge_error(er, "service_unavailable", NULL, NULL, 1);
@@ -426,7 +421,11 @@ static void login_continue(edge_req_t *er)
     char key[128];
     account_key(op->email, key, sizeof(key));
     const char *keys[] = {key};
-    const char *args[] = {"0", "900"};
+    /*
+     * Count the attempt before checking the password, so that guesses sent in parallel cannot all
+     * pass a check that only a finished failure would update.
+     */
+    const char *args[] = {"1", "900"};
     edge_req_ref(er);
     if (bg_redis_async_script(er->thread->redis, account_limit_done, er, "lua/counter.lua", 1, keys,
                               2, args) != 0) {
@@ -457,18 +456,41 @@ static void auth_login(edge_req_t *er)
 
 /* ---- refresh ---- */
 
-static void revoke_in_redis(edge_req_t *er, const char *user_id, const char *session_id)
+typedef void (*then_fn)(edge_req_t *er, bool stored);
+
+static void revoked_stored(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    op_t *op = er->data;
+    bool stored = err == 0 && reply->type == REDIS_REPLY_STATUS;
+    if (!stored)
+        bg_warn("cannot mark session %s revoked in Redis", op->session_id);
+    op->then(er, stored);
+    edge_req_unref(er);
+}
+
+/*
+ * Marks the session revoked for every edge instance, then calls then(er, stored). The answer waits
+ * for Redis: once a client is told it signed out, no edge may accept the session's tokens.
+ */
+static void revoke_in_redis(edge_req_t *er, op_t *op, then_fn then)
 {
     const bg_config_t *cfg = er->thread->server->cfg;
     char key[160], ttl[24];
-    if (bg_authstate_key_revoked(key, sizeof(key), bg_shard_of(user_id, cfg->shards), session_id) !=
-        0)
+    op->then = then;
+    if (bg_authstate_key_revoked(key, sizeof(key), bg_shard_of(op->user_id, cfg->shards),
+                                 op->session_id) != 0) {
+        then(er, false);
         return;
+    }
     /* twice the access-token lifetime: no token of the session can outlive that */
     snprintf(ttl, sizeof(ttl), "%lld", (long long)cfg->access_ttl_s * 2);
     const char *argv[] = {"SET", key, "1", "EX", ttl};
-    if (bg_redis_async_argv(er->thread->redis, ignore_reply, NULL, 5, argv, NULL) != 0)
-        bg_warn("cannot mark session %s revoked in Redis", session_id);
+    edge_req_ref(er);
+    if (bg_redis_async_argv(er->thread->redis, revoked_stored, er, 5, argv, NULL) != 0) {
+        edge_req_unref(er);
+        then(er, false);
+    }
 }
 
 static void refresh_work(void *arg)
@@ -486,11 +508,10 @@ static void refresh_work(void *arg)
     }
 }
 
-static void refresh_done(edge_req_t *er, void *arg)
+static void refresh_answer(edge_req_t *er, bool stored)
 {
-    op_t *op = arg;
-    if (op->rc == BG_ERR_DENIED && op->session_id[0] != '\0' && op->user_id[0] != '\0')
-        revoke_in_redis(er, op->user_id, op->session_id);
+    op_t *op = er->data;
+    (void)stored; /* a reused token is refused either way; Postgres already revoked the family */
     if (er->req == NULL)
         return;
     if (op->rc == BG_ERR_DENIED) {
@@ -507,6 +528,15 @@ static void refresh_done(edge_req_t *er, void *arg)
     } else {
         respond_session(er, op, 200);
     }
+}
+
+static void refresh_done(edge_req_t *er, void *arg)
+{
+    op_t *op = arg;
+    if (op->rc == BG_ERR_DENIED && op->session_id[0] != '\0' && op->user_id[0] != '\0')
+        revoke_in_redis(er, op, refresh_answer);
+    else
+        refresh_answer(er, true);
 }
 
 static const edge_field_t refresh_fields[] = {
@@ -567,15 +597,14 @@ static void logout_work(void *arg)
         op->rc = bg_acct_session_revoke(c, op->user_id, op->session_id, "logout");
 }
 
-static void logout_done(edge_req_t *er, void *arg)
+static void logout_answer(edge_req_t *er, bool stored)
 {
-    op_t *op = arg;
-    if (op->rc == 0 && op->session_id[0] != '\0')
-        revoke_in_redis(er, op->user_id, op->session_id);
+    op_t *op = er->data;
     if (er->req == NULL)
         return;
-    if (op->rc != 0 && op->rc != BG_ERR_NOT_FOUND) {
-        fail_generic(er, op->rc);
+    if (!stored) {
+        /* signed out in Postgres, but other edges cannot know yet: let the client retry */
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
         return;
     }
     if (op->cookie_mode) {
@@ -584,6 +613,20 @@ static void logout_done(edge_req_t *er, void *arg)
         edge_set_cookie(er, "bg_csrf", "", "/", "Lax", 0, false);
     }
     edge_respond(er, 204, NULL, NULL, 0);
+}
+
+static void logout_done(edge_req_t *er, void *arg)
+{
+    op_t *op = arg;
+    if (op->rc != 0 && op->rc != BG_ERR_NOT_FOUND) {
+        if (er->req != NULL)
+            fail_generic(er, op->rc);
+        return;
+    }
+    if (op->rc == 0 && op->session_id[0] != '\0')
+        revoke_in_redis(er, op, logout_answer);
+    else
+        logout_answer(er, true);
 }
 
 static const edge_field_t logout_fields[] = {
@@ -617,7 +660,7 @@ static void auth_logout(edge_req_t *er)
         return;
     }
     if (op->session_id[0] == '\0' && op->token == NULL) {
-        logout_done(er, op); /* nothing to revoke; still clear the cookies */
+        logout_answer(er, true); /* nothing to revoke; still clear the cookies */
         return;
     }
     if (edge_blocking(er, logout_work, logout_done, op) != 0)
