@@ -306,8 +306,13 @@ Test(edge, a_missing_token_key_stops_with_a_message_naming_the_variable)
     const char *argv[] = {bgt_bin("bg-edge"), NULL};
     char port[32], out[4096];
     snprintf(port, sizeof(port), "BG_HTTP_PORT=%d", bgt_free_port());
-    const char *env[] = {"BG_ENV_FILE=/nonexistent", port, "BG_HTTPS_PORT=0", "BG_LOG_FORMAT=text",
-                         "BG_JWT_SECRET=", "BG_JWT_KEYS=", NULL};
+    const char *env[] = {"BG_ENV_FILE=/nonexistent",
+                         port,
+                         "BG_HTTPS_PORT=0",
+                         "BG_LOG_FORMAT=text",
+                         "BG_JWT_SECRET=",
+                         "BG_JWT_KEYS=",
+                         NULL};
     int st = bgt_run(argv, env, out, sizeof(out));
     cr_assert_eq(st, 2, "exit %d: %s", st, out);
     cr_assert(strstr(out, "BG_JWT_SECRET") != NULL, "%s", out);
@@ -318,8 +323,12 @@ Test(edge, a_busy_port_stops_with_a_clear_message)
     const char *argv[] = {bgt_bin("bg-edge"), NULL};
     char port[32], out[4096];
     snprintf(port, sizeof(port), "BG_HTTP_PORT=%d", E.http_port);
-    const char *env[] = {"BG_ENV_FILE=/nonexistent", port, "BG_HTTPS_PORT=0", "BG_LOG_FORMAT=text",
-                         "BG_JWT_SECRET=0123456789abcdef0123456789abcdef-test", NULL};
+    const char *env[] = {"BG_ENV_FILE=/nonexistent",
+                         port,
+                         "BG_HTTPS_PORT=0",
+                         "BG_LOG_FORMAT=text",
+                         "BG_JWT_SECRET=0123456789abcdef0123456789abcdef-test",
+                         NULL};
     int st = bgt_run(argv, env, out, sizeof(out));
     cr_assert_eq(st, 1, "exit %d: %s", st, out);
     cr_assert(strstr(out, "cannot listen") != NULL, "%s", out);

@@ -34,12 +34,12 @@ typedef struct bg_config {
     int64_t db_pool_size;     /**< BG_DB_POOL_SIZE */
     int shards;               /**< BG_SHARDS */
     /* auth */
-    char *jwt_secret; /**< BG_JWT_SECRET (secret) */
-    char *jwt_keys;   /**< BG_JWT_KEYS "kid:secret,…" (secret) */
-    int64_t access_ttl_s;  /**< BG_ACCESS_TTL_S */
-    int64_t refresh_ttl_s; /**< BG_REFRESH_TTL_S */
-    int64_t session_ttl_s; /**< BG_SESSION_TTL_S */
-    int64_t login_ip_per_min;  /**< BG_LOGIN_IP_PER_MIN */
+    char *jwt_secret;           /**< BG_JWT_SECRET (secret) */
+    char *jwt_keys;             /**< BG_JWT_KEYS "kid:secret,…" (secret) */
+    int64_t access_ttl_s;       /**< BG_ACCESS_TTL_S */
+    int64_t refresh_ttl_s;      /**< BG_REFRESH_TTL_S */
+    int64_t session_ttl_s;      /**< BG_SESSION_TTL_S */
+    int64_t login_ip_per_min;   /**< BG_LOGIN_IP_PER_MIN */
     int64_t login_failures_max; /**< BG_LOGIN_FAILURES_MAX (per account per 15 minutes) */
     /* providers */
     char *llm_base_url;            /**< BG_LLM_BASE_URL */

@@ -3,8 +3,8 @@
  *
  * The algorithm is pinned: a token whose header names anything but HS256 (including "none") is
  * refused before its signature is looked at, and the key is chosen by the header's "kid" from the
- * ring, never by the token's algorithm. The first key of the ring signs; every key verifies, so keys
- * rotate by prepending a new one and dropping the old one after the access-token lifetime.
+ * ring, never by the token's algorithm. The first key of the ring signs; every key verifies, so
+ * keys rotate by prepending a new one and dropping the old one after the access-token lifetime.
  *
  * Claims of an access token: iss, aud, sub (user id), sid (session id), role (platform role), typ
  * ("access"), iat, nbf, exp, jti. Verification checks all of them against the ring's issuer and
@@ -15,8 +15,8 @@
 
 #include "bg/common.h"
 
-#define BG_JWT_MAX_TOKEN 4096   /**< longer tokens are refused unparsed */
-#define BG_JWT_LEEWAY_S 30      /**< clock skew allowed on exp, nbf and iat */
+#define BG_JWT_MAX_TOKEN 4096 /**< longer tokens are refused unparsed */
+#define BG_JWT_LEEWAY_S 30    /**< clock skew allowed on exp, nbf and iat */
 #define BG_JWT_ISSUER "bot-generic"
 #define BG_JWT_AUDIENCE "bot-generic-api"
 
@@ -28,15 +28,15 @@ typedef struct bg_jwt_claims {
     char sid[64];  /**< session (refresh-token family) id */
     char role[16]; /**< "user" or "admin" */
     char jti[64];
-    char kid[32];  /**< key that signed it (filled by verify) */
+    char kid[32];          /**< key that signed it (filled by verify) */
     int64_t iat, nbf, exp; /**< seconds since the epoch */
 } bg_jwt_claims_t;
 
 /**
- * Builds a key ring from BG_JWT_KEYS ("kid:secret,kid:secret", the first signs) or, when keys is NULL
- * or empty, from BG_JWT_SECRET (kid "k0"). Secrets must be at least 32 bytes; kids are 1–31 chars of
- * [A-Za-z0-9._-] and unique. Returns 0 with *out owned by the caller, or BG_ERR_CONFIG with err
- * naming the problem (never a secret).
+ * Builds a key ring from BG_JWT_KEYS ("kid:secret,kid:secret", the first signs) or, when keys is
+ * NULL or empty, from BG_JWT_SECRET (kid "k0"). Secrets must be at least 32 bytes; kids are 1–31
+ * chars of [A-Za-z0-9._-] and unique. Returns 0 with *out owned by the caller, or BG_ERR_CONFIG
+ * with err naming the problem (never a secret).
  */
 BG_MUSTCHECK int bg_jwt_ring_new(const char *keys, const char *secret, bg_jwt_ring_t **out,
                                  char *err, size_t errlen);
@@ -55,10 +55,10 @@ BG_MUSTCHECK int bg_jwt_sign(const bg_jwt_ring_t *ring, const char *sub, const c
                              size_t outlen);
 
 /**
- * Verifies an access token at time now_s. Returns 0 and fills *claims, or BG_ERR_DENIED with *why set
- * to a static reason for logs and tests: "malformed", "too_long", "alg" (not HS256, e.g. none),
- * "kid" (missing or unknown), "signature", "issuer", "audience", "type", "expired", "not_yet_valid",
- * "claims" (a required claim missing or of the wrong type). Never logs the token.
+ * Verifies an access token at time now_s. Returns 0 and fills *claims, or BG_ERR_DENIED with *why
+ * set to a static reason for logs and tests: "malformed", "too_long", "alg" (not HS256, e.g. none),
+ * "kid" (missing or unknown), "signature", "issuer", "audience", "type", "expired",
+ * "not_yet_valid", "claims" (a required claim missing or of the wrong type). Never logs the token.
  */
 BG_MUSTCHECK int bg_jwt_verify(const bg_jwt_ring_t *ring, const char *token, size_t len,
                                int64_t now_s, bg_jwt_claims_t *claims, const char **why);
