@@ -131,11 +131,16 @@ struct st_edge_route {
     edge_route_auth_t auth;
 };
 
+/** Every route table the router serves, NULL-terminated (router.c). Tests walk it too. */
+extern const edge_route_t *const edge_route_tables[];
+
 /** The tables of route groups; each edge/routes_*.c defines one. NULL-pattern terminated. */
 extern const edge_route_t edge_routes_ops[];
 extern const edge_route_t edge_routes_auth[];
 extern const edge_route_t edge_routes_orgs[];
 extern const edge_route_t edge_routes_admin[];
+extern const edge_route_t edge_routes_billing[];
+extern const edge_route_t edge_routes_policies[];
 
 /**
  * Finds the route for method and path; fills params. Returns the route, or NULL with

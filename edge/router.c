@@ -9,11 +9,14 @@
 
 #include "edge.h"
 
-static const edge_route_t *const route_tables[] = {
+const edge_route_t *const edge_route_tables[] = {
     edge_routes_ops,
     edge_routes_auth,
     edge_routes_orgs,
     edge_routes_admin,
+    edge_routes_billing,
+    edge_routes_policies,
+    NULL,
 };
 
 /* Matches path against pattern; on success fills params. */
@@ -53,8 +56,8 @@ const edge_route_t *edge_router_match(const char *method, size_t method_len, con
     /* "/x/" and "/x" name the same resource */
     if (path_len > 1 && path[path_len - 1] == '/')
         path_len--;
-    for (size_t t = 0; t < BG_ARRAY_SIZE(route_tables); t++) {
-        for (const edge_route_t *r = route_tables[t]; r->pattern != NULL; r++) {
+    for (size_t t = 0; edge_route_tables[t] != NULL; t++) {
+        for (const edge_route_t *r = edge_route_tables[t]; r->pattern != NULL; r++) {
             h2o_iovec_t tmp[EDGE_MAX_PARAMS];
             size_t ntmp = 0;
             if (!match(r->pattern, path, path_len, tmp, &ntmp))
