@@ -21,7 +21,10 @@
 #include <h2o.h>
 
 #include "bg/buf.h"
+#include <libpq-fe.h>
+
 #include "bg/config.h"
+#include "bg/json.h"
 #include "bg/jwt.h"
 #include "bg/redis_async.h"
 
@@ -313,6 +316,27 @@ typedef void (*edge_done_fn)(edge_req_t *er, void *arg);
  * done returns. Returns 0, or a negative bg_err (then neither function is called).
  */
 BG_MUSTCHECK int edge_blocking(edge_req_t *er, edge_work_fn work, edge_done_fn done, void *arg);
+
+/* ---- handler helpers (handler.c) ---- */
+
+/**
+ * Answers a failed operation: BG_ERR_NOT_FOUND → 404, BG_ERR_DENIED → 403, BG_ERR_CONFLICT → 409,
+ * Postgres or Redis unavailable, timed out or busy → 503 with Retry-After, anything else by
+ * bg_api_error_code_for(). No-op when the request is gone.
+ */
+void edge_fail(edge_req_t *er, int rc);
+
+/** Runs work on the thread pool with er->data as its argument, or answers 503. */
+void edge_run(edge_req_t *er, edge_work_fn work, edge_done_fn done);
+
+/** Finishes w (writing into out) and answers with it (500 if the writer failed); disposes out. */
+void edge_respond_writer(edge_req_t *er, int status, bg_json_writer_t *w, bg_buf_t *out);
+
+/**
+ * On the pool: this thread's Postgres connection, or NULL with *rc = BG_ERR_UNAVAILABLE. With
+ * admin_id, also requires that user to be a live, active platform admin (*rc = BG_ERR_DENIED).
+ */
+PGconn *edge_pg(const bg_config_t *cfg, const char *admin_id, int *rc);
 
 /** The server of the current process (set by edge_server_init). */
 extern edge_server_t *edge_the_server;

@@ -65,14 +65,7 @@ static admin_op_t *op_new(edge_req_t *er)
 /* Connects and checks that the caller is still an active admin. */
 static PGconn *admin_db(admin_op_t *op)
 {
-    PGconn *c = bg_pg_thread_conn(op->cfg->database_url);
-    if (c == NULL) {
-        op->rc = BG_ERR_UNAVAILABLE;
-        return NULL;
-    }
-    if ((op->rc = bg_acct_require_admin(c, op->admin_id)) != 0)
-        return NULL;
-    return c;
+    return edge_pg(op->cfg, op->admin_id, &op->rc);
 }
 
 static bg_actor_t actor_of(const admin_op_t *op)
@@ -83,25 +76,9 @@ static bg_actor_t actor_of(const admin_op_t *op)
 
 static bool failed(edge_req_t *er, const admin_op_t *op)
 {
-    if (er->req == NULL)
-        return true;
-    switch (op->rc) {
-    case 0:
+    if (op->rc == 0 && er->req != NULL)
         return false;
-    case BG_ERR_NOT_FOUND:
-        edge_error(er, "not_found", NULL, NULL, 0);
-        break;
-    case BG_ERR_DENIED:
-        edge_error(er, "forbidden", NULL, NULL, 0);
-        break;
-    case BG_ERR_UNAVAILABLE:
-    case BG_ERR_TIMEOUT:
-    case BG_ERR_RETRY:
-        edge_error(er, "service_unavailable", NULL, NULL, 2);
-        break;
-    default:
-        edge_error(er, bg_api_error_code_for(op->rc), NULL, NULL, 0);
-    }
+    edge_fail(er, op->rc);
     return true;
 }
 
@@ -127,17 +104,7 @@ static void respond_user(edge_req_t *er, const bg_user_t *u)
     bg_json_writer_t w;
     bg_json_writer_init(&w, &out);
     write_user(&w, u);
-    if (bg_json_write_finish(&w) != 0)
-        edge_error(er, "internal", NULL, NULL, 0);
-    else
-        edge_respond_json(er, 200, &out);
-    bg_buf_dispose(&out);
-}
-
-static void start(edge_req_t *er, edge_work_fn work, edge_done_fn done)
-{
-    if (edge_blocking(er, work, done, er->data) != 0)
-        edge_error(er, "service_unavailable", NULL, NULL, 1);
+    edge_respond_writer(er, 200, &w, &out);
 }
 
 static void sessions_ended(void *ud, int err, const redisReply *reply)
@@ -208,11 +175,7 @@ static void list_done(edge_req_t *er, void *arg)
     else
         bg_json_write_field_null(&w, "next_cursor");
     bg_json_write_end_object(&w);
-    if (bg_json_write_finish(&w) != 0)
-        edge_error(er, "internal", NULL, NULL, 0);
-    else
-        edge_respond_json(er, 200, &out);
-    bg_buf_dispose(&out);
+    edge_respond_writer(er, 200, &w, &out);
 }
 
 static void users_list(edge_req_t *er)
@@ -236,7 +199,7 @@ static void users_list(edge_req_t *er)
         op->query = bg_strdup(q);
     if (edge_query(er, "cursor", cursor, sizeof(cursor)) && cursor[0] != '\0')
         op->cursor = bg_strdup(cursor);
-    start(er, list_work, list_done);
+    edge_run(er, list_work, list_done);
 }
 
 /* GET /admin/users/{id} */
@@ -258,7 +221,7 @@ static void get_done(edge_req_t *er, void *arg)
 static void users_get(edge_req_t *er)
 {
     op_new(er);
-    start(er, get_work, get_done);
+    edge_run(er, get_work, get_done);
 }
 
 /* PUT /admin/users/{id} {name?, locale?, role?, status?} */
@@ -332,7 +295,7 @@ static void users_update(edge_req_t *er)
     op->locale = v.present[1] ? bg_strdup(v.str[1]) : NULL;
     op->role = v.present[2] ? bg_strdup(v.str[2]) : NULL;
     op->status = v.present[3] ? bg_strdup(v.str[3]) : NULL;
-    start(er, update_work, update_done);
+    edge_run(er, update_work, update_done);
 }
 
 /* DELETE /admin/users/{id}: soft delete */
@@ -372,7 +335,7 @@ static void users_delete(edge_req_t *er)
         edge_error(er, "conflict", "{\"reason\":\"cannot_delete_self\"}", NULL, 0);
         return;
     }
-    start(er, delete_work, delete_done);
+    edge_run(er, delete_work, delete_done);
 }
 
 const edge_route_t edge_routes_admin[] = {

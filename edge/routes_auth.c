@@ -90,10 +90,7 @@ static bg_actor_t actor_of(const op_t *op)
 
 static PGconn *db(op_t *op)
 {
-    PGconn *c = bg_pg_thread_conn(op->cfg->database_url);
-    if (c == NULL)
-        op->rc = BG_ERR_UNAVAILABLE;
-    return c;
+    return edge_pg(op->cfg, NULL, &op->rc);
 }
 
 static void ignore_reply(void *ud, int err, const redisReply *reply)
@@ -101,17 +98,6 @@ static void ignore_reply(void *ud, int err, const redisReply *reply)
     (void)ud;
     (void)err;
     (void)reply;
-}
-
-/* Answers a failure of the thread-pool work that has no more specific meaning. */
-static void fail_generic(edge_req_t *er, int rc)
-{
-    if (rc == BG_ERR_UNAVAILABLE || rc == BG_ERR_TIMEOUT || rc == BG_ERR_RETRY)
-        edge_error(er, "service_unavailable", NULL, NULL, 2);
-    else if (rc == BG_ERR_NOT_FOUND)
-        edge_error(er, "not_found", NULL, NULL, 0);
-    else
-        edge_error(er, bg_api_error_code_for(rc), NULL, NULL, 0);
 }
 
 static void write_user_fields(bg_json_writer_t *w, const bg_user_t *u)
@@ -131,16 +117,6 @@ static void write_user(bg_json_writer_t *w, const bg_user_t *u)
     bg_json_write_begin_object(w);
     write_user_fields(w, u);
     bg_json_write_end_object(w);
-}
-
-static void respond_writer(edge_req_t *er, int status, bg_buf_t *out, bg_json_writer_t *w)
-{
-    if (bg_json_write_finish(w) != 0) {
-        edge_error(er, "internal", NULL, NULL, 0);
-        return;
-    }
-    edge_add_header(er, "cache-control", "no-store");
-    edge_respond_json(er, status, out);
 }
 
 static void remember_locale(edge_req_t *er, const char *user_id, const char *locale)
@@ -195,9 +171,8 @@ static void respond_session(edge_req_t *er, op_t *op, int status)
     }
     bg_json_write_field_int(&w, "expires_in", cfg->access_ttl_s);
     bg_json_write_end_object(&w);
-    respond_writer(er, status, &out, &w);
+    edge_respond_writer(er, status, &w, &out);
     bg_crypto_wipe(access, sizeof(access));
-    bg_buf_dispose(&out);
 }
 
 static bool mode_is_cookie(edge_req_t *er, const edge_values_t *v, size_t mode_index)
@@ -309,7 +284,7 @@ static void register_done(edge_req_t *er, void *arg)
     if (op->rc == BG_ERR_CONFLICT)
         edge_error(er, "email_taken", NULL, NULL, 0);
     else if (op->rc != 0)
-        fail_generic(er, op->rc);
+        edge_fail(er, op->rc);
     else
         respond_session(er, op, 201);
 }
@@ -396,7 +371,7 @@ static void login_done(edge_req_t *er, void *arg)
                    strcmp(op->why, "disabled") == 0 ? "account_disabled" : "invalid_credentials",
                    NULL, NULL, 0);
     else if (op->rc != 0)
-        fail_generic(er, op->rc);
+        edge_fail(er, op->rc);
     else
         respond_session(er, op, 200);
 }
@@ -524,7 +499,7 @@ static void refresh_answer(edge_req_t *er, bool stored)
         }
         edge_error(er, "unauthorized", details, NULL, 0);
     } else if (op->rc != 0) {
-        fail_generic(er, op->rc);
+        edge_fail(er, op->rc);
     } else {
         respond_session(er, op, 200);
     }
@@ -620,7 +595,7 @@ static void logout_done(edge_req_t *er, void *arg)
     op_t *op = arg;
     if (op->rc != 0 && op->rc != BG_ERR_NOT_FOUND) {
         if (er->req != NULL)
-            fail_generic(er, op->rc);
+            edge_fail(er, op->rc);
         return;
     }
     if (op->rc == 0 && op->session_id[0] != '\0')
@@ -693,7 +668,7 @@ static void profile_done(edge_req_t *er, void *arg)
         if (op->rc == BG_ERR_NOT_FOUND)
             edge_error(er, "unauthorized", NULL, NULL, 0);
         else
-            fail_generic(er, op->rc);
+            edge_fail(er, op->rc);
         return;
     }
     if (op->locale != NULL)
@@ -715,8 +690,7 @@ static void profile_done(edge_req_t *er, void *arg)
                             op->plan.period_end[0] != '\0' ? op->plan.period_end : NULL);
     bg_json_write_end_object(&w);
     bg_json_write_end_object(&w);
-    respond_writer(er, 200, &out, &w);
-    bg_buf_dispose(&out);
+    edge_respond_writer(er, 200, &w, &out);
 }
 
 static void profile_get(edge_req_t *er)
@@ -804,7 +778,7 @@ static void keys_list_done(edge_req_t *er, void *arg)
     if (er->req == NULL)
         return;
     if (op->rc != 0) {
-        fail_generic(er, op->rc);
+        edge_fail(er, op->rc);
         return;
     }
     bg_buf_t out;
@@ -819,8 +793,7 @@ static void keys_list_done(edge_req_t *er, void *arg)
     bg_json_write_end_array(&w);
     bg_json_write_field_null(&w, "next_cursor");
     bg_json_write_end_object(&w);
-    respond_writer(er, 200, &out, &w);
-    bg_buf_dispose(&out);
+    edge_respond_writer(er, 200, &w, &out);
 }
 
 static void keys_list(edge_req_t *er)
@@ -847,7 +820,7 @@ static void keys_create_done(edge_req_t *er, void *arg)
     if (er->req == NULL)
         return;
     if (op->rc != 0) {
-        fail_generic(er, op->rc);
+        edge_fail(er, op->rc);
         return;
     }
     bg_buf_t out;
@@ -855,8 +828,7 @@ static void keys_create_done(edge_req_t *er, void *arg)
     bg_json_writer_t w;
     bg_json_writer_init(&w, &out);
     write_key(&w, &op->keys[0], op->key); /* the key itself appears in this response only */
-    respond_writer(er, 201, &out, &w);
-    bg_buf_dispose(&out);
+    edge_respond_writer(er, 201, &w, &out);
 }
 
 static const char *const known_scopes[] = {"chat", "models"};
@@ -914,7 +886,7 @@ static void keys_delete_done(edge_req_t *er, void *arg)
     if (er->req == NULL)
         return;
     if (op->rc != 0)
-        fail_generic(er, op->rc);
+        edge_fail(er, op->rc);
     else
         edge_respond(er, 204, NULL, NULL, 0);
 }

@@ -56,10 +56,7 @@ static org_op_t *op_new(edge_req_t *er)
 
 static PGconn *db(org_op_t *op)
 {
-    PGconn *c = bg_pg_thread_conn(op->cfg->database_url);
-    if (c == NULL)
-        op->rc = BG_ERR_UNAVAILABLE;
-    return c;
+    return edge_pg(op->cfg, NULL, &op->rc);
 }
 
 static bg_actor_t actor_of(const org_op_t *op)
@@ -70,33 +67,15 @@ static bg_actor_t actor_of(const org_op_t *op)
 
 static bool failed(edge_req_t *er, const org_op_t *op)
 {
-    if (er->req == NULL)
-        return true;
-    switch (op->rc) {
-    case 0:
+    if (op->rc == 0 && er->req != NULL)
         return false;
-    case BG_ERR_NOT_FOUND:
-        /* "user": the e-mail names nobody; otherwise the organization is not the caller's */
-        edge_error(er, "not_found",
-                   op->what != NULL && strcmp(op->what, "user") == 0
-                       ? "{\"reason\":\"unknown_user\"}"
-                       : NULL,
-                   NULL, 0);
-        break;
-    case BG_ERR_DENIED:
-        edge_error(er, "forbidden", NULL, NULL, 0);
-        break;
-    case BG_ERR_CONFLICT:
-        edge_error(er, "conflict", NULL, NULL, 0);
-        break;
-    case BG_ERR_UNAVAILABLE:
-    case BG_ERR_TIMEOUT:
-    case BG_ERR_RETRY:
-        edge_error(er, "service_unavailable", NULL, NULL, 2);
-        break;
-    default:
-        edge_error(er, bg_api_error_code_for(op->rc), NULL, NULL, 0);
+    if (op->rc == BG_ERR_NOT_FOUND && er->req != NULL && op->what != NULL &&
+        strcmp(op->what, "user") == 0) {
+        /* the e-mail names nobody (otherwise the organization is not the caller's: plain 404) */
+        edge_error(er, "not_found", "{\"reason\":\"unknown_user\"}", NULL, 0);
+        return true;
     }
+    edge_fail(er, op->rc);
     return true;
 }
 
@@ -108,21 +87,6 @@ static void write_org(bg_json_writer_t *w, const bg_org_t *o)
     bg_json_write_field_bool(w, "personal", o->personal);
     bg_json_write_field_str(w, "role", o->my_role);
     bg_json_write_end_object(w);
-}
-
-static void respond(edge_req_t *er, int status, bg_buf_t *out, bg_json_writer_t *w)
-{
-    if (bg_json_write_finish(w) != 0)
-        edge_error(er, "internal", NULL, NULL, 0);
-    else
-        edge_respond_json(er, status, out);
-    bg_buf_dispose(out);
-}
-
-static void start(edge_req_t *er, edge_work_fn work, edge_done_fn done)
-{
-    if (edge_blocking(er, work, done, er->data) != 0)
-        edge_error(er, "service_unavailable", NULL, NULL, 1);
 }
 
 /* GET /orgs */
@@ -153,13 +117,13 @@ static void list_done(edge_req_t *er, void *arg)
     bg_json_write_end_array(&w);
     bg_json_write_field_null(&w, "next_cursor");
     bg_json_write_end_object(&w);
-    respond(er, 200, &out, &w);
+    edge_respond_writer(er, 200, &w, &out);
 }
 
 static void orgs_list(edge_req_t *er)
 {
     op_new(er);
-    start(er, list_work, list_done);
+    edge_run(er, list_work, list_done);
 }
 
 /* POST /orgs */
@@ -183,7 +147,7 @@ static void create_done(edge_req_t *er, void *arg)
     bg_json_writer_t w;
     bg_json_writer_init(&w, &out);
     write_org(&w, &op->org);
-    respond(er, 201, &out, &w);
+    edge_respond_writer(er, 201, &w, &out);
 }
 
 static const edge_field_t create_fields[] = {
@@ -197,7 +161,7 @@ static void orgs_create(edge_req_t *er)
         return;
     org_op_t *op = op_new(er);
     op->name = bg_strdup(v.str[0]);
-    start(er, create_work, create_done);
+    edge_run(er, create_work, create_done);
 }
 
 /* GET /orgs/{id} */
@@ -238,13 +202,13 @@ static void get_done(edge_req_t *er, void *arg)
     }
     bg_json_write_end_array(&w);
     bg_json_write_end_object(&w);
-    respond(er, 200, &out, &w);
+    edge_respond_writer(er, 200, &w, &out);
 }
 
 static void orgs_get(edge_req_t *er)
 {
     op_new(er);
-    start(er, get_work, get_done);
+    edge_run(er, get_work, get_done);
 }
 
 /* POST /orgs/{id}/members {email, role} */
@@ -284,7 +248,7 @@ static void members_set(edge_req_t *er)
     org_op_t *op = op_new(er);
     op->email = bg_strdup(v.str[0]);
     op->role = bg_strdup(v.str[1]);
-    start(er, member_set_work, member_done);
+    edge_run(er, member_set_work, member_done);
 }
 
 /* DELETE /orgs/{id}/members/{user_id} */
@@ -301,7 +265,7 @@ static void member_remove_work(void *arg)
 static void members_remove(edge_req_t *er)
 {
     op_new(er);
-    start(er, member_remove_work, member_done);
+    edge_run(er, member_remove_work, member_done);
 }
 
 const edge_route_t edge_routes_orgs[] = {

@@ -87,14 +87,7 @@ static bg_actor_t actor_of(const policy_op_t *op)
 /* Connects and checks that the caller is still an active admin. */
 static PGconn *admin_db(policy_op_t *op)
 {
-    PGconn *c = bg_pg_thread_conn(op->cfg->database_url);
-    if (c == NULL) {
-        op->rc = BG_ERR_UNAVAILABLE;
-        return NULL;
-    }
-    if ((op->rc = bg_acct_require_admin(c, op->admin_id)) != 0)
-        return NULL;
-    return c;
+    return edge_pg(op->cfg, op->admin_id, &op->rc);
 }
 
 /* ---- the pool thread's blocking Redis client ---- */
@@ -196,29 +189,13 @@ static void propagate(policy_op_t *op, PGconn *c, const bg_policy_row_t *before,
 
 static bool failed(edge_req_t *er, const policy_op_t *op)
 {
-    if (er->req == NULL)
-        return true;
-    switch (op->rc) {
-    case 0:
+    if (op->rc == 0 && er->req != NULL)
         return false;
-    case BG_ERR_INVALID:
+    if (op->rc == BG_ERR_INVALID && er->req != NULL)
         edge_invalid_field(er, op->verr.field[0] != '\0' ? op->verr.field : "body", "invalid_value",
                            NULL);
-        break;
-    case BG_ERR_NOT_FOUND:
-        edge_error(er, "not_found", NULL, NULL, 0);
-        break;
-    case BG_ERR_DENIED:
-        edge_error(er, "forbidden", NULL, NULL, 0);
-        break;
-    case BG_ERR_UNAVAILABLE:
-    case BG_ERR_TIMEOUT:
-    case BG_ERR_RETRY:
-        edge_error(er, "service_unavailable", NULL, NULL, 2);
-        break;
-    default:
-        edge_error(er, bg_api_error_code_for(op->rc), NULL, NULL, 0);
-    }
+    else
+        edge_fail(er, op->rc);
     return true;
 }
 
@@ -277,12 +254,6 @@ static void respond_rule(edge_req_t *er, int status, const bg_policy_row_t *row,
     bg_buf_dispose(&out);
 }
 
-static void start(edge_req_t *er, edge_work_fn work, edge_done_fn done)
-{
-    if (edge_blocking(er, work, done, er->data) != 0)
-        edge_error(er, "service_unavailable", NULL, NULL, 1);
-}
-
 /* ---- GET /admin/policies?type=&scope= ---- */
 
 static void list_work(void *arg)
@@ -338,7 +309,7 @@ static void policies_list(edge_req_t *er)
     policy_op_t *op = op_new(er);
     op->type = has_type ? bg_strdup(type) : NULL;
     op->scope = has_scope ? bg_strdup(scope) : NULL;
-    start(er, list_work, list_done);
+    edge_run(er, list_work, list_done);
 }
 
 /* ---- GET /admin/policies/{id} ---- */
@@ -361,7 +332,7 @@ static void get_done(edge_req_t *er, void *arg)
 static void policies_get(edge_req_t *er)
 {
     op_new(er);
-    start(er, get_work, get_done);
+    edge_run(er, get_work, get_done);
 }
 
 /* ---- POST /admin/policies and PUT /admin/policies/{id} ---- */
@@ -575,7 +546,7 @@ static void policies_create(edge_req_t *er)
 {
     policy_op_t *op = op_new(er);
     if (take_input(er, op))
-        start(er, create_work, create_done);
+        edge_run(er, create_work, create_done);
 }
 
 static void policies_update(edge_req_t *er)
@@ -586,7 +557,7 @@ static void policies_update(edge_req_t *er)
         return;
     }
     if (take_input(er, op))
-        start(er, update_work, update_done);
+        edge_run(er, update_work, update_done);
 }
 
 /* ---- DELETE /admin/policies/{id} ---- */
@@ -616,7 +587,7 @@ static void delete_done(edge_req_t *er, void *arg)
 static void policies_delete(edge_req_t *er)
 {
     op_new(er);
-    start(er, delete_work, delete_done);
+    edge_run(er, delete_work, delete_done);
 }
 
 const edge_route_t edge_routes_policies[] = {
