@@ -144,6 +144,7 @@ extern const edge_route_t edge_routes_orgs[];
 extern const edge_route_t edge_routes_admin[];
 extern const edge_route_t edge_routes_billing[];
 extern const edge_route_t edge_routes_policies[];
+extern const edge_route_t edge_routes_chat[];
 
 /**
  * Finds the route for method and path; fills params. Returns the route, or NULL with

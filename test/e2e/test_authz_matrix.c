@@ -293,7 +293,8 @@ typedef struct st_row {
      * The request: placeholders {org} (the organization), {member} and {member_email} (a user the
      * org admin adds and removes), {key} (an API key of the caller's own), {user} (a user the
      * admin reads and renames), {victim} (a user the admin deletes), {uniq} (unique per request),
-     * {login_email}, {refresh} (a live refresh token) and {password}.
+     * {login_email}, {refresh} (a live refresh token), {password}, {agent} (the seeded assistant)
+     * and {conv} (a conversation of the caller's own).
      */
     const char *path;
     const char *body; /* NULL: no body */
@@ -338,13 +339,25 @@ static const row_t matrix[] = {
      "{\"type\":\"rate_limit\",\"scope\":\"global\",\"body\":{\"rpm\":900,\"burst\":90}}",
      ADMIN_ONLY(200)},
     {"DELETE", "/admin/policies/{id}", "/admin/policies/{policy}", NULL, ADMIN_ONLY(204)},
+    {"GET", "/agents", "/agents", NULL, SIGNED_IN(200)},
+    {"GET", "/chat/conversations", "/chat/conversations", NULL, SIGNED_IN(200)},
+    {"POST", "/chat/conversations", "/chat/conversations",
+     "{\"agent_id\":\"{agent}\",\"title\":\"Matrix {uniq}\"}", SIGNED_IN(201)},
+    {"GET", "/chat/conversations/{id}", "/chat/conversations/{conv}", NULL, SIGNED_IN(200)},
+    {"PATCH", "/chat/conversations/{id}", "/chat/conversations/{conv}",
+     "{\"title\":\"Renamed {uniq}\"}", SIGNED_IN(200)},
+    {"GET", "/chat/conversations/{id}/messages", "/chat/conversations/{conv}/messages", NULL,
+     SIGNED_IN(200)},
+    /* after the other rows of the conversation: it deletes it */
+    {"DELETE", "/chat/conversations/{id}", "/chat/conversations/{conv}", NULL, SIGNED_IN(204)},
     /* last: it ends the caller's session (the access token names it) */
     {"POST", "/auth/logout", "/auth/logout", "{}", ANYONE(204)},
 };
 
 /* Path families this file has callers and expectations for. */
 static const char *const known_prefixes[] = {"/healthz", "/readyz", "/metrics", "/openapi.json",
-                                             "/auth/",   "/orgs",   "/admin/",  "/billing/"};
+                                             "/auth/",   "/orgs",   "/admin/",  "/billing/",
+                                             "/agents",  "/chat/"};
 
 /* What the placeholders stand for during a run of the matrix. */
 typedef struct st_world {
@@ -357,6 +370,9 @@ typedef struct st_world {
     char user[64];     /* read and renamed by the admin */
     char victim[64];   /* deleted by the admin */
     char policy[64];   /* a policy rule the admin reads, changes and deletes */
+    char agent[64];    /* the seeded assistant, which everyone may chat with */
+    /* a conversation of each caller's own */
+    char conv[N_CALLERS][64];
 } world_t;
 
 /* The value of placeholder name ("{org}" without braces, len characters), or NULL. */
@@ -378,6 +394,8 @@ static const char *placeholder(const world_t *w, int caller, const char *uniq, c
         {"refresh", w->refresh},
         {"password", PASSWORD},
         {"policy", w->policy},
+        {"agent", w->agent},
+        {"conv", w->conv[caller]},
     };
     for (size_t i = 0; i < sizeof(values) / sizeof(values[0]); i++)
         if (strlen(values[i].name) == len && strncmp(values[i].name, name, len) == 0)
@@ -451,6 +469,38 @@ static void build_world(world_t *w)
         cr_assert_eq(pst, 201, "create policy: %ld %s", pst, pr.body);
         get_field(pr.body, (const char *const[]){"id", NULL}, w->policy, sizeof(w->policy));
         bgt_resp_free(&pr);
+    }
+
+    /* a conversation of each caller's own with the assistant, for the /chat/conversations rows */
+    {
+        bgt_resp_t ar;
+        long ast = call("GET", "/agents", w->caller[C_USER].access, NULL, &ar);
+        cr_assert_eq(ast, 200, "agents: %ld %s", ast, ar.body);
+        bg_json_doc_t *adoc = NULL;
+        const char *desc, *aid = NULL;
+        size_t off, alen = 0;
+        cr_assert_eq(bg_json_parse(ar.body, strlen(ar.body), NULL, &adoc, &desc, &off), 0);
+        const bg_json_t *data = bg_json_find(bg_json_root(adoc), "data");
+        for (size_t i = 0; i < bg_json_len(data) && aid == NULL; i++) {
+            const char *slug = bg_json_str(bg_json_find(bg_json_at(data, i), "slug"), NULL);
+            if (slug != NULL && strcmp(slug, "assistant") == 0)
+                aid = bg_json_str(bg_json_find(bg_json_at(data, i), "id"), &alen);
+        }
+        cr_assert(aid != NULL && alen < sizeof(w->agent), "no assistant in %s", ar.body);
+        memcpy(w->agent, aid, alen);
+        w->agent[alen] = '\0';
+        bg_json_doc_free(adoc);
+        bgt_resp_free(&ar);
+        snprintf(w->conv[C_ANON], sizeof(w->conv[C_ANON]), "00000000-0000-4000-8000-000000000000");
+        char cbody[128];
+        snprintf(cbody, sizeof(cbody), "{\"agent_id\":\"%s\"}", w->agent);
+        for (int c = C_USER; c < N_CALLERS; c++) {
+            bgt_resp_t cr;
+            long cst = call("POST", "/chat/conversations", w->caller[c].access, cbody, &cr);
+            cr_assert_eq(cst, 201, "create conversation: %ld %s", cst, cr.body);
+            get_field(cr.body, (const char *const[]){"id", NULL}, w->conv[c], sizeof(w->conv[c]));
+            bgt_resp_free(&cr);
+        }
     }
 
     /* then the two whose tokens must stop working */
