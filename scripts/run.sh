@@ -196,6 +196,13 @@ if ! "$bin/bgctl" user create --admin --if-missing --email "$admin_email" --pass
     say "WARNING: could not create the admin $admin_email (see above); continuing without it"
     admin_ok=0
 fi
+# The admin gets a complimentary yearly plan so it can chat and use the API at once. The fixed
+# subscription id makes this a no-op on every later start.
+if [[ $admin_ok -eq 1 ]] &&
+    ! "$bin/bgctl" plan grant --email "$admin_email" --plan yearly --days 365 \
+        --id 00000000-0000-4000-8000-0000000ad001 >/dev/null; then
+    say "WARNING: could not grant the admin a plan (see above)"
+fi
 
 # --- processes ----------------------------------------------------------------------------------
 # Children run in sessions of their own, so a Ctrl-C in the terminal reaches only this script,
