@@ -3,12 +3,13 @@
  */
 #include <string.h>
 
+#include "role_llm.h"
 #include "role_usage.h"
 #include "roles.h"
 
 /* clang-format off */
 static const wk_role_t registry[] = {
-    /* {"llm", wk_llm_handle, wk_llm_init, wk_llm_dispose, wk_llm_thread_dispose}, */
+    {"llm", wk_llm_handle, wk_llm_init, wk_llm_dispose, wk_llm_thread_dispose},
     {"usage", wk_usage_handle, wk_usage_init, wk_usage_dispose, wk_usage_thread_dispose},
     {NULL, NULL, NULL, NULL, NULL} /* end of table */
 };

@@ -1,0 +1,594 @@
+/*
+ * The llm role end to end: real bg-worker processes (--roles llm,usage) against the demo provider
+ * (bg-demo-llm), a private Redis and a migrated database. Each job is set up the way the edge does
+ * it: a user with a trial plan whose admission state is compiled into Redis, a conversation with
+ * the default "assistant" agent, the stored user message, and the job admitted by the real
+ * admission script (so the usage worker settles a real reservation).
+ *
+ * What a user would notice: the text streamed is the text stored; one reply and one usage record
+ * per request whatever happens to the worker; a canceled reply keeps its text and is billed; a
+ * provider failure shows an error, stores nothing and costs nothing.
+ */
+#include <criterion/criterion.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bg/admission.h"
+#include "bg/agents.h"
+#include "bg/chat.h"
+#include "bg/err.h"
+#include "bg/id.h"
+#include "bg/jobout.h"
+#include "bg/json.h"
+#include "bg/pg.h"
+#include "bg/policy.h"
+#include "bg/redis.h"
+#include "bg/timeutil.h"
+#include "bgtest.h"
+
+#define SHARDS 4
+#define DAY_MS 86400000LL
+#define MAX_EVENTS 4096
+
+static bgt_redis_t srv;
+static char tmp[256];
+static bg_redis_t *rc_;
+static bgt_pg_t db;
+static bool have_db;
+static PGconn *conn;
+static pid_t demo_pid;
+static char demo_url[128];
+static pid_t children[8];
+static size_t nchildren;
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static void setup(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    unsetenv("BXFI_MAP");
+    cr_assert_eq(bgt_redis_start(&srv), 0);
+    cr_assert_eq(bgt_tempdir(tmp, sizeof(tmp)), 0);
+    cr_assert_eq(bg_redis_new(srv.url, 5000, &rc_), 0);
+    cr_assert_eq(bgt_pg_create(&db, true), 0);
+    have_db = true;
+    char err[512];
+    cr_assert_eq(bg_pg_connect(db.url, 3, &conn, err, sizeof(err)), 0, "connect: %s", err);
+
+    int port = bgt_free_port();
+    char ports[16], log[400];
+    snprintf(ports, sizeof(ports), "%d", port);
+    snprintf(log, sizeof(log), "%s/demo.log", tmp);
+    const char *argv[] = {bgt_bin("bg-demo-llm"), "--port", ports,
+                          "--tokens-per-second",  "400",    NULL};
+    demo_pid = bgt_spawn(argv, NULL, log);
+    cr_assert_gt(demo_pid, 0, "bg-demo-llm did not start");
+    snprintf(demo_url, sizeof(demo_url), "http://127.0.0.1:%d/v1", port);
+    char models[200];
+    snprintf(models, sizeof(models), "%s/models", demo_url);
+    cr_assert_eq(bgt_wait_http(models, 200, 10000), 0, "bg-demo-llm does not answer");
+}
+
+static void teardown(void)
+{
+    for (size_t i = 0; i < nchildren; i++) {
+        int st;
+        if (waitpid(children[i], &st, WNOHANG) == 0) {
+            kill(children[i], SIGKILL);
+            waitpid(children[i], &st, 0);
+        }
+    }
+    nchildren = 0;
+    if (demo_pid > 0)
+        bgt_stop(demo_pid, SIGTERM, 3000);
+    demo_pid = 0;
+    PQfinish(conn);
+    conn = NULL;
+    if (have_db)
+        bgt_pg_drop(&db);
+    have_db = false;
+    bg_redis_free(rc_);
+    rc_ = NULL;
+    bgt_redis_stop(&srv);
+    if (getenv("BGT_KEEP_LOGS") == NULL)
+        bgt_rmtree(tmp);
+}
+
+TestSuite(llm_worker, .init = setup, .fini = teardown, .timeout = 240);
+
+/* ---- worker processes ---- */
+
+static pid_t start_worker(const char *name, int claim_idle_ms)
+{
+    char vars[14][600];
+    const char *env[15];
+    int n = 0;
+    snprintf(vars[n++], 600, "BG_REDIS_URL=%s", srv.url);
+    snprintf(vars[n++], 600, "BG_DATABASE_URL=%s", db.url);
+    snprintf(vars[n++], 600, "BG_SHARDS=%d", SHARDS);
+    snprintf(vars[n++], 600, "BG_CLAIM_IDLE_MS=%d", claim_idle_ms);
+    snprintf(vars[n++], 600, "BG_MAX_DELIVERIES=5");
+    snprintf(vars[n++], 600, "BG_SHUTDOWN_GRACE_MS=5000");
+    snprintf(vars[n++], 600, "BG_WORKER_CONCURRENCY=2");
+    snprintf(vars[n++], 600, "BG_WORKER_PORT=0");
+    snprintf(vars[n++], 600, "BG_REDIS_TIMEOUT_MS=2000");
+    snprintf(vars[n++], 600, "BG_LOG_FORMAT=text");
+    snprintf(vars[n++], 600, "BG_ENV_FILE=/nonexistent");
+    snprintf(vars[n++], 600, "BG_LLM_BASE_URL=%s", demo_url);
+    snprintf(vars[n++], 600, "BG_LLM_MODEL=demo-1");
+    for (int i = 0; i < n; i++)
+        env[i] = vars[i];
+    env[n] = NULL;
+    char log[400];
+    snprintf(log, sizeof(log), "%s/%s.log", tmp, name);
+    const char *argv[] = {bgt_bin("bg-worker"), "--roles", "llm,usage", NULL};
+    pid_t pid = bgt_spawn(argv, env, log);
+    cr_assert_gt(pid, 0);
+    if (nchildren < BG_ARRAY_SIZE(children))
+        children[nchildren++] = pid;
+    return pid;
+}
+
+/* ---- Postgres ---- */
+
+/* Runs sql; copies the first field of the first row into out ("" when none or NULL). */
+static void pg_value(const char *sql, int n, const char *const *params, char *out, size_t outlen)
+{
+    PGresult *res;
+    int rc = bg_pg_exec(conn, sql, n, params, &res);
+    cr_assert_eq(rc, 0, "%s: %s", sql, bg_strerror(rc));
+    snprintf(out, outlen, "%s",
+             PQntuples(res) > 0 && !PQgetisnull(res, 0, 0) ? PQgetvalue(res, 0, 0) : "");
+    PQclear(res);
+}
+
+static long long pg_int1(const char *sql, const char *param)
+{
+    char v[64];
+    const char *p[] = {param};
+    pg_value(sql, 1, p, v, sizeof(v));
+    return v[0] != '\0' ? strtoll(v, NULL, 10) : -1;
+}
+
+/* A user with a billing account and a running trial (50 requests a day), compiled into Redis. */
+static void make_user(char uid[40])
+{
+    char email[64];
+    snprintf(email, sizeof(email), "llm-%lld@example.com", (long long)bgt_now_ms());
+    const char *p[] = {email};
+    pg_value("WITH u AS (INSERT INTO users (email, name) VALUES ($1, 'Ada') RETURNING id), "
+             "o AS (INSERT INTO organizations (name, personal, owner_id) "
+             "  SELECT 'ws', true, id FROM u RETURNING id, owner_id), "
+             "m AS (INSERT INTO memberships (organization_id, user_id, role) "
+             "  SELECT id, owner_id, 'owner' FROM o), "
+             "b AS (INSERT INTO billing_accounts (user_id) SELECT id FROM u) "
+             "SELECT id FROM u",
+             1, p, uid, 40);
+    const char *s[] = {uid};
+    char id[64];
+    pg_value("INSERT INTO subscriptions (billing_account_id, user_id, plan_id, status, "
+             "current_period_start, current_period_end, trial_ends_at) "
+             "SELECT b.id, $1, 'trial', 'trialing', now() - interval '1 hour', "
+             "now() + interval '14 days', now() + interval '14 days' "
+             "FROM billing_accounts b WHERE b.user_id = $1 RETURNING id",
+             1, s, id, sizeof(id));
+    cr_assert_neq(id[0], '\0');
+    bg_admission_state_t st;
+    int rc = bg_policy_compile_user(conn, uid, bg_timeutil_wall_ms(), &st);
+    cr_assert_eq(rc, 0, "compile: %s", bg_strerror(rc));
+    rc = bg_policy_state_write(rc_, SHARDS, &st);
+    cr_assert_eq(rc, 0, "state write: %s", bg_strerror(rc));
+}
+
+/* ---- one job ---- */
+
+typedef struct st_turn {
+    char uid[40];
+    char conv[BG_CHAT_ID_SIZE];
+    char agent[BG_AGENT_ID_SIZE];
+    char job[40];
+    int shard;
+} turn_t;
+
+/* Stores the user's message and admits its job, as the edge does. */
+static void submit(turn_t *t, const char *content)
+{
+    make_user(t->uid);
+    bg_agent_t *agent = malloc(sizeof(*agent));
+    cr_assert_eq(bg_agents_get_by_slug(conn, NULL, "assistant", agent), 0);
+    snprintf(t->agent, sizeof(t->agent), "%s", agent->id);
+    free(agent);
+    bg_chat_conversation_t conv;
+    int rc = bg_chat_create(conn, t->uid, t->agent, "web", NULL, NULL, NULL, &conv);
+    cr_assert_eq(rc, 0, "create: %s", bg_strerror(rc));
+    snprintf(t->conv, sizeof(t->conv), "%s", conv.id);
+    bg_id_uuid_v7_str(t->job);
+    int64_t mid = 0;
+    rc = bg_chat_append_user(conn, t->uid, t->conv, content, t->job, NULL, &mid);
+    cr_assert_eq(rc, 0, "append: %s", bg_strerror(rc));
+    t->shard = bg_shard_of(t->uid, SHARDS);
+
+    char mids[24];
+    snprintf(mids, sizeof(mids), "%lld", (long long)mid);
+    const char *fields[] = {
+        "user_id",    t->uid, "conversation_id", t->conv, "agent_id",    t->agent,
+        "message_id", mids,   "channel",         "web",   "locale",      "en",
+        "user_name",  "Ada",  "max_tokens",      "0",     "temperature", ""};
+    bg_admission_req_t req = {.user_id = t->uid,
+                              .role = "llm",
+                              .job_id = t->job,
+                              .nfields = BG_ARRAY_SIZE(fields) / 2,
+                              .fields = fields,
+                              .reservation_ttl_ms = 600000,
+                              .stream_maxlen = 100000};
+    bg_admission_decision_t d;
+    rc = bg_admission_admit(rc_, SHARDS, &req, &d);
+    cr_assert_eq(rc, 0, "admit: %s", bg_strerror(rc));
+    cr_assert_eq(d.verdict, BG_ADMISSION_OK, "%s", bg_admission_verdict_name(d.verdict));
+}
+
+/* ---- the output stream ---- */
+
+typedef struct st_events {
+    size_t n;
+    char type[MAX_EVENTS][16];
+    char *data[MAX_EVENTS]; /* owned */
+} events_t;
+
+static void events_free(events_t *ev)
+{
+    for (size_t i = 0; i < ev->n; i++)
+        free(ev->data[i]);
+    ev->n = 0;
+}
+
+static void read_events(const turn_t *t, events_t *ev)
+{
+    events_free(ev);
+    char key[BG_REDIS_KEY_MAX];
+    cr_assert_eq(bg_jobout_key_stream(key, sizeof(key), t->shard, t->job), 0);
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_command(rc_, &reply, "XRANGE %s - +", key), 0);
+    cr_assert_eq(reply->type, REDIS_REPLY_ARRAY);
+    for (size_t i = 0; i < reply->elements && ev->n < MAX_EVENTS; i++) {
+        const redisReply *f = reply->element[i]->element[1];
+        const char *type = "", *data = "";
+        for (size_t k = 0; k + 1 < f->elements; k += 2) {
+            if (strcmp(f->element[k]->str, "type") == 0)
+                type = f->element[k + 1]->str;
+            else if (strcmp(f->element[k]->str, "data") == 0)
+                data = f->element[k + 1]->str;
+        }
+        snprintf(ev->type[ev->n], 16, "%s", type);
+        ev->data[ev->n] = strdup(data);
+        ev->n++;
+    }
+    freeReplyObject(reply);
+}
+
+static size_t count_type(const events_t *ev, const char *type)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < ev->n; i++)
+        n += strcmp(ev->type[i], type) == 0;
+    return n;
+}
+
+static bool is_over(const events_t *ev)
+{
+    return ev->n > 0 &&
+           (strcmp(ev->type[ev->n - 1], "done") == 0 || strcmp(ev->type[ev->n - 1], "error") == 0);
+}
+
+static void wait_over(const turn_t *t, events_t *ev, int timeout_ms)
+{
+    long long deadline = bgt_now_ms() + timeout_ms;
+    for (;;) {
+        read_events(t, ev);
+        if (is_over(ev))
+            return;
+        cr_assert_lt(bgt_now_ms(), deadline, "job %s did not end (%zu events)", t->job, ev->n);
+        sleep_ms(25);
+    }
+}
+
+static void wait_first_delta(const turn_t *t, events_t *ev, int timeout_ms)
+{
+    long long deadline = bgt_now_ms() + timeout_ms;
+    for (;;) {
+        read_events(t, ev);
+        if (count_type(ev, "delta") > 0)
+            return;
+        cr_assert_lt(bgt_now_ms(), deadline, "job %s showed no text", t->job);
+        sleep_ms(20);
+    }
+}
+
+/* The text a client shows at the end: the deltas after the last reset. */
+static char *shown_text(const events_t *ev)
+{
+    bg_buf_t b;
+    bg_buf_init(&b, 4u << 20);
+    for (size_t i = 0; i < ev->n; i++) {
+        if (strcmp(ev->type[i], "reset") == 0) {
+            bg_buf_reset(&b);
+        } else if (strcmp(ev->type[i], "delta") == 0) {
+            bg_json_doc_t *doc = NULL;
+            cr_assert_eq(bg_json_parse(ev->data[i], strlen(ev->data[i]), NULL, &doc, NULL, NULL), 0,
+                         "%s", ev->data[i]);
+            const char *s = NULL;
+            size_t len = 0;
+            cr_assert_eq(bg_json_get_strn(bg_json_root(doc), "text", &s, &len), 0);
+            cr_assert_eq(bg_buf_append(&b, s, len), 0);
+            bg_json_doc_free(doc);
+        }
+    }
+    cr_assert_eq(bg_buf_putc(&b, '\0'), 0);
+    char *s = bg_buf_steal(&b, NULL);
+    bg_buf_dispose(&b);
+    return s;
+}
+
+/* Parses the last event's data. */
+static bg_json_doc_t *last_data(const events_t *ev)
+{
+    bg_json_doc_t *doc = NULL;
+    cr_assert_eq(
+        bg_json_parse(ev->data[ev->n - 1], strlen(ev->data[ev->n - 1]), NULL, &doc, NULL, NULL), 0);
+    return doc;
+}
+
+static void stored_reply(const turn_t *t, char *content, size_t len, char status[16])
+{
+    const char *p[] = {t->job};
+    pg_value("SELECT content FROM messages WHERE job_id = $1 AND role = 'assistant'", 1, p, content,
+             len);
+    pg_value("SELECT status FROM messages WHERE job_id = $1 AND role = 'assistant'", 1, p, status,
+             16);
+}
+
+static bool settled(const turn_t *t)
+{
+    char marker[BG_REDIS_KEY_MAX];
+    cr_assert_eq(bg_admission_key_marker(marker, sizeof(marker), t->shard, t->job), 0);
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_command(rc_, &reply, "EXISTS %s", marker), 0);
+    bool yes = reply->type == REDIS_REPLY_INTEGER && reply->integer == 1;
+    freeReplyObject(reply);
+    return yes;
+}
+
+/* Waits for the usage worker: the record written and the reservation settled. */
+static void wait_billed(const turn_t *t)
+{
+    long long deadline = bgt_now_ms() + 20000;
+    while (pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1", t->job) < 1 ||
+           !settled(t)) {
+        cr_assert_lt(bgt_now_ms(), deadline, "job %s was not billed", t->job);
+        sleep_ms(25);
+    }
+}
+
+static long long quota_used(const turn_t *t)
+{
+    char key[BG_REDIS_KEY_MAX];
+    cr_assert_eq(bg_policy_key_quota(key, sizeof(key), SHARDS, t->uid), 0);
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_command(rc_, &reply, "HGET %s used", key), 0);
+    long long v = reply->type == REDIS_REPLY_STRING ? strtoll(reply->str, NULL, 10) : 0;
+    freeReplyObject(reply);
+    return v;
+}
+
+/* ---- tests ---- */
+
+Test(llm_worker, a_reply_streams_what_is_stored_and_is_billed_once)
+{
+    pid_t worker = start_worker("w1", 5000);
+    turn_t t;
+    submit(&t, "Hello there, tell me something.");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+
+    cr_assert_eq(count_type(ev, "done"), 1);
+    cr_assert_eq(count_type(ev, "reset"), 0);
+    cr_assert_eq(count_type(ev, "error"), 0);
+    char *shown = shown_text(ev);
+    cr_assert(strncmp(shown, "Echo: Hello there, tell me something.", 37) == 0, "%s", shown);
+
+    char content[8192], status[16];
+    stored_reply(&t, content, sizeof(content), status);
+    cr_assert_str_eq(shown, content);
+    cr_assert_str_eq(status, "complete");
+
+    bg_json_doc_t *doc = last_data(ev);
+    const bg_json_t *done = bg_json_root(doc), *usage = NULL, *quota = NULL;
+    const char *fr = NULL, *src = NULL, *mid = NULL, *reset_at = NULL;
+    int64_t pt = 0, ct = 0, limit = 0, remaining = -1;
+    cr_assert_eq(bg_json_get_str(done, "finish_reason", &fr), 0);
+    cr_assert_str_eq(fr, "stop");
+    cr_assert_eq(bg_json_get_str(done, "message_id", &mid), 0);
+    const char *p[] = {t.job};
+    char want_mid[32];
+    pg_value("SELECT id FROM messages WHERE job_id = $1 AND role = 'assistant'", 1, p, want_mid,
+             sizeof(want_mid));
+    cr_assert_str_eq(mid, want_mid);
+    cr_assert_eq(bg_json_get_object(done, "usage", &usage), 0);
+    cr_assert_eq(bg_json_get_str(usage, "source", &src), 0);
+    cr_assert_str_eq(src, "provider");
+    cr_assert_eq(bg_json_get_int(usage, "prompt_tokens", &pt), 0);
+    cr_assert_eq(bg_json_get_int(usage, "completion_tokens", &ct), 0);
+    cr_assert_gt(pt, 0);
+    cr_assert_gt(ct, 10);
+    cr_assert_eq(bg_json_get_object(done, "quota", &quota), 0);
+    cr_assert_eq(bg_json_get_int(quota, "limit", &limit), 0);
+    cr_assert_eq(bg_json_get_int(quota, "remaining", &remaining), 0);
+    cr_assert_eq(bg_json_get_str(quota, "reset_at", &reset_at), 0);
+    cr_assert_eq(limit, 50);
+    cr_assert_eq(remaining, 49, "this request counts against the quota");
+    int64_t reset_ms = 0;
+    cr_assert_eq(bg_timeutil_parse_rfc3339(reset_at, strlen(reset_at), &reset_ms), 0);
+    cr_assert_gt(reset_ms, bg_timeutil_wall_ms());
+    /* batched: far fewer appends than tokens */
+    cr_assert_lt((int64_t)count_type(ev, "delta"), ct);
+
+    wait_billed(&t);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "status = 'ok' AND requests_charged = 1 AND completion_tokens = "
+                         "(SELECT completion_tokens FROM messages WHERE job_id = $1 "
+                         "AND role = 'assistant')",
+                         t.job),
+                 1);
+    cr_assert_eq(quota_used(&t), 1);
+    /* a clean stop closes the threads' provider clients and loops */
+    int st = bgt_stop(worker, SIGTERM, 10000);
+    cr_assert(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "worker exit status %d", st);
+    bg_json_doc_free(doc);
+    free(shown);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, a_canceled_reply_keeps_its_text_and_is_billed)
+{
+    start_worker("w1", 5000);
+    turn_t t;
+    submit(&t, "Stop me soon #fail:slow=100");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_first_delta(&t, ev, 20000);
+    cr_assert_eq(bg_jobout_cancel(rc_, t.shard, t.job, 600), 0);
+    wait_over(&t, ev, 20000);
+
+    cr_assert_eq(count_type(ev, "done"), 1);
+    bg_json_doc_t *doc = last_data(ev);
+    const char *fr = NULL;
+    const bg_json_t *usage = NULL;
+    int64_t ct = 0;
+    cr_assert_eq(bg_json_get_str(bg_json_root(doc), "finish_reason", &fr), 0);
+    cr_assert_str_eq(fr, "canceled");
+    cr_assert_eq(bg_json_get_object(bg_json_root(doc), "usage", &usage), 0);
+    cr_assert_eq(bg_json_get_int(usage, "completion_tokens", &ct), 0);
+    /* the provider's own count (bg_llm_cancel reads on to its usage): at least what was shown */
+    cr_assert_gt(ct, 0);
+
+    char *shown = shown_text(ev);
+    char content[8192], status[16];
+    stored_reply(&t, content, sizeof(content), status);
+    cr_assert_str_eq(status, "canceled");
+    cr_assert_str_eq(shown, content);
+    cr_assert_gt(strlen(content), 0);
+    cr_assert(strstr(content, "laborum") == NULL, "the whole reply came: %s", content);
+
+    wait_billed(&t);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "status = 'canceled' AND requests_charged = 1",
+                         t.job),
+                 1);
+    cr_assert_eq(quota_used(&t), 1);
+    bg_json_doc_free(doc);
+    free(shown);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, a_provider_error_stores_nothing_and_is_refunded)
+{
+    start_worker("w1", 5000);
+    turn_t t;
+    submit(&t, "Break please #fail:500");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+
+    cr_assert_eq(count_type(ev, "delta"), 0);
+    cr_assert_str_eq(ev->type[ev->n - 1], "error");
+    bg_json_doc_t *doc = last_data(ev);
+    const char *code = NULL;
+    bool retryable = false;
+    cr_assert_eq(bg_json_get_str(bg_json_root(doc), "code", &code), 0);
+    cr_assert_str_eq(code, "provider_error");
+    cr_assert_eq(bg_json_get_bool(bg_json_root(doc), "retryable", &retryable), 0);
+    cr_assert(retryable);
+
+    wait_billed(&t);
+    cr_assert_eq(
+        pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = 'assistant'", t.job),
+        0);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "status = 'error' AND requests_charged = 0",
+                         t.job),
+                 1);
+    cr_assert_eq(quota_used(&t), 0, "a failed request costs no quota");
+    bg_json_doc_free(doc);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, an_unknown_conversation_ends_as_internal_and_is_refunded)
+{
+    start_worker("w1", 5000);
+    turn_t t;
+    submit(&t, "Hello");
+    /* the conversation vanishes between admission and the worker */
+    const char *p[] = {t.conv};
+    char v[8];
+    pg_value("UPDATE conversations SET deleted_at = now() WHERE id = $1 RETURNING 1", 1, p, v,
+             sizeof(v));
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "error");
+    cr_assert(strstr(ev->data[ev->n - 1], "\"internal\"") != NULL, "%s", ev->data[ev->n - 1]);
+    wait_billed(&t);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "requests_charged = 0",
+                         t.job),
+                 1);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, a_worker_killed_mid_reply_is_replaced_and_the_reply_exists_once)
+{
+    pid_t first = start_worker("w1", 800);
+    turn_t t;
+    submit(&t, "Survive this #fail:slow=40");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_first_delta(&t, ev, 20000);
+    cr_assert_eq(kill(first, SIGKILL), 0);
+    int st;
+    cr_assert_eq(waitpid(first, &st, 0), first);
+    start_worker("w2", 800);
+    wait_over(&t, ev, 60000);
+
+    cr_assert_geq(count_type(ev, "reset"), 1, "the new worker started over");
+    cr_assert_eq(count_type(ev, "done"), 1);
+    char *shown = shown_text(ev);
+    char content[8192], status[16];
+    stored_reply(&t, content, sizeof(content), status);
+    cr_assert_str_eq(status, "complete");
+    cr_assert_str_eq(shown, content);
+    cr_assert(strncmp(content, "Echo: Survive this", 18) == 0, "%s", content);
+    cr_assert(strstr(content, "laborum.") != NULL, "the reply is complete: %s", content);
+    /* exactly once: the text is not repeated */
+    cr_assert_eq(strstr(content + 1, "Echo:"), NULL);
+
+    wait_billed(&t);
+    sleep_ms(1500); /* a late duplicate would show up by now */
+    cr_assert_eq(
+        pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = 'assistant'", t.job),
+        1);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1", t.job), 1);
+    cr_assert_eq(quota_used(&t), 1);
+    free(shown);
+    events_free(ev);
+    free(ev);
+}

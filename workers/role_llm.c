@@ -1,0 +1,808 @@
+/*
+ * The llm role: one chat turn per job, streamed into the job's output stream (docs/streaming.md,
+ * bg/jobout.h), stored once, billed once.
+ *
+ * Threads: each handler thread owns a libuv loop with one provider client (bg/llm.h) and a timer,
+ * its Postgres connection (bg_pg_thread_conn) and the runtime's Redis connection for the thread.
+ * A job runs its provider call on that loop, turning the loop until on_done; Redis writes are
+ * blocking calls made from the loop's callbacks, which is fine since nothing else shares the loop.
+ *
+ * Output: deltas go into a batch appended at most every BG_JOBOUT_BATCH_MS (or at once when
+ * BG_JOBOUT_BATCH_DELTAS pieces wait). The cancel flag is read after each append, and every
+ * CANCEL_POLL_MS while nothing is appended, so a cancel takes effect within a fraction of a second
+ * without a GET per token.
+ *
+ * The end of a job, in this order: the remaining text is appended, the assistant message is stored
+ * (keyed by job id), the usage event is emitted, "done" (or "error") is appended, and only then the
+ * handler returns 0 for the XACK. Each step is idempotent or checked on redelivery:
+ * - "done"/"error" in the output stream means everything before it happened: nothing to do;
+ * - an assistant message of this job means the reply was complete and its text fully appended:
+ *   emit the usage again (the usage worker keeps one record per job id) and append "done";
+ * - otherwise the reply is generated again after a "reset" event, so clients drop the partial text.
+ * A failure of Postgres or Redis on the way returns an error: the runtime delivers the job again.
+ *
+ * Billing: a provider that fails before the first token costs nothing (usage outcome refund,
+ * status error). A reply that breaks after some text is stored as failed and recorded with status
+ * error (outcome use), which the usage worker does not charge either: provider failures are ours.
+ * A canceled reply is stored and charged (status canceled): its tokens were spent.
+ */
+#include "role_llm.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include "bg/admission.h"
+#include "bg/agents.h"
+#include "bg/chat.h"
+#include "bg/err.h"
+#include "bg/id.h"
+#include "bg/jobout.h"
+#include "bg/json.h"
+#include "bg/llm.h"
+#include "bg/log.h"
+#include "bg/pg.h"
+#include "bg/prompt.h"
+#include "bg/timeutil.h"
+#include "bg/usage.h"
+
+/* How often the cancel flag is read while no delta is being appended. */
+#define CANCEL_POLL_MS 250
+/* A reply is cut here (bytes ≥ characters, so the stored text always fits the schema). */
+#define REPLY_MAX BG_CHAT_CONTENT_MAX
+/* History loaded for a prompt: what fits a rendered prompt at most. */
+#define HISTORY_BYTES_MAX BG_PROMPT_OUTPUT_MAX
+
+typedef struct st_llm_role {
+    char *database_url;      /* owned */
+    char *base_url;          /* owned */
+    char *api_key;           /* owned, secret; NULL when none */
+    char *fallback_base_url; /* owned; NULL when none */
+    char *model;             /* owned: the deployment's default model */
+    int shards;
+} llm_role_t;
+
+typedef struct st_llm_thread {
+    uv_loop_t loop;
+    uv_timer_t tick;
+    bg_llm_t *llm; /* owned */
+} llm_thread_t;
+
+/* One job's fields, borrowed from the job. */
+typedef struct st_llm_job {
+    wk_job_t *job;
+    bg_redis_t *r;
+    int shard;
+    const char *job_id;
+    const char *user_id;
+    const char *conversation_id;
+    const char *agent_id;
+    const char *channel;
+    const char *locale;
+    const char *user_name;
+    int64_t message_id;
+    int64_t max_tokens; /* 0: the agent's */
+    double temperature; /* < 0: the agent's */
+} llm_job_t;
+
+/* One provider call in progress. */
+typedef struct st_llm_run {
+    llm_job_t *j;
+    llm_thread_t *t;
+    bg_llm_call_t *call; /* NULL once on_done ran */
+    bg_buf_t text;       /* the whole reply */
+    bg_jobout_batch_t batch;
+    bool finished;
+    bool cancel_asked; /* the user's cancel */
+    bool too_long;     /* the reply reached REPLY_MAX */
+    uint64_t last_cancel_check_ms;
+    bg_llm_result_t res;
+} llm_run_t;
+
+/* How a job ends: what the event, the stored message and the usage event say. */
+typedef struct st_llm_end {
+    const char *finish_reason; /* "stop", "length", "canceled"; NULL: an error event */
+    const char *error_code;    /* the error event's code when finish_reason is NULL */
+    bool retryable;
+    int64_t message_id; /* the stored assistant message, 0 when none */
+    const char *model;
+    int64_t prompt_tokens, completion_tokens;
+    const char *token_source;
+    int64_t latency_ms, ttft_ms; /* < 0: unknown */
+    const char *usage_status;    /* "ok", "error", "canceled" */
+    const char *error_class;     /* NULL when none */
+    bg_admission_outcome_t outcome;
+} llm_end_t;
+
+/* ---- role and thread state ---- */
+
+static char *dup_or_null(const char *s)
+{
+    return bg_str_present(s) ? bg_strdup(s) : NULL;
+}
+
+int wk_llm_init(const bg_config_t *cfg, void **ud)
+{
+    if (!bg_str_present(cfg->database_url)) {
+        bg_error("llm: BG_DATABASE_URL is not set");
+        return BG_ERR_CONFIG;
+    }
+    if (!bg_str_present(cfg->llm_base_url)) {
+        bg_error("llm: BG_LLM_BASE_URL is not set");
+        return BG_ERR_CONFIG;
+    }
+    llm_role_t *l = bg_calloc(1, sizeof(*l));
+    l->database_url = bg_strdup(cfg->database_url);
+    l->base_url = bg_strdup(cfg->llm_base_url);
+    l->api_key = dup_or_null(cfg->llm_api_key);
+    l->fallback_base_url = dup_or_null(cfg->llm_fallback_base_url);
+    l->model = bg_strdup(bg_str_present(cfg->llm_model) ? cfg->llm_model : "demo-1");
+    l->shards = cfg->shards;
+    *ud = l;
+    return 0;
+}
+
+void wk_llm_dispose(void *ud)
+{
+    llm_role_t *l = ud;
+    if (l == NULL)
+        return;
+    free(l->database_url);
+    free(l->base_url);
+    if (l->api_key != NULL) {
+        explicit_bzero(l->api_key, strlen(l->api_key));
+        free(l->api_key);
+    }
+    free(l->fallback_base_url);
+    free(l->model);
+    free(l);
+}
+
+void wk_llm_thread_dispose(void *thread_state, void *ud)
+{
+    (void)ud;
+    llm_thread_t *t = thread_state;
+    bg_llm_free(t->llm);
+    uv_close((uv_handle_t *)&t->tick, NULL);
+    /* the client's handles close asynchronously too: run until nothing is left */
+    (void)uv_run(&t->loop, UV_RUN_DEFAULT);
+    if (uv_loop_close(&t->loop) != 0)
+        bg_warn("llm: a handle was left open on the loop");
+    free(t);
+}
+
+static int thread_state(const llm_role_t *l, wk_job_t *job, llm_thread_t **out)
+{
+    if (*job->thread_state != NULL) {
+        *out = *job->thread_state;
+        return 0;
+    }
+    llm_thread_t *t = bg_calloc(1, sizeof(*t));
+    if (uv_loop_init(&t->loop) != 0) {
+        free(t);
+        return BG_ERR_IO;
+    }
+    (void)uv_timer_init(&t->loop, &t->tick);
+    const bg_llm_config_t cfg = {.base_url = l->base_url,
+                                 .api_key = l->api_key,
+                                 .fallback_base_url = l->fallback_base_url,
+                                 /* no key of its own in the configuration: never the primary's */
+                                 .fallback_api_key = NULL,
+                                 .max_retries = -1,
+                                 .cancel_drain_ms = 10000};
+    int rc = bg_llm_new(&t->loop, &cfg, &t->llm);
+    if (rc != 0) {
+        uv_close((uv_handle_t *)&t->tick, NULL);
+        (void)uv_run(&t->loop, UV_RUN_DEFAULT);
+        (void)uv_loop_close(&t->loop);
+        free(t);
+        return rc;
+    }
+    *job->thread_state = t;
+    *out = t;
+    return 0;
+}
+
+/* ---- the job's fields ---- */
+
+static bool is_channel(const char *s)
+{
+    return s != NULL &&
+           (strcmp(s, "web") == 0 || strcmp(s, "telegram") == 0 || strcmp(s, "api") == 0);
+}
+
+static const char *field_or_empty(const wk_job_t *job, const char *name)
+{
+    const char *v = wk_job_field(job, name);
+    return v != NULL ? v : "";
+}
+
+/* Parses the fields a usage event and the output need; BG_ERR_INVALID when they are unusable. The
+ * others are checked where they are used (a bad one ends the job as "internal"). */
+static int parse_job(wk_job_t *job, const llm_role_t *l, llm_job_t *j)
+{
+    memset(j, 0, sizeof(*j));
+    j->job = job;
+    j->r = job->redis;
+    j->job_id = job->job_id;
+    j->user_id = field_or_empty(job, "user_id");
+    j->channel = field_or_empty(job, "channel");
+    if (!bg_id_uuid_is_valid(j->user_id) || !is_channel(j->channel) || j->job_id == NULL ||
+        j->job_id[0] == '\0' || strlen(j->job_id) > BG_JOBOUT_JOB_ID_MAX)
+        return BG_ERR_INVALID;
+    j->shard = bg_shard_of(j->user_id, l->shards);
+    j->conversation_id = field_or_empty(job, "conversation_id");
+    j->agent_id = field_or_empty(job, "agent_id");
+    j->locale = field_or_empty(job, "locale");
+    j->user_name = field_or_empty(job, "user_name");
+
+    const char *mid = field_or_empty(job, "message_id");
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(mid, &end, 10);
+    j->message_id = (errno == 0 && end != mid && *end == '\0' && v > 0) ? (int64_t)v : 0;
+
+    const char *mt = field_or_empty(job, "max_tokens");
+    errno = 0;
+    v = strtoll(mt, &end, 10);
+    if (errno == 0 && end != mt && *end == '\0' && v > 0)
+        j->max_tokens = v > BG_AGENT_MAX_TOKENS_MAX ? BG_AGENT_MAX_TOKENS_MAX : (int64_t)v;
+
+    const char *temp = field_or_empty(job, "temperature");
+    j->temperature = -1;
+    errno = 0;
+    double d = strtod(temp, &end);
+    if (temp[0] != '\0' && errno == 0 && end != temp && *end == '\0' && d >= 0 && d <= 2)
+        j->temperature = d;
+    return 0;
+}
+
+/* ---- the end of a job ---- */
+
+/* Reads the user's quota as the admission script computes it; *known false when there is no
+ * compiled state. */
+static int read_quota(const llm_job_t *j, const llm_role_t *l, bool *known, int64_t *limit,
+                      int64_t *remaining, int64_t *reset_ms)
+{
+    *known = false;
+    bg_admission_keys_t k;
+    if (bg_admission_keys(&k, l->shards, j->user_id, NULL) != 0)
+        return 0;
+    redisReply *adm = NULL, *quota = NULL, *held = NULL;
+    int rc = bg_redis_command(j->r, &adm, "HMGET %s q_limit w_anchor w_len w_until", k.adm);
+    if (rc == 0)
+        rc = bg_redis_command(j->r, &quota, "HMGET %s win used", k.quota);
+    int64_t now = bg_timeutil_wall_ms();
+    char now_s[32];
+    snprintf(now_s, sizeof(now_s), "(%lld", (long long)now);
+    if (rc == 0)
+        rc = bg_redis_command(j->r, &held, "ZCOUNT %s %s +inf", k.res, now_s);
+    if (rc == 0 && adm->type == REDIS_REPLY_ARRAY && adm->elements == 4 &&
+        quota->type == REDIS_REPLY_ARRAY && quota->elements == 2 &&
+        held->type == REDIS_REPLY_INTEGER) {
+        int64_t v[4] = {0, 0, 0, 0};
+        bool have = true;
+        for (size_t i = 0; i < 4; i++) {
+            if (adm->element[i]->type == REDIS_REPLY_STRING)
+                v[i] = strtoll(adm->element[i]->str, NULL, 10);
+            else if (i < 3)
+                have = false;
+        }
+        if (have && v[2] > 0) {
+            int64_t win = v[1] + ((now - v[1]) / v[2]) * v[2];
+            int64_t reset = win + v[2];
+            if (v[3] > 0 && reset > v[3])
+                reset = v[3];
+            int64_t used = 0;
+            if (quota->element[0]->type == REDIS_REPLY_STRING &&
+                strtoll(quota->element[0]->str, NULL, 10) == win &&
+                quota->element[1]->type == REDIS_REPLY_STRING)
+                used = strtoll(quota->element[1]->str, NULL, 10);
+            int64_t left = v[0] - used - held->integer;
+            *limit = v[0];
+            *remaining = left > 0 ? left : 0;
+            *reset_ms = reset;
+            *known = true;
+        }
+    }
+    if (adm != NULL)
+        freeReplyObject(adm);
+    if (quota != NULL)
+        freeReplyObject(quota);
+    if (held != NULL)
+        freeReplyObject(held);
+    return rc;
+}
+
+static int append_done(const llm_job_t *j, const llm_role_t *l, const llm_end_t *e)
+{
+    bool known = false;
+    int64_t limit = 0, remaining = 0, reset_ms = 0;
+    int rc = read_quota(j, l, &known, &limit, &remaining, &reset_ms);
+    if (rc != 0)
+        return rc;
+    char mid[24], reset_at[40] = "";
+    snprintf(mid, sizeof(mid), "%lld", (long long)e->message_id);
+    if (known && bg_timeutil_format_rfc3339(reset_at, sizeof(reset_at), reset_ms, false) != 0)
+        known = false;
+
+    bg_buf_t data;
+    bg_buf_init(&data, 4096);
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, &data);
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "message_id", mid);
+    bg_json_write_field_str(&w, "finish_reason", e->finish_reason);
+    bg_json_write_key(&w, "usage");
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_int(&w, "prompt_tokens", e->prompt_tokens);
+    bg_json_write_field_int(&w, "completion_tokens", e->completion_tokens);
+    bg_json_write_field_str(&w, "source", e->token_source);
+    bg_json_write_end_object(&w);
+    if (known) {
+        bg_json_write_key(&w, "quota");
+        bg_json_write_begin_object(&w);
+        bg_json_write_field_int(&w, "limit", limit);
+        bg_json_write_field_int(&w, "remaining", remaining);
+        bg_json_write_field_str(&w, "reset_at", reset_at);
+        bg_json_write_end_object(&w);
+    }
+    bg_json_write_end_object(&w);
+    rc = bg_json_write_finish(&w);
+    if (rc == 0)
+        rc = bg_jobout_append(j->r, j->shard, j->job_id, BG_JOBOUT_DONE, data.base, data.len, NULL);
+    bg_buf_dispose(&data);
+    return rc;
+}
+
+/* Emits the usage event, then appends "done" or "error". 0, or an error to retry the job. */
+static int finish(const llm_job_t *j, const llm_role_t *l, const llm_end_t *e)
+{
+    const bg_usage_event_t ev = {
+        .request_id = j->job_id,
+        .user_id = j->user_id,
+        .organization_id = NULL,
+        .agent_id = bg_id_uuid_is_valid(j->agent_id) ? j->agent_id : NULL,
+        .channel = j->channel,
+        .model = e->model,
+        .prompt_tokens = e->prompt_tokens,
+        .completion_tokens = e->completion_tokens,
+        .token_source = e->token_source,
+        .latency_ms = e->latency_ms,
+        .ttft_ms = e->ttft_ms,
+        .status = e->usage_status,
+        .error_class = e->error_class,
+        .cache_hit = false,
+        .outcome = e->outcome,
+        .occurred_at_ms = bg_timeutil_wall_ms(),
+    };
+    int rc = bg_usage_emit(j->r, l->shards, &ev);
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "usage not emitted: %s", bg_strerror(rc));
+        return rc == BG_ERR_INVALID ? BG_ERR_INVALID : BG_ERR_RETRY;
+    }
+    if (e->finish_reason != NULL)
+        rc = append_done(j, l, e);
+    else
+        rc = bg_jobout_append_error(j->r, j->shard, j->job_id, e->error_code, e->retryable);
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "final event not appended: %s",
+                 bg_strerror(rc));
+        return BG_ERR_RETRY;
+    }
+    return 0;
+}
+
+/* A job that cannot succeed (unknown conversation, agent, user message; a prompt that does not
+ * render): an "internal" error and a refund. */
+static int fail_internal(const llm_job_t *j, const llm_role_t *l, const char *why)
+{
+    bg_warn("llm: job %s cannot run: %s", j->job_id, why);
+    const llm_end_t e = {.error_code = "internal",
+                         .retryable = false,
+                         .model = l->model,
+                         .token_source = "estimated",
+                         .latency_ms = -1,
+                         .ttft_ms = -1,
+                         .usage_status = "error",
+                         .error_class = "internal",
+                         .outcome = BG_ADMISSION_REFUND};
+    int rc = finish(j, l, &e);
+    if (rc == 0)
+        snprintf(j->job->error, sizeof(j->job->error), "%s", why);
+    return rc;
+}
+
+/* ---- redelivery ---- */
+
+/* The stored reply of this job, if any: 0 with *found. */
+static int stored_reply(PGconn *c, const char *job_id, bool *found, int64_t *id, char *status,
+                        char *model, int64_t *prompt_tokens, int64_t *completion_tokens)
+{
+    *found = false;
+    const char *p[] = {job_id};
+    PGresult *res;
+    int rc = bg_pg_exec(c,
+                        "SELECT id, status, coalesce(model, ''), coalesce(prompt_tokens, 0), "
+                        "coalesce(completion_tokens, 0) FROM messages "
+                        "WHERE job_id = $1 AND role = 'assistant'",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 1 && bg_pg_int64(res, 0, 0, id) == 0 &&
+        bg_pg_int64(res, 0, 3, prompt_tokens) == 0 &&
+        bg_pg_int64(res, 0, 4, completion_tokens) == 0) {
+        (void)bg_strlcpy(status, bg_pg_value(res, 0, 1), 16);
+        (void)bg_strlcpy(model, bg_pg_value(res, 0, 2), BG_CHAT_MODEL_SIZE);
+        *found = true;
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* Finishes a job whose reply was stored by an earlier delivery that died before "done". */
+static int finish_stored(const llm_job_t *j, const llm_role_t *l, int64_t id, const char *status,
+                         const char *model, int64_t prompt_tokens, int64_t completion_tokens)
+{
+    bool failed = strcmp(status, "failed") == 0, canceled = strcmp(status, "canceled") == 0;
+    const llm_end_t e = {.finish_reason = failed     ? NULL
+                                          : canceled ? "canceled"
+                                                     : "stop",
+                         .error_code = "provider_error",
+                         .retryable = true,
+                         .message_id = id,
+                         .model = model,
+                         .prompt_tokens = prompt_tokens,
+                         .completion_tokens = completion_tokens,
+                         /* the stored tokens are the provider's or our estimate; the stored
+                          * message does not say which, and the usage is recorded already unless
+                          * the crash came right before the emit */
+                         .token_source = "provider",
+                         .latency_ms = -1,
+                         .ttft_ms = -1,
+                         .usage_status = failed     ? "error"
+                                         : canceled ? "canceled"
+                                                    : "ok",
+                         .error_class = failed ? "provider_error" : NULL,
+                         .outcome = BG_ADMISSION_USE};
+    return finish(j, l, &e);
+}
+
+/* ---- streaming ---- */
+
+static void check_cancel(llm_run_t *run)
+{
+    run->last_cancel_check_ms = bg_timeutil_mono_ms();
+    bool canceled = false;
+    if (run->cancel_asked || run->call == NULL ||
+        bg_jobout_is_canceled(run->j->r, run->j->shard, run->j->job_id, &canceled) != 0 ||
+        !canceled)
+        return;
+    run->cancel_asked = true;
+    bg_llm_cancel(run->call);
+}
+
+static void flush(llm_run_t *run)
+{
+    int rc = bg_jobout_batch_flush(&run->batch, run->j->r, run->j->shard, run->j->job_id);
+    if (rc != 0) {
+        /* the text stays in the batch; the end of the job flushes it or fails the job */
+        bg_warn("llm: job %s: output not appended: %s", run->j->job_id, bg_strerror(rc));
+        return;
+    }
+    check_cancel(run);
+}
+
+static void on_delta(void *ud, const char *text, size_t len)
+{
+    llm_run_t *run = ud;
+    if (run->cancel_asked || run->too_long)
+        return;
+    if (run->text.len + len > REPLY_MAX || bg_buf_append(&run->text, text, len) != 0) {
+        /* whole deltas only, so the stored text never ends inside a character */
+        run->too_long = true;
+        if (run->call != NULL)
+            bg_llm_cancel(run->call);
+        return;
+    }
+    if (bg_jobout_batch_add(&run->batch, text, len))
+        flush(run);
+}
+
+static void on_done(void *ud, const bg_llm_result_t *res)
+{
+    llm_run_t *run = ud;
+    run->res = *res;
+    run->call = NULL;
+    run->finished = true;
+    uv_timer_stop(&run->t->tick);
+}
+
+static void on_tick(uv_timer_t *timer)
+{
+    llm_run_t *run = timer->data;
+    uint64_t now = bg_timeutil_mono_ms();
+    if (bg_jobout_batch_is_due(&run->batch, now))
+        flush(run);
+    else if (now - run->last_cancel_check_ms >= CANCEL_POLL_MS)
+        check_cancel(run);
+}
+
+static const char *error_code(bg_llm_error_t e, bool *retryable)
+{
+    *retryable = true;
+    switch (e) {
+    case BG_LLM_ERR_TIMEOUT_CONNECT:
+    case BG_LLM_ERR_TIMEOUT_FIRST_TOKEN:
+    case BG_LLM_ERR_TIMEOUT_IDLE:
+    case BG_LLM_ERR_TIMEOUT_TOTAL:
+        return "provider_timeout";
+    case BG_LLM_ERR_RATE_LIMITED:
+        return "rate_limited";
+    case BG_LLM_ERR_CLIENT_ERROR:
+        *retryable = false;
+        return "provider_error";
+    default:
+        return "provider_error";
+    }
+}
+
+/* Runs the provider call to its end. Returns 0 (run->res says how it ended) or an error of
+ * bg_llm_stream (nothing was called). */
+static int stream(llm_run_t *run, const char *model, const char *messages, double temperature,
+                  int64_t max_tokens)
+{
+    const bg_llm_request_t req = {.model = model,
+                                  .messages_json = messages,
+                                  .temperature = temperature,
+                                  .max_tokens = (uint32_t)max_tokens,
+                                  .user = run->j->user_id,
+                                  .include_usage = true};
+    static const bg_llm_callbacks_t cb = {on_delta, on_done};
+    run->t->tick.data = run;
+    run->last_cancel_check_ms = bg_timeutil_mono_ms();
+    int rc = bg_llm_stream(run->t->llm, &req, &cb, run, &run->call);
+    if (rc != 0)
+        return rc;
+    (void)uv_timer_start(&run->t->tick, on_tick, BG_JOBOUT_BATCH_MS, BG_JOBOUT_BATCH_MS);
+    while (!run->finished)
+        (void)uv_run(&run->t->loop, UV_RUN_ONCE);
+    uv_timer_stop(&run->t->tick);
+    return 0;
+}
+
+/* Stores the reply and finishes the job after the provider call ended. */
+static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *model)
+{
+    const llm_job_t *j = run->j;
+    const bg_llm_result_t *res = &run->res;
+    bool user_canceled = run->cancel_asked && res->error == BG_LLM_ERR_CANCELED;
+    bool ok = res->error == BG_LLM_OK || (res->error == BG_LLM_ERR_CANCELED && res->status == 0);
+    llm_end_t e = {.model = model,
+                   .prompt_tokens = (int64_t)res->usage.prompt_tokens,
+                   .completion_tokens = (int64_t)res->usage.completion_tokens,
+                   .token_source =
+                       res->usage.source == BG_LLM_USAGE_PROVIDER ? "provider" : "estimated",
+                   .latency_ms = (int64_t)res->latency_ms,
+                   .ttft_ms = res->first_token ? (int64_t)res->ttft_ms : -1,
+                   .outcome = BG_ADMISSION_USE};
+
+    if (!ok && !res->first_token) {
+        /* nothing generated: nothing stored, nothing charged */
+        bg_info("llm: job %s: provider failed: %s (%s)", j->job_id, bg_llm_error_name(res->error),
+                res->detail);
+        e.error_code = error_code(res->error, &e.retryable);
+        e.usage_status = "error";
+        e.error_class = bg_llm_error_name(res->error);
+        e.outcome = BG_ADMISSION_REFUND;
+        return finish(j, l, &e);
+    }
+
+    /* everything shown must be in the stream before the reply counts as stored */
+    int rc = bg_jobout_batch_flush(&run->batch, j->r, j->shard, j->job_id);
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "output not appended: %s", bg_strerror(rc));
+        return BG_ERR_RETRY;
+    }
+
+    const char *status = NULL;
+    if (!ok) {
+        bg_info("llm: job %s: provider failed mid-reply: %s (%s)", j->job_id,
+                bg_llm_error_name(res->error), res->detail);
+        status = "failed";
+        e.error_code = error_code(res->error, &e.retryable);
+        e.usage_status = "error";
+        e.error_class = bg_llm_error_name(res->error);
+    } else if (run->too_long) {
+        e.finish_reason = "length";
+        e.usage_status = "ok";
+    } else if (user_canceled) {
+        status = "canceled";
+        e.finish_reason = "canceled";
+        e.usage_status = "canceled";
+    } else {
+        e.finish_reason = strcmp(res->finish_reason, "length") == 0 ? "length" : "stop";
+        e.usage_status = "ok";
+    }
+
+    const bg_chat_reply_t reply = {.job_id = j->job_id,
+                                   .content = run->text.base != NULL ? run->text.base : "",
+                                   .status = status,
+                                   .model = model,
+                                   .request_id = j->job_id,
+                                   .error_class = e.error_class,
+                                   .prompt_tokens = e.prompt_tokens,
+                                   .completion_tokens = e.completion_tokens};
+    bool created = false;
+    rc = bg_chat_append_assistant(c, j->conversation_id, &reply, &e.message_id, &created);
+    if (rc == BG_ERR_NOT_FOUND || rc == BG_ERR_CONFLICT || rc == BG_ERR_INVALID) {
+        /* the conversation went away meanwhile (or refuses the reply): the tokens were spent */
+        bg_warn("llm: job %s: reply not stored: %s", j->job_id, bg_strerror(rc));
+        e.finish_reason = NULL;
+        e.error_code = "internal";
+        e.retryable = false;
+        return finish(j, l, &e);
+    }
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "reply not stored: %s", bg_strerror(rc));
+        return rc;
+    }
+    return finish(j, l, &e);
+}
+
+/* Loads what the prompt needs, renders it, streams and concludes. */
+static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c)
+{
+    if (!bg_id_uuid_is_valid(j->conversation_id) || !bg_id_uuid_is_valid(j->agent_id) ||
+        j->message_id <= 0)
+        return fail_internal(j, l, "malformed conversation, agent or message id");
+
+    bg_agent_t *agent = bg_malloc(sizeof(*agent));
+    bg_prompt_version_t version = {0};
+    bg_chat_message_list_t history = {0};
+    bg_prompt_msg_t *msgs = NULL;
+    bg_prompt_t *prompt = NULL;
+    bg_buf_t messages;
+    bg_buf_init(&messages, BG_PROMPT_OUTPUT_MAX + 1);
+    llm_run_t run = {.j = j, .t = t};
+    bg_buf_init(&run.text, REPLY_MAX);
+    bg_jobout_batch_init(&run.batch);
+
+    int rc = bg_agents_get(c, j->agent_id, agent);
+    if (rc == BG_ERR_NOT_FOUND) {
+        rc = fail_internal(j, l, "unknown agent");
+        goto out;
+    }
+    if (rc != 0)
+        goto out_db;
+    rc = bg_agents_resolve_prompt(c, j->agent_id, &version);
+    if (rc == BG_ERR_NOT_FOUND) {
+        rc = fail_internal(j, l, "the agent has no prompt");
+        goto out;
+    }
+    if (rc != 0)
+        goto out_db;
+    bg_prompt_err_t perr = {0};
+    if (version.definition == NULL ||
+        bg_prompt_parse(version.definition, strlen(version.definition), &prompt, &perr) != 0) {
+        rc = fail_internal(j, l, "the prompt version does not parse");
+        goto out;
+    }
+    rc = bg_chat_history(c, j->conversation_id, j->message_id, BG_CHAT_HISTORY_MAX,
+                         HISTORY_BYTES_MAX, &history);
+    if (rc == BG_ERR_NOT_FOUND) {
+        rc = fail_internal(j, l, "unknown conversation");
+        goto out;
+    }
+    if (rc != 0)
+        goto out_db;
+    if (history.count == 0 || history.items[history.count - 1].id != j->message_id ||
+        strcmp(history.items[history.count - 1].role, "user") != 0) {
+        rc = fail_internal(j, l, "the user message is not in the conversation");
+        goto out;
+    }
+
+    size_t n = history.count - 1;
+    msgs = bg_calloc(n + 1, sizeof(*msgs));
+    for (size_t i = 0; i < n; i++)
+        msgs[i] = (bg_prompt_msg_t){history.items[i].role, history.items[i].content,
+                                    history.items[i].content_len};
+    size_t keep = bg_prompt_memory_keep(&agent->memory, msgs, n);
+    const bg_chat_message_t *user = &history.items[n];
+    const bg_prompt_builtins_t builtins = {.user_name = j->user_name,
+                                           .locale = j->locale[0] != '\0' ? j->locale : NULL,
+                                           .channel = j->channel,
+                                           .date = NULL};
+    rc = bg_prompt_render(prompt, NULL, &builtins, msgs + (n - keep), keep, user->content,
+                          user->content_len, &messages, &perr);
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "render: %s %s", perr.field,
+                 perr.reason != NULL ? perr.reason : "");
+        rc = fail_internal(j, l, "the prompt does not render");
+        goto out;
+    }
+    if (bg_buf_putc(&messages, '\0') != 0) {
+        rc = fail_internal(j, l, "the prompt is too large");
+        goto out;
+    }
+
+    const char *model = version.model[0] != '\0'  ? version.model
+                        : agent->model[0] != '\0' ? agent->model
+                                                  : l->model;
+    double temperature = j->temperature >= 0 ? j->temperature : agent->temperature;
+    int64_t max_tokens = j->max_tokens > 0 ? j->max_tokens : agent->max_tokens;
+    rc = stream(&run, model, messages.base, temperature, max_tokens);
+    if (rc != 0) {
+        rc = fail_internal(j, l, "the provider request was refused before sending");
+        goto out;
+    }
+    rc = conclude(&run, l, c, model);
+    goto out;
+
+out_db:
+    snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
+    if (rc != BG_ERR_INVALID)
+        rc = BG_ERR_UNAVAILABLE;
+    else
+        rc = fail_internal(j, l, "the database refused a value of the job");
+out:
+    bg_jobout_batch_dispose(&run.batch);
+    bg_buf_dispose(&run.text);
+    bg_buf_dispose(&messages);
+    bg_prompt_free(prompt);
+    free(msgs);
+    bg_chat_message_list_dispose(&history);
+    bg_prompt_version_dispose(&version);
+    free(agent);
+    return rc;
+}
+
+int wk_llm_handle(wk_job_t *job, void *ud)
+{
+    const llm_role_t *l = ud;
+    llm_job_t j;
+    if (parse_job(job, l, &j) != 0) {
+        snprintf(job->error, sizeof(job->error), "malformed llm job (user_id, channel, job_id)");
+        return BG_ERR_INVALID;
+    }
+    llm_thread_t *t = NULL;
+    int rc = thread_state(l, job, &t);
+    if (rc != 0) {
+        snprintf(job->error, sizeof(job->error), "provider client: %s", bg_strerror(rc));
+        return rc == BG_ERR_CONFIG ? BG_ERR_UNAVAILABLE : rc;
+    }
+    PGconn *c = bg_pg_thread_conn(l->database_url);
+    if (c == NULL) {
+        snprintf(job->error, sizeof(job->error), "database unavailable");
+        return BG_ERR_UNAVAILABLE;
+    }
+
+    if (job->deliveries > 1) {
+        char last[16];
+        rc = bg_jobout_last_type(j.r, j.shard, j.job_id, last);
+        if (rc != 0) {
+            snprintf(job->error, sizeof(job->error), "output unreadable: %s", bg_strerror(rc));
+            return BG_ERR_RETRY;
+        }
+        if (strcmp(last, BG_JOBOUT_DONE) == 0 || strcmp(last, BG_JOBOUT_ERROR) == 0)
+            return 0;
+        bool found = false;
+        int64_t id = 0, pt = 0, ct = 0;
+        char status[16] = "", model[BG_CHAT_MODEL_SIZE] = "";
+        rc = stored_reply(c, j.job_id, &found, &id, status, model, &pt, &ct);
+        if (rc != 0) {
+            snprintf(job->error, sizeof(job->error), "database: %s", bg_strerror(rc));
+            return BG_ERR_UNAVAILABLE;
+        }
+        if (found)
+            return finish_stored(&j, l, id, status, model, pt, ct);
+        rc = bg_jobout_append(j.r, j.shard, j.job_id, BG_JOBOUT_RESET, "{}", 2, NULL);
+        if (rc != 0) {
+            snprintf(job->error, sizeof(job->error), "reset not appended: %s", bg_strerror(rc));
+            return BG_ERR_RETRY;
+        }
+    }
+    return run_turn(&j, l, t, c);
+}
