@@ -35,6 +35,7 @@ typedef struct st_edge_server edge_server_t;
 typedef struct st_edge_thread edge_thread_t;
 typedef struct st_edge_req edge_req_t;
 typedef struct st_edge_route edge_route_t;
+typedef struct st_edge_relay edge_relay_t;
 
 /** One event loop and everything bound to it. */
 struct st_edge_thread {
@@ -53,6 +54,7 @@ struct st_edge_thread {
     bool draining;
     bg_redis_async_t *redis; /**< owned; this loop's Redis connection */
     atomic_int inflight;     /**< requests whose pools are not yet disposed */
+    edge_relay_t *relay;     /**< owned; this loop's job-output relay (sse_relay.c) */
 };
 
 /** The process-wide server. */
@@ -145,6 +147,7 @@ extern const edge_route_t edge_routes_admin[];
 extern const edge_route_t edge_routes_billing[];
 extern const edge_route_t edge_routes_policies[];
 extern const edge_route_t edge_routes_chat[];
+extern const edge_route_t edge_routes_stream[];
 
 /**
  * Finds the route for method and path; fills params. Returns the route, or NULL with
@@ -338,6 +341,34 @@ void edge_respond_writer(edge_req_t *er, int status, bg_json_writer_t *w, bg_buf
  * admin_id, also requires that user to be a live, active platform admin (*rc = BG_ERR_DENIED).
  */
 PGconn *edge_pg(const bg_config_t *cfg, const char *admin_id, int *rc);
+
+/* ---- job output relay (sse_relay.c) ---- */
+
+/** Per-stream buffer cap: a client this far behind is disconnected (it can resume). */
+#define EDGE_SSE_BUFFER_MAX (256u * 1024u)
+/** Seconds between heartbeat comments on an idle stream. */
+#define EDGE_SSE_HEARTBEAT_S 15
+
+/**
+ * Creates the relay of loop t: one pub/sub connection subscribed to the job-output channel of every
+ * shard, and the map job id → the streams this loop serves. Call on t's thread or before it runs.
+ * Returns the owned relay (never NULL: a bad Redis URL was refused at start-up).
+ */
+edge_relay_t *edge_relay_new(edge_thread_t *t);
+
+/** Frees the relay and its subscriber; accepts NULL. Streams still open are left to h2o. */
+void edge_relay_free(edge_relay_t *r);
+
+/**
+ * Answers er with 200 text/event-stream relaying the output stream of job_id (a UUID) in shard,
+ * from after the entry last_id (NULL or "": from the start) until its done or error event.
+ * Response headers added before the call are kept. The stream holds a reference on er until it
+ * ends; a client that goes away ends it. No-op when the request is gone.
+ */
+void edge_sse_relay_start(edge_req_t *er, const char *job_id, int shard, const char *last_id);
+
+/** Returns true when s is a stream entry id ("<ms>-<seq>", decimal). */
+bool edge_sse_is_entry_id(const char *s);
 
 /** The server of the current process (set by edge_server_init). */
 extern edge_server_t *edge_the_server;

@@ -10,8 +10,9 @@
 #include "edge.h"
 
 const edge_route_t *const edge_route_tables[] = {
-    edge_routes_ops,     edge_routes_auth,     edge_routes_orgs, edge_routes_admin,
-    edge_routes_billing, edge_routes_policies, edge_routes_chat, NULL,
+    edge_routes_ops,   edge_routes_auth,    edge_routes_orgs,
+    edge_routes_admin, edge_routes_billing, edge_routes_policies,
+    edge_routes_chat,  edge_routes_stream,  NULL,
 };
 
 /* Matches path against pattern; on success fills params. */

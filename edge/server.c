@@ -256,6 +256,7 @@ static int thread_init(edge_server_t *s, edge_thread_t *t, int index)
     uv_async_init(&t->loop, &t->wakeup, on_wakeup);
     t->wakeup.data = t;
     t->redis = bg_redis_async_new(&t->loop, s->cfg->redis_url, s->cfg->redis_timeout_ms);
+    t->relay = edge_relay_new(t);
     return 0;
 }
 
@@ -269,8 +270,10 @@ static void thread_dispose(edge_thread_t *t)
 {
     if (t->server == NULL)
         return;
-    bg_redis_async_free(t->redis);
+    bg_redis_async_free(t->redis); /* pending relay reads end with BG_ERR_CLOSED first */
     t->redis = NULL;
+    edge_relay_free(t->relay);
+    t->relay = NULL;
 }
 
 int edge_server_run(edge_server_t *s)

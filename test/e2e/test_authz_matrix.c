@@ -348,6 +348,14 @@ static const row_t matrix[] = {
      "{\"title\":\"Renamed {uniq}\"}", SIGNED_IN(200)},
     {"GET", "/chat/conversations/{id}/messages", "/chat/conversations/{conv}/messages", NULL,
      SIGNED_IN(200)},
+    /* an empty message: authorization is checked first, then the body (a real turn would stream) */
+    {"POST", "/chat/conversations/{id}/messages", "/chat/conversations/{conv}/messages",
+     "{\"content\":\"\"}", SIGNED_IN(422)},
+    /* nobody's job: 404 for everyone signed in, like another user's */
+    {"GET", "/chat/jobs/{id}/stream", "/chat/jobs/01890a5d-ac96-774b-bcce-b302099a8057/stream",
+     NULL, SIGNED_IN(404)},
+    {"POST", "/chat/jobs/{id}/cancel", "/chat/jobs/01890a5d-ac96-774b-bcce-b302099a8057/cancel",
+     NULL, SIGNED_IN(404)},
     /* after the other rows of the conversation: it deletes it */
     {"DELETE", "/chat/conversations/{id}", "/chat/conversations/{conv}", NULL, SIGNED_IN(204)},
     /* last: it ends the caller's session (the access token names it) */

@@ -1,0 +1,425 @@
+/*
+ * A chat turn and its output (docs/streaming.md): POST /chat/conversations/{id}/messages stores
+ * the user's message, admits the turn and enqueues its job in one EVALSHA (bg/admission.h), then
+ * relays the job's output as Server-Sent Events (sse_relay.c) or, with Prefer: respond-async,
+ * answers 202 with the job id and the URL of that stream. GET /chat/jobs/{id}/stream relays (or
+ * resumes, from Last-Event-ID) the output of one of the caller's jobs on any edge;
+ * POST /chat/jobs/{id}/cancel asks the worker to stop it.
+ *
+ * Who owns a job: when a turn is admitted the edge writes bg:{s<N>}:job:<job id> = <user id>
+ * (an hour, as long as the output stream lives), N being the caller's shard. A job id with no such
+ * key in the caller's shard, or with another user's, is a 404 like any foreign resource: a caller
+ * cannot tell another user's job from one that does not exist.
+ *
+ * Order of a turn. The message is stored before admission (on the pool, where the conversation's
+ * ownership is checked too), so the job can name it; a denied turn leaves the user's message
+ * without a reply, as a failed provider call would. A user without a compiled admission state
+ * (a new or flushed Redis) is compiled from Postgres on the pool and admitted once more. Redis
+ * down means 503 with Retry-After: admission fails closed.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "bg/accounts.h"
+#include "bg/admission.h"
+#include "bg/chat.h"
+#include "bg/err.h"
+#include "bg/id.h"
+#include "bg/json.h"
+#include "bg/log.h"
+#include "bg/pg.h"
+#include "bg/policy.h"
+#include "bg/redis.h"
+#include "bg/timeutil.h"
+#include "edge.h"
+
+#define CONTENT_MAX 32000
+/* A lost job gives its quota back after this (the worker settles long before). */
+#define RESERVATION_TTL_MS (15 * 60 * 1000)
+/* How long a job's owner key and its cancel mark live: as long as its output stream. */
+#define JOB_TTL_S "3600"
+
+typedef struct st_turn_op {
+    const bg_config_t *cfg;
+    char user_id[64];
+    char conv_id[64];
+    char *content; /* owned */
+    char job_id[BG_UUID_STR_LEN + 1];
+    char request_id[EDGE_REQUEST_ID_LEN + 1];
+    char locale[16];
+    bool respond_async;
+    bool retried; /* compiled the admission state once already */
+    int shard;
+    int rc;
+    bg_chat_conversation_t conv;
+    bg_user_t user;
+    char message_id[24];
+    bg_admission_state_t state;
+} turn_op_t;
+
+static void turn_free(void *p)
+{
+    turn_op_t *op = p;
+    if (op == NULL)
+        return;
+    free(op->content);
+    free(op);
+}
+
+static void job_key(char *out, size_t outlen, int shard, const char *kind, const char *job_id)
+{
+    snprintf(out, outlen, "bg:{s%d}:%s:%s", shard, kind, job_id);
+}
+
+/* ---- POST /chat/conversations/{id}/messages ---- */
+
+static void store_work(void *arg)
+{
+    turn_op_t *op = arg;
+    PGconn *c = edge_pg(op->cfg, NULL, &op->rc);
+    if (c == NULL)
+        return;
+    op->rc = bg_chat_get(c, op->user_id, op->conv_id, &op->conv);
+    if (op->rc != 0)
+        return;
+    op->rc = bg_acct_get_user(c, op->user_id, &op->user);
+    if (op->rc == BG_ERR_NOT_FOUND)
+        op->rc = BG_ERR_DENIED; /* the token outlived its user */
+    if (op->rc != 0)
+        return;
+    int64_t mid = 0;
+    op->rc = bg_chat_append_user(c, op->user_id, op->conv_id, op->content, op->job_id,
+                                 op->request_id, &mid);
+    snprintf(op->message_id, sizeof(op->message_id), "%lld", (long long)mid);
+}
+
+static void admit(edge_req_t *er, turn_op_t *op);
+
+static void add_decision_headers(edge_req_t *er, const bg_admission_decision_t *d)
+{
+    bg_admission_header_t h[BG_ADMISSION_HEADERS_MAX];
+    size_t n = bg_admission_headers(d, h);
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(h[i].name, "retry-after") != 0) /* edge_error adds it */
+            edge_add_header(er, h[i].name, h[i].value);
+    }
+}
+
+static void respond_admitted(edge_req_t *er, turn_op_t *op)
+{
+    if (!op->respond_async) {
+        edge_sse_relay_start(er, op->job_id, op->shard, NULL);
+        return;
+    }
+    char url[96];
+    snprintf(url, sizeof(url), "/chat/jobs/%s/stream", op->job_id);
+    bg_buf_t out;
+    bg_buf_init(&out, 4096);
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, &out);
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "job_id", op->job_id);
+    bg_json_write_field_str(&w, "stream_url", url);
+    bg_json_write_end_object(&w);
+    edge_add_header(er, "location", url);
+    edge_respond_writer(er, 202, &w, &out);
+}
+
+static void owner_written(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    turn_op_t *op = er->data;
+    if (err != 0 || reply->type == REDIS_REPLY_ERROR)
+        /* the job runs and this response relays it; only resuming elsewhere would 404 */
+        bg_warn("job %s: cannot record its owner (%s)", op->job_id,
+                err != 0 ? bg_strerror(err) : reply->str);
+    if (er->req != NULL)
+        respond_admitted(er, op);
+    edge_req_unref(er);
+}
+
+static void compile_work(void *arg)
+{
+    turn_op_t *op = arg;
+    PGconn *c = edge_pg(op->cfg, NULL, &op->rc);
+    if (c != NULL)
+        op->rc = bg_policy_compile_user(c, op->user_id, bg_timeutil_wall_ms(), &op->state);
+}
+
+static void state_written(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    if (er->req != NULL) {
+        if (err != 0 || reply->type == REDIS_REPLY_ERROR)
+            edge_error(er, "service_unavailable", NULL, NULL, 1);
+        else
+            admit(er, er->data);
+    }
+    edge_req_unref(er);
+}
+
+static void compile_done(edge_req_t *er, void *arg)
+{
+    turn_op_t *op = arg;
+    if (er->req == NULL)
+        return;
+    if (op->rc == BG_ERR_NOT_FOUND) {
+        edge_error(er, "unauthorized", NULL, NULL, 0);
+        return;
+    }
+    if (op->rc != 0) {
+        edge_error(er, "service_unavailable", NULL, NULL, 2);
+        return;
+    }
+    edge_req_ref(er);
+    if (bg_policy_state_write_async(er->thread->redis, op->cfg->shards, &op->state, state_written,
+                                    er) != 0) {
+        edge_req_unref(er);
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+    }
+}
+
+static void admitted(void *ud, int err, const bg_admission_decision_t *d)
+{
+    edge_req_t *er = ud;
+    turn_op_t *op = er->data;
+    if (er->req == NULL)
+        goto out;
+    if (err != 0) {
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+        goto out;
+    }
+    if (d->verdict == BG_ADMISSION_NO_STATE) {
+        if (op->retried) {
+            edge_error(er, "service_unavailable", NULL, NULL, 1);
+        } else {
+            op->retried = true;
+            memset(&op->state, 0, sizeof(op->state));
+            if (edge_blocking(er, compile_work, compile_done, op) != 0)
+                edge_error(er, "service_unavailable", NULL, NULL, 1);
+        }
+        goto out;
+    }
+    add_decision_headers(er, d);
+    if (d->verdict != BG_ADMISSION_OK) {
+        edge_error(er, bg_admission_error_code(d->verdict), NULL, NULL,
+                   (int)bg_admission_retry_after_s(d));
+        goto out;
+    }
+    char key[BG_REDIS_KEY_MAX];
+    job_key(key, sizeof(key), op->shard, "job", op->job_id);
+    const char *argv[] = {"SET", key, op->user_id, "EX", JOB_TTL_S};
+    edge_req_ref(er);
+    if (bg_redis_async_argv(er->thread->redis, owner_written, er, 5, argv, NULL) != 0) {
+        edge_req_unref(er);
+        bg_warn("job %s: cannot record its owner", op->job_id);
+        respond_admitted(er, op);
+    }
+out:
+    edge_req_unref(er);
+}
+
+static void admit(edge_req_t *er, turn_op_t *op)
+{
+    const char *fields[] = {
+        "user_id",    op->user_id,    "conversation_id",
+        op->conv_id,  "agent_id",     op->conv.agent_id,
+        "message_id", op->message_id, "channel",
+        "web",        "locale",       op->locale,
+        "user_name",  op->user.name,  "max_tokens",
+        "0",          "temperature",  "",
+    };
+    bg_admission_req_t req = {
+        .user_id = op->user_id,
+        .feature = "",
+        .role = "llm",
+        .job_id = op->job_id,
+        .nfields = BG_ARRAY_SIZE(fields) / 2,
+        .fields = fields,
+        .reservation_ttl_ms = RESERVATION_TTL_MS,
+        .stream_maxlen = op->cfg->stream_maxlen,
+    };
+    edge_req_ref(er);
+    if (bg_admission_admit_async(er->thread->redis, op->cfg->shards, &req, admitted, er) != 0) {
+        edge_req_unref(er);
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+    }
+}
+
+static void store_done(edge_req_t *er, void *arg)
+{
+    turn_op_t *op = arg;
+    if (er->req == NULL)
+        return;
+    if (op->rc != 0) {
+        edge_fail(er, op->rc);
+        return;
+    }
+    admit(er, op);
+}
+
+static bool prefers_async(const edge_req_t *er)
+{
+    h2o_iovec_t v = edge_req_header(er, "prefer");
+    static const char want[] = "respond-async";
+    for (size_t i = 0; v.base != NULL && i + sizeof(want) - 1 <= v.len; i++) {
+        if (strncasecmp(v.base + i, want, sizeof(want) - 1) == 0)
+            return true;
+    }
+    return false;
+}
+
+static const edge_field_t message_fields[] = {
+    {"content", EDGE_F_STR, true, 1, CONTENT_MAX, EDGE_CHECK_NONE},
+};
+
+static void messages_post(edge_req_t *er)
+{
+    edge_values_t v;
+    if (!edge_body(er, message_fields, BG_ARRAY_SIZE(message_fields), &v))
+        return;
+    if (er->params[0].len >= sizeof(((turn_op_t *)NULL)->conv_id)) {
+        edge_error(er, "not_found", NULL, NULL, 0);
+        return;
+    }
+    turn_op_t *op = bg_calloc(1, sizeof(*op));
+    er->data = op;
+    er->data_free = turn_free;
+    op->cfg = er->thread->server->cfg;
+    bg_strlcpy(op->user_id, er->auth.user_id, sizeof(op->user_id));
+    memcpy(op->conv_id, er->params[0].base, er->params[0].len);
+    op->content = bg_strdup(v.str[0]);
+    bg_id_uuid_v7_str(op->job_id);
+    bg_strlcpy(op->request_id, er->request_id, sizeof(op->request_id));
+    bg_strlcpy(op->locale, er->locale, sizeof(op->locale));
+    op->respond_async = prefers_async(er);
+    op->shard = bg_shard_of(op->user_id, op->cfg->shards);
+    edge_run(er, store_work, store_done);
+}
+
+/* ---- /chat/jobs/{id}/… ---- */
+
+typedef struct st_job_op {
+    char job_id[BG_UUID_STR_LEN + 1];
+    char last_id[BG_JOBS_ENTRY_ID_MAX];
+    int shard;
+    bool cancel;
+} job_op_t;
+
+static void job_op_free(void *p)
+{
+    free(p);
+}
+
+static void cancel_set(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    job_op_t *op = er->data;
+    if (er->req != NULL) {
+        if (err != 0 || reply->type == REDIS_REPLY_ERROR) {
+            edge_error(er, "service_unavailable", NULL, NULL, 1);
+        } else {
+            bg_buf_t out;
+            bg_buf_init(&out, 1024);
+            bg_json_writer_t w;
+            bg_json_writer_init(&w, &out);
+            bg_json_write_begin_object(&w);
+            bg_json_write_field_str(&w, "job_id", op->job_id);
+            bg_json_write_field_str(&w, "status", "cancel_requested");
+            bg_json_write_end_object(&w);
+            edge_respond_writer(er, 202, &w, &out);
+        }
+    }
+    edge_req_unref(er);
+}
+
+static void owner_read(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    job_op_t *op = er->data;
+    if (er->req == NULL)
+        goto out;
+    if (err != 0 || reply->type == REDIS_REPLY_ERROR) {
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+        goto out;
+    }
+    if (reply->type != REDIS_REPLY_STRING || strcmp(reply->str, er->auth.user_id) != 0) {
+        edge_error(er, "not_found", NULL, NULL, 0);
+        goto out;
+    }
+    if (!op->cancel) {
+        edge_sse_relay_start(er, op->job_id, op->shard, op->last_id);
+        goto out;
+    }
+    char key[BG_REDIS_KEY_MAX];
+    job_key(key, sizeof(key), op->shard, "cancel", op->job_id);
+    const char *argv[] = {"SET", key, "1", "EX", JOB_TTL_S};
+    edge_req_ref(er);
+    if (bg_redis_async_argv(er->thread->redis, cancel_set, er, 5, argv, NULL) != 0) {
+        edge_req_unref(er);
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+    }
+out:
+    edge_req_unref(er);
+}
+
+/* Checks the job is the caller's, then streams it or cancels it. */
+static void job_route(edge_req_t *er, bool cancel)
+{
+    h2o_iovec_t id = er->params[0];
+    job_op_t *op = bg_calloc(1, sizeof(*op));
+    er->data = op;
+    er->data_free = job_op_free;
+    op->cancel = cancel;
+    if (id.len != BG_UUID_STR_LEN) {
+        edge_error(er, "not_found", NULL, NULL, 0);
+        return;
+    }
+    memcpy(op->job_id, id.base, id.len);
+    if (!bg_id_uuid_is_valid(op->job_id)) {
+        edge_error(er, "not_found", NULL, NULL, 0);
+        return;
+    }
+    if (!cancel) {
+        h2o_iovec_t last = edge_req_header(er, "last-event-id");
+        if (last.len > 0) {
+            if (last.len >= sizeof(op->last_id)) {
+                edge_invalid_field(er, "Last-Event-ID", "invalid_value", NULL);
+                return;
+            }
+            memcpy(op->last_id, last.base, last.len);
+            if (!edge_sse_is_entry_id(op->last_id)) {
+                edge_invalid_field(er, "Last-Event-ID", "invalid_value", NULL);
+                return;
+            }
+        }
+    }
+    op->shard = bg_shard_of(er->auth.user_id, er->thread->server->cfg->shards);
+    char key[BG_REDIS_KEY_MAX];
+    job_key(key, sizeof(key), op->shard, "job", op->job_id);
+    const char *argv[] = {"GET", key};
+    edge_req_ref(er);
+    if (bg_redis_async_argv(er->thread->redis, owner_read, er, 2, argv, NULL) != 0) {
+        edge_req_unref(er);
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+    }
+}
+
+static void job_stream(edge_req_t *er)
+{
+    job_route(er, false);
+}
+
+static void job_cancel(edge_req_t *er)
+{
+    job_route(er, true);
+}
+
+const edge_route_t edge_routes_stream[] = {
+    {"POST", "/chat/conversations/{id}/messages", "chat_messages_post", messages_post,
+     EDGE_ROUTE_JSON, 262144, EDGE_USER},
+    {"GET", "/chat/jobs/{id}/stream", "chat_job_stream", job_stream, 0, 0, EDGE_USER},
+    {"POST", "/chat/jobs/{id}/cancel", "chat_job_cancel", job_cancel, 0, 0, EDGE_USER},
+    {NULL, NULL, NULL, NULL, 0, 0, EDGE_PUBLIC},
+};
