@@ -356,6 +356,12 @@ PGconn *edge_pg(const bg_config_t *cfg, const char *admin_id, int *rc);
  */
 edge_relay_t *edge_relay_new(edge_thread_t *t);
 
+/**
+ * Ends every open stream of the loop after what it has already read (shutdown): clients resume on
+ * another edge instance with Last-Event-ID. Accepts NULL.
+ */
+void edge_relay_drain(edge_relay_t *r);
+
 /** Frees the relay and its subscriber; accepts NULL. Streams still open are left to h2o. */
 void edge_relay_free(edge_relay_t *r);
 

@@ -215,6 +215,8 @@ static void on_wakeup(uv_async_t *async)
     if (t->has_https)
         uv_close((uv_handle_t *)&t->listen_https, NULL);
     h2o_context_request_shutdown(&t->ctx);
+    /* a job's stream could outlive the grace period: end it, the client resumes elsewhere */
+    edge_relay_drain(t->relay);
     uv_timer_init(&t->loop, &t->drain_timer);
     t->drain_timer.data = t;
     uv_timer_start(&t->drain_timer, on_drain_tick, 0, 20);

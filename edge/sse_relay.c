@@ -392,6 +392,23 @@ edge_relay_t *edge_relay_new(edge_thread_t *t)
     return r;
 }
 
+void edge_relay_drain(edge_relay_t *r)
+{
+    if (r == NULL)
+        return;
+    for (unsigned b = 0; b < RELAY_BUCKETS; b++) {
+        edge_stream_t *s = r->buckets[b];
+        while (s != NULL) {
+            edge_stream_t *next = s->next; /* stream_flush may unlink s */
+            s->finished = true;
+            /* FINAL now, or after the pending proceed(), or after the read in flight */
+            if (!s->reading)
+                stream_flush(s);
+            s = next;
+        }
+    }
+}
+
 void edge_relay_free(edge_relay_t *r)
 {
     if (r == NULL)

@@ -777,3 +777,37 @@ Test(chat_stream, fifty_concurrent_streams_all_complete)
     cr_expect_eq(complete, N);
     wait_streams_open(S.base, 0);
 }
+
+Test(chat_stream, sigterm_ends_open_streams_at_once_so_clients_resume_elsewhere)
+{
+    user_t u;
+    new_user("drain@chat.example", NULL, &u);
+    call_t c;
+    post_message(&c, &u, "Hello before a deploy", false);
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, call_thread, &c), 0);
+    job_t job;
+    wait_jobs(u.shard, 0, 1, &job);
+    wait_streams_open(S.base, 1);
+    char id[48];
+    emit(u.shard, job.job_id, "delta", "{\"text\":\"Half a \"}", id, sizeof(id));
+    usleep(300 * 1000); /* let the edge relay it */
+
+    /* the job is not done, yet the edge must not hold its drain for it */
+    long long t0 = bgt_now_ms();
+    kill(S.pid, SIGTERM);
+    int st = bgt_wait(S.pid, 8000);
+    long long took = bgt_now_ms() - t0;
+    S.pid = 0;
+    cr_assert(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status %d", st);
+    cr_expect(took < 3000, "the drain waited %lld ms for an open stream", took);
+    cr_assert_eq(pthread_join(t, NULL), 0);
+    cr_assert_eq(c.resp.status, 200, "%s", c.resp.body);
+    events_t e;
+    parse_events(&c.resp, &e);
+    cr_assert_eq(e.n, 1, "%s", c.resp.body);
+    cr_expect_str_eq(e.type[0], "delta");
+    cr_expect_str_eq(e.id[0], id); /* the client resumes from here on another edge */
+    events_free(&e);
+    bgt_resp_free(&c.resp);
+}
