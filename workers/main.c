@@ -332,7 +332,7 @@ int main(int argc, char **argv)
     if (rc != 0) {
         bg_error("worker: cannot start: %s", bg_strerror(rc));
         bg_config_dispose(&cfg);
-        return 1;
+        return rc == BG_ERR_CONFIG ? 2 : 1; /* 2: like every other configuration error */
     }
     running_rt = rt;
     struct sigaction sa;

@@ -190,8 +190,8 @@ static int read_period(PGconn *c, const char *s, bg_plan_grant_result_t *out)
     PGresult *res;
     const char *p[] = {s};
     int rc = bg_pg_exec(c,
-                        "SELECT (extract(epoch FROM current_period_start) * 1000)::bigint, "
-                        "(extract(epoch FROM current_period_end) * 1000)::bigint "
+                        "SELECT floor(extract(epoch FROM current_period_start) * 1000)::bigint, "
+                        "floor(extract(epoch FROM current_period_end) * 1000)::bigint "
                         "FROM subscriptions WHERE id = $1::uuid",
                         1, p, &res);
     if (rc != 0)

@@ -516,7 +516,7 @@ int bg_policy_set_load(PGconn *c, const bg_policy_subject_t *subj, bg_policy_set
     int rc = bg_pg_exec(
         c,
         "SELECT id, type, scope, scope_id, priority, "
-        "(extract(epoch FROM created_at) * 1000)::bigint, body::text FROM policy_rules "
+        "floor(extract(epoch FROM created_at) * 1000)::bigint, body::text FROM policy_rules "
         "WHERE enabled AND ($1::boolean OR scope = 'global' "
         "  OR (scope = 'plan' AND scope_id = $2) "
         "  OR (scope = 'organization' AND lower(scope_id) = ANY ($3::text[])) "
@@ -868,12 +868,12 @@ static void free_orgs(char **ids, size_t n)
 static const char compile_sql[] =
     "WITH t AS (SELECT 'epoch'::timestamptz + $2::bigint * interval '1 millisecond' AS now) "
     "SELECT u.status, u.deleted_at IS NOT NULL, s.id, s.status, s.plan_id, "
-    "  (extract(epoch FROM s.current_period_start) * 1000)::bigint, "
-    "  (extract(epoch FROM s.current_period_end) * 1000)::bigint, "
-    "  (extract(epoch FROM s.trial_ends_at) * 1000)::bigint, "
+    "  floor(extract(epoch FROM s.current_period_start) * 1000)::bigint, "
+    "  floor(extract(epoch FROM s.current_period_end) * 1000)::bigint, "
+    "  floor(extract(epoch FROM s.trial_ends_at) * 1000)::bigint, "
     "  p.request_limit, array_to_string(p.features, ','), "
-    "  (extract(epoch FROM w.ws) * 1000)::bigint, "
-    "  (extract(epoch FROM CASE WHEN s.paddle_subscription_id IS NOT NULL "
+    "  floor(extract(epoch FROM w.ws) * 1000)::bigint, "
+    "  floor(extract(epoch FROM CASE WHEN s.paddle_subscription_id IS NOT NULL "
     "    THEN s.current_period_end "
     "    ELSE least(((w.ws AT TIME ZONE 'UTC') + p.period) AT TIME ZONE 'UTC', "
     "      s.current_period_end) END) * 1000)::bigint "

@@ -517,7 +517,8 @@ Test(worker_runtime, bg_worker_serves_health_readiness_and_metrics)
     const char *env[] = {vars[0], vars[1], vars[2], vars[3], NULL};
     char log[400];
     snprintf(log, sizeof(log), "%s/bg-worker.log", tmp);
-    const char *argv[] = {bgt_bin("bg-worker"), NULL};
+    /* the usage role needs nothing but the stores (the llm role also needs a provider) */
+    const char *argv[] = {bgt_bin("bg-worker"), "--roles", "usage", NULL};
     pid_t w = track(bgt_spawn(argv, env, log));
     char base[64];
     snprintf(base, sizeof(base), "http://127.0.0.1:%d", port);
@@ -568,7 +569,8 @@ Test(worker_runtime, bg_worker_keeps_running_while_redis_is_down)
     const char *env[] = {vars[0], vars[1], vars[2], vars[3], NULL};
     char log[400];
     snprintf(log, sizeof(log), "%s/bg-worker.log", tmp);
-    const char *argv[] = {bgt_bin("bg-worker"), NULL};
+    /* the usage role needs nothing but the stores (the llm role also needs a provider) */
+    const char *argv[] = {bgt_bin("bg-worker"), "--roles", "usage", NULL};
     pid_t w = track(bgt_spawn(argv, env, log));
     char url[128];
     snprintf(url, sizeof(url), "http://127.0.0.1:%d/readyz", port);
