@@ -65,6 +65,7 @@ test-run:
 	        if ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	           UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	           LSAN_OPTIONS=suppressions=$(CURDIR)/test/lsan.supp \
+	           BGT_ADMISSION_SEEDS=3 \
 	           ctest --test-dir $(ASAN_DIR) --output-on-failure -j$(JOBS) $(CTEST_ARGS); then asan=PASS; fi; \
 	    else \
 	        asan="FAIL (build)"; \
