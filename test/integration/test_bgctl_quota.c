@@ -253,7 +253,7 @@ Test(bgctl_quota, rebuild_restores_exact_counts_after_flushall)
     cr_assert_not_null(strstr(out, "used=4"), "%s", out);
     expect_field("quota", u, "used", "4");
     expect_field("quota", u, "tused", "104"); /* (10 + 20 + 30 + 40) prompt + 4 completion */
-    char *win = q("SELECT (extract(epoch FROM current_period_start) * 1000)::bigint "
+    char *win = q("SELECT floor(extract(epoch FROM current_period_start) * 1000)::bigint "
                   "FROM subscriptions WHERE user_id = $1",
                   1, up);
     expect_field("quota", u, "win", win);
