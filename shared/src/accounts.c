@@ -1265,56 +1265,6 @@ int bg_acct_require_admin(PGconn *c, const char *user_id)
     return rc;
 }
 
-static const char b64url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/* Encodes len bytes as base64url without padding into out. Returns 0 or BG_ERR_TOO_LARGE. */
-static int b64url_encode(const char *in, size_t len, char *out, size_t outlen)
-{
-    size_t need = (len * 4 + 2) / 3 + 1;
-    if (outlen < need)
-        return BG_ERR_TOO_LARGE;
-    size_t o = 0;
-    for (size_t i = 0; i < len; i += 3) {
-        uint32_t v = (uint32_t)(unsigned char)in[i] << 16;
-        if (i + 1 < len)
-            v |= (uint32_t)(unsigned char)in[i + 1] << 8;
-        if (i + 2 < len)
-            v |= (uint32_t)(unsigned char)in[i + 2];
-        out[o++] = b64url[(v >> 18) & 63];
-        out[o++] = b64url[(v >> 12) & 63];
-        if (i + 1 < len)
-            out[o++] = b64url[(v >> 6) & 63];
-        if (i + 2 < len)
-            out[o++] = b64url[v & 63];
-    }
-    out[o] = '\0';
-    return 0;
-}
-
-/* Decodes base64url without padding into out (NUL-terminated). Returns 0 or BG_ERR_INVALID. */
-static int b64url_decode(const char *in, char *out, size_t outlen)
-{
-    size_t len = strnlen(in, outlen * 2);
-    if (len % 4 == 1 || (len / 4) * 3 + 3 >= outlen)
-        return BG_ERR_INVALID;
-    uint32_t acc = 0;
-    int bits = 0;
-    size_t o = 0;
-    for (size_t i = 0; i < len; i++) {
-        const char *pos = strchr(b64url, in[i]);
-        if (pos == NULL)
-            return BG_ERR_INVALID;
-        acc = (acc << 6) | (uint32_t)(pos - b64url);
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o++] = (char)((acc >> bits) & 0xFF);
-        }
-    }
-    out[o] = '\0';
-    return 0;
-}
-
 /*
  * Splits an admin list cursor into its created_at (RFC 3339 with microseconds) and id, both
  * checked, so that a forged cursor is a 400 and never a database error.
@@ -1322,7 +1272,7 @@ static int b64url_decode(const char *in, char *out, size_t outlen)
 static int cursor_parse(const char *cursor, char raw[CURSOR_RAW_MAX + 1], const char **ts,
                         const char **id)
 {
-    if (b64url_decode(cursor, raw, CURSOR_RAW_MAX + 1) != 0)
+    if (bg_crypto_b64url_decode_str(cursor, raw, CURSOR_RAW_MAX + 1) != 0)
         return BG_ERR_INVALID;
     char *bar = strchr(raw, '|');
     if (bar == NULL)
@@ -1402,7 +1352,7 @@ int bg_acct_admin_list_users(PGconn *c, const char *query, const char *cursor, s
         if (len < 0 || (size_t)len >= sizeof(last))
             rc = BG_ERR_IO;
         else
-            rc = b64url_encode(last, (size_t)len, next_cursor, cursor_len);
+            rc = bg_crypto_b64url_encode(last, (size_t)len, next_cursor, cursor_len);
     }
     PQclear(res);
     if (rc != 0)

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "bg/chat.h"
+#include "bg/crypto.h"
 #include "bg/err.h"
 #include "bg/id.h"
 #include "bg/json.h"
@@ -125,68 +126,12 @@ static void read_messages(const PGresult *res, int rows, bg_chat_message_list_t 
 
 /* ---- cursors ---- */
 
-static const char b64url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/* Encodes len bytes as base64url without padding into out. Returns 0 or BG_ERR_TOO_LARGE. */
-static int b64url_encode(const char *in, size_t len, char *out, size_t outlen)
-{
-    size_t need = (len * 4 + 2) / 3 + 1;
-    if (outlen < need)
-        return BG_ERR_TOO_LARGE;
-    size_t o = 0;
-    for (size_t i = 0; i < len; i += 3) {
-        uint32_t v = (uint32_t)(unsigned char)in[i] << 16;
-        if (i + 1 < len)
-            v |= (uint32_t)(unsigned char)in[i + 1] << 8;
-        if (i + 2 < len)
-            v |= (uint32_t)(unsigned char)in[i + 2];
-        out[o++] = b64url[(v >> 18) & 63];
-        out[o++] = b64url[(v >> 12) & 63];
-        if (i + 1 < len)
-            out[o++] = b64url[(v >> 6) & 63];
-        if (i + 2 < len)
-            out[o++] = b64url[v & 63];
-    }
-    out[o] = '\0';
-    return 0;
-}
-
-/*
- * Decodes base64url without padding into out (NUL-terminated). Returns 0, or BG_ERR_INVALID for a
- * character outside the alphabet, an impossible length, a decoded NUL or more than outlen - 1
- * bytes.
- */
-static int b64url_decode(const char *in, char *out, size_t outlen)
-{
-    size_t len = strnlen(in, outlen * 2);
-    if (len == 0 || len % 4 == 1 || (len / 4) * 3 + 3 >= outlen)
-        return BG_ERR_INVALID;
-    uint32_t acc = 0;
-    int bits = 0;
-    size_t o = 0;
-    for (size_t i = 0; i < len; i++) {
-        const char *pos = memchr(b64url, in[i], sizeof(b64url) - 1);
-        if (pos == NULL)
-            return BG_ERR_INVALID;
-        acc = (acc << 6) | (uint32_t)(pos - b64url);
-        bits += 6;
-        if (bits >= 8) {
-            bits -= 8;
-            out[o] = (char)((acc >> bits) & 0xFF);
-            if (out[o] == '\0')
-                return BG_ERR_INVALID;
-            o++;
-        }
-    }
-    out[o] = '\0';
-    return 0;
-}
-
 /* Splits a conversation cursor into its checked time and id (pointing into raw). */
 static int conv_cursor_parse(const char *cursor, char raw[CURSOR_RAW_MAX + 1], const char **ts,
                              const char **id)
 {
-    if (b64url_decode(cursor, raw, CURSOR_RAW_MAX + 1) != 0 || strncmp(raw, "c|", 2) != 0)
+    if (bg_crypto_b64url_decode_str(cursor, raw, CURSOR_RAW_MAX + 1) != 0 ||
+        strncmp(raw, "c|", 2) != 0)
         return BG_ERR_INVALID;
     char *bar = strchr(raw + 2, '|');
     if (bar == NULL)
@@ -205,7 +150,8 @@ static int conv_cursor_parse(const char *cursor, char raw[CURSOR_RAW_MAX + 1], c
 static int msg_cursor_parse(const char *cursor, char tag, char out[24])
 {
     char raw[CURSOR_RAW_MAX + 1];
-    if (b64url_decode(cursor, raw, sizeof(raw)) != 0 || raw[0] != tag || raw[1] != '|')
+    if (bg_crypto_b64url_decode_str(cursor, raw, sizeof(raw)) != 0 || raw[0] != tag ||
+        raw[1] != '|')
         return BG_ERR_INVALID;
     const char *digits = raw + 2;
     size_t n = strlen(digits);
@@ -370,7 +316,7 @@ int bg_chat_list(PGconn *c, const char *user_id, const char *cursor, size_t limi
         if (len < 0 || (size_t)len >= sizeof(last))
             rc = BG_ERR_IO;
         else
-            rc = b64url_encode(last, (size_t)len, next_cursor, BG_CHAT_CURSOR_SIZE);
+            rc = bg_crypto_b64url_encode(last, (size_t)len, next_cursor, BG_CHAT_CURSOR_SIZE);
     }
     PQclear(res);
     if (rc == 0)
@@ -482,7 +428,7 @@ int bg_chat_messages(PGconn *c, const char *user_id, const char *conversation_id
         if (len < 0 || (size_t)len >= sizeof(last))
             rc = BG_ERR_IO;
         else
-            rc = b64url_encode(last, (size_t)len, next_cursor, BG_CHAT_CURSOR_SIZE);
+            rc = bg_crypto_b64url_encode(last, (size_t)len, next_cursor, BG_CHAT_CURSOR_SIZE);
         if (rc != 0) {
             bg_chat_message_list_dispose(out);
             next_cursor[0] = '\0';

@@ -116,6 +116,35 @@ int bg_crypto_random_token(size_t bytes, char *out, size_t outlen)
     return 0;
 }
 
+int bg_crypto_b64url_encode(const void *in, size_t len, char *out, size_t outlen)
+{
+    const int variant = sodium_base64_VARIANT_URLSAFE_NO_PADDING;
+    if (outlen < sodium_base64_ENCODED_LEN(len, variant)) {
+        if (outlen > 0)
+            out[0] = '\0';
+        return BG_ERR_TOO_LARGE;
+    }
+    sodium_bin2base64(out, outlen, in, len, variant);
+    return 0;
+}
+
+int bg_crypto_b64url_decode_str(const char *in, char *out, size_t outlen)
+{
+    size_t len = strlen(in);
+    size_t n = 0;
+    const char *end = NULL;
+    if (len == 0 || outlen == 0 ||
+        sodium_base642bin((unsigned char *)out, outlen - 1, in, len, NULL, &n, &end,
+                          sodium_base64_VARIANT_URLSAFE_NO_PADDING) != 0 ||
+        end != in + len || memchr(out, '\0', n) != NULL) {
+        if (outlen > 0)
+            out[0] = '\0';
+        return BG_ERR_INVALID;
+    }
+    out[n] = '\0';
+    return 0;
+}
+
 void bg_crypto_sha256_hex(const void *data, size_t len, char out[BG_CRYPTO_SHA256_HEX_LEN])
 {
     unsigned char digest[crypto_hash_sha256_BYTES];

@@ -128,3 +128,24 @@ Test(crypto, random_uniform_stays_in_range)
         cr_assert_lt(bg_crypto_random_uniform(7), 7u);
     cr_assert_eq(bg_crypto_random_uniform(0), 0u);
 }
+
+Test(crypto, b64url_round_trips_cursor_text_and_refuses_forgeries)
+{
+    const char *text = "2026-11-26T12:00:00.123456Z|0190a0b0-0000-7000-8000-00000000c0de";
+    char enc[128], dec[128];
+    cr_assert_eq(bg_crypto_b64url_encode(text, strlen(text), enc, sizeof(enc)), 0);
+    cr_assert(strpbrk(enc, "+/=") == NULL, "not base64url without padding: %s", enc);
+    cr_assert_eq(bg_crypto_b64url_decode_str(enc, dec, sizeof(dec)), 0);
+    cr_assert_str_eq(dec, text);
+    /* too small an output buffer, on either side */
+    cr_assert_eq(bg_crypto_b64url_encode(text, strlen(text), enc, 10), BG_ERR_TOO_LARGE);
+    cr_assert_eq(bg_crypto_b64url_encode(text, strlen(text), enc, sizeof(enc)), 0);
+    cr_assert_eq(bg_crypto_b64url_decode_str(enc, dec, 10), BG_ERR_INVALID);
+    /* forged or damaged input */
+    cr_assert_eq(bg_crypto_b64url_decode_str("", dec, sizeof(dec)), BG_ERR_INVALID);
+    cr_assert_eq(bg_crypto_b64url_decode_str("a", dec, sizeof(dec)), BG_ERR_INVALID);
+    cr_assert_eq(bg_crypto_b64url_decode_str("ab+c", dec, sizeof(dec)), BG_ERR_INVALID);
+    cr_assert_eq(bg_crypto_b64url_decode_str("YWJj==", dec, sizeof(dec)), BG_ERR_INVALID);
+    cr_assert_eq(bg_crypto_b64url_decode_str("AAAA", dec, sizeof(dec)), BG_ERR_INVALID,
+                 "a decoded NUL must be refused");
+}

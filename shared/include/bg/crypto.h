@@ -77,4 +77,17 @@ bool bg_crypto_str_equal(const char *a, const char *b);
 /** Overwrites n bytes at p with zeros in a way the compiler cannot drop. */
 void bg_crypto_wipe(void *p, size_t n);
 
+/**
+ * Encodes len bytes as unpadded base64url into out, NUL-terminated. Returns 0, or BG_ERR_TOO_LARGE
+ * when out is too small (out is then "").
+ */
+BG_MUSTCHECK int bg_crypto_b64url_encode(const void *in, size_t len, char *out, size_t outlen);
+
+/**
+ * Decodes unpadded base64url text (such as an opaque cursor) into out as a NUL-terminated string.
+ * Returns 0, or BG_ERR_INVALID for an empty or malformed input, a decoded NUL byte, or more than
+ * outlen - 1 decoded bytes. Only the canonical spelling of a value is accepted.
+ */
+BG_MUSTCHECK int bg_crypto_b64url_decode_str(const char *in, char *out, size_t outlen);
+
 #endif
