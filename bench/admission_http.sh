@@ -25,11 +25,9 @@
 # Percentiles are nearest-rank over h2load's per-request log, as in edge_baseline.sh.
 set -euo pipefail
 
-root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-build=${BG_BUILD_DIR:-build}
-[[ $build == /* ]] || build=$root/$build
-bin=$build/bin
+BENCH_NAME=admission_http
+# shellcheck source=bench/lib.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 requests=${BENCH_REQUESTS:-50000}
 clients=${BENCH_CLIENTS:-32}
 streams=${BENCH_STREAMS:-10}
@@ -37,113 +35,16 @@ threads=${BENCH_THREADS:-2}
 warmup=${BENCH_WARMUP:-5000}
 shards=16
 
-log() {
-    printf 'admission_http: %s\n' "$*" >&2
-}
-die() {
-    log "$*"
-    exit 1
-}
-
-command -v h2load >/dev/null || die "h2load not found (scripts/deps.sh installs nghttp2-client)"
 command -v redis-cli >/dev/null || die "redis-cli not found"
-
-if [[ -z ${BG_BENCH_BUILT:-} ]]; then
-    if [[ -f $build/CMakeCache.txt ]]; then
-        cmake --build "$build" -j2 --target bg-edge bgctl >&2 || die "build failed"
-    else
-        make -s build >&2 || die "build failed"
-    fi
-    export BG_BENCH_BUILT=1
-fi
-if [[ -z ${BG_TEST_DATABASE_URL:-} || -z ${BG_TEST_REDIS_URL:-} ]]; then
-    exec "$root/scripts/test-stack.sh" "$0" "$@"
-fi
-[[ -x $bin/bg-edge && -x $bin/bgctl ]] || die "$bin/bg-edge or bgctl missing (make build)"
-
-free_port() {
-    python3 -c 'import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])'
-}
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/bg-bench-admhttp.XXXXXX")
-db=bg_bench_admhttp_$$
-edge_pid=''
-db_created=0
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    set +e
-    if [[ -n $edge_pid ]] && kill -0 "$edge_pid" 2>/dev/null; then
-        kill -TERM "$edge_pid"
-        for _ in {1..100}; do
-            kill -0 "$edge_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$edge_pid" 2>/dev/null
-        wait "$edge_pid" 2>/dev/null
-    fi
-    if [[ $db_created -eq 1 ]]; then
-        psql -X -q "$BG_TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
-    fi
-    rm -rf -- "$tmp"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck disable=SC2119 # no arguments: no optional targets
+bench_init
 
 # 0. The baseline, on the same machine and stores, just before.
-log "edge baseline first (bench/edge_baseline.sh)"
-baseline=$("$root/bench/edge_baseline.sh") || die "bench/edge_baseline.sh failed"
-log "$baseline"
-baseline_rps=$(sed -nE 's/^edge_baseline rps=([0-9.]+) .*/\1/p' <<<"$baseline")
-[[ -n $baseline_rps ]] || die "no rps in the baseline's line: $baseline"
+bench_baseline
 
 # 1. A stack of our own.
-psql -X -q -v ON_ERROR_STOP=1 "$BG_TEST_DATABASE_URL" -c "CREATE DATABASE $db" >/dev/null ||
-    die "could not create database $db on BG_TEST_DATABASE_URL"
-db_created=1
-database_url="${BG_TEST_DATABASE_URL%/*}/$db"
-port=$(free_port)
-base=http://127.0.0.1:$port
-
-# Only these settings, whatever .env says.
-edge_env=(
-    BG_ENV_FILE=/dev/null
-    BG_DATABASE_URL="$database_url"
-    BG_REDIS_URL="$BG_TEST_REDIS_URL"
-    BG_HTTP_PORT="$port"
-    BG_HTTPS_PORT=0
-    BG_JWT_SECRET="$(head -c 48 /dev/urandom | base64 -w0)"
-    BG_LOG_LEVEL=warn
-    BG_LOG_FORMAT=text
-)
-
-log "migrating $db"
-env "${edge_env[@]}" "$bin/bgctl" migrate >"$tmp/migrate.log" 2>&1 || {
-    cat "$tmp/migrate.log" >&2
-    die "bgctl migrate failed"
-}
-
-log "starting bg-edge on 127.0.0.1:$port"
-env "${edge_env[@]}" "$bin/bg-edge" >"$tmp/edge.log" 2>&1 &
-edge_pid=$!
-for ((i = 0; i < 100; i++)); do
-    curl -fs -o /dev/null --max-time 1 "$base/healthz" && break
-    if ! kill -0 "$edge_pid" 2>/dev/null; then
-        tail -n 20 "$tmp/edge.log" >&2
-        die "bg-edge exited during start-up"
-    fi
-    sleep 0.1
-done
-curl -fs -o /dev/null --max-time 1 "$base/healthz" || {
-    tail -n 20 "$tmp/edge.log" >&2
-    die "$base/healthz does not answer 2xx after 10 s"
-}
+# shellcheck disable=SC2119 # no extra settings
+bench_start_edge
 
 # Reads a string at a path of keys from a JSON file.
 json_get() {
@@ -190,35 +91,6 @@ adm="bg:{s$shard}:adm:$user_id"
 "${rcli[@]}" DEL "bg:{s$shard}:quota:$user_id" "bg:{s$shard}:res:$user_id" \
     "bg:{s$shard}:resd:$user_id" >/dev/null
 
-# Runs h2load against url; fails unless every request got a 2xx.
-run_h2load() {
-    local out=$1
-    shift
-    h2load "$@" "$url" >"$out" 2>&1 || {
-        cat "$out" >&2
-        die "h2load failed"
-    }
-    local total ok
-    total=$(sed -nE 's/^requests: ([0-9]+) total.*/\1/p' "$out")
-    ok=$(sed -nE 's/^status codes: ([0-9]+) 2xx.*/\1/p' "$out")
-    if [[ -z $total || $ok != "$total" ]]; then
-        cat "$out" >&2
-        die "not every request answered 2xx ($ok of $total)"
-    fi
-}
-
-# Prints "p50 p99" in milliseconds: nearest rank over h2load's per-request log (3rd column, µs).
-percentiles() {
-    cut -f3 "$1" | sort -n | awk '
-        { d[NR] = $1 }
-        END {
-            if (NR == 0) exit 1
-            i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++
-            i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++
-            printf "%.3f %.3f\n", d[i50] / 1000, d[i99] / 1000
-        }'
-}
-
 # Prints "calls usec_per_call" of one command from INFO commandstats (0 0 when never called).
 cmdstat() {
     "${rcli[@]}" INFO commandstats | tr -d '\r' | awk -F'[:,=]' -v c="cmdstat_$1" '
@@ -233,11 +105,11 @@ stream_len() {
 # 3. Measure.
 h2_args=(-c "$clients" -m "$streams" -t "$threads" -d "$tmp/turn.json" "${turn_args[@]}")
 log "warm-up: $warmup requests"
-run_h2load "$tmp/warmup.txt" -n "$warmup" "${h2_args[@]}"
+run_h2load "$tmp/warmup.txt" "$url" -n "$warmup" "${h2_args[@]}"
 "${rcli[@]}" CONFIG RESETSTAT >/dev/null || die "CONFIG RESETSTAT failed"
 admitted_before=$("${rcli[@]}" ZCARD "bg:{s$shard}:res:$user_id")
 log "measuring: $requests POSTs, $clients connections x $streams streams, $threads threads"
-run_h2load "$tmp/h2load.txt" -n "$requests" "${h2_args[@]}" --log-file="$tmp/requests.log"
+run_h2load "$tmp/h2load.txt" "$url" -n "$requests" "${h2_args[@]}" --log-file="$tmp/requests.log"
 admitted_after=$("${rcli[@]}" ZCARD "bg:{s$shard}:res:$user_id")
 accepted=$(sed -nE 's/^status codes: ([0-9]+) 2xx.*/\1/p' "$tmp/h2load.txt")
 admitted=$((admitted_after - admitted_before))
@@ -247,8 +119,7 @@ read -r evalsha_calls evalsha_us < <(cmdstat evalsha)
 read -r eval_calls _ < <(cmdstat eval)
 log "EVALSHA calls $evalsha_calls, EVAL calls $eval_calls, admitted $admitted, stream length $(stream_len)"
 
-rps=$(sed -nE 's/^finished in [^,]+, ([0-9.]+) req\/s.*/\1/p' "$tmp/h2load.txt")
-[[ -n $rps ]] || { cat "$tmp/h2load.txt" >&2; die "could not read req/s from h2load"; }
+rps=$(rps_of "$tmp/h2load.txt")
 read -r p50 p99 < <(percentiles "$tmp/requests.log") || die "empty h2load request log"
 ratio=$(awk -v a="$rps" -v b="$baseline_rps" 'BEGIN { printf "%.3f", a / b }')
 per_admit=$(awk -v a="$((evalsha_calls + eval_calls))" -v b="$admitted" \

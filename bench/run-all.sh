@@ -10,7 +10,7 @@ failed=()
 
 for bench in "$here"/*.sh; do
     name=$(basename -- "$bench")
-    [[ $name == "$self" ]] && continue
+    [[ $name == "$self" || $name == lib.sh ]] && continue # lib.sh is sourced, not run
     echo "== $name ==" >&2
     if out=$(bash "$bench"); then
         :

@@ -1,0 +1,170 @@
+# shellcheck shell=bash
+# What the HTTP benchmarks share: building, the private stack, one bg-edge on a free port, h2load
+# runs that must all answer 2xx, nearest-rank percentiles, and the edge baseline for ratios.
+# Sourced by bench/*.sh after they set BENCH_NAME; nothing here prints on stdout.
+
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+script=$(cd -- "$(dirname -- "$0")" && pwd)/$(basename -- "$0") # before the cd below
+cd "$root" || exit 1
+build=${BG_BUILD_DIR:-build}
+[[ $build == /* ]] || build=$root/$build
+bin=$build/bin
+tmp=''
+db=''
+db_created=0
+edge_pid=''
+
+log() {
+    printf '%s: %s\n' "$BENCH_NAME" "$*" >&2
+}
+die() {
+    log "$*"
+    exit 1
+}
+
+# Builds bg-edge and bgctl (and the optional targets given) once, then re-runs the calling script
+# under scripts/test-stack.sh unless BG_TEST_DATABASE_URL and BG_TEST_REDIS_URL are both set.
+bench_init() {
+    command -v h2load >/dev/null || die "h2load not found (scripts/deps.sh installs nghttp2-client)"
+    if [[ -z ${BG_BENCH_BUILT:-} ]]; then
+        if [[ -f $build/CMakeCache.txt ]]; then
+            cmake --build "$build" -j2 --target bg-edge bgctl >&2 || die "build failed"
+        else
+            make -s build >&2 || die "build failed"
+        fi
+        local target
+        for target in "$@"; do
+            # optional programs: a tree without them is no failure here
+            cmake --build "$build" -j2 --target "$target" >&2 2>/dev/null ||
+                log "$target not built; skipping it"
+        done
+        export BG_BENCH_BUILT=1
+    fi
+    if [[ -z ${BG_TEST_DATABASE_URL:-} || -z ${BG_TEST_REDIS_URL:-} ]]; then
+        exec "$root/scripts/test-stack.sh" "$script"
+    fi
+    [[ -x $bin/bg-edge && -x $bin/bgctl ]] || die "$bin/bg-edge or bgctl missing (make build)"
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/bg-bench.XXXXXX")
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+free_port() {
+    python3 -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])'
+}
+
+# shellcheck disable=SC2317 # called by the EXIT trap
+bench_cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    set +e
+    if [[ -n $edge_pid ]] && kill -0 "$edge_pid" 2>/dev/null; then
+        kill -TERM "$edge_pid"
+        for _ in {1..100}; do
+            kill -0 "$edge_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$edge_pid" 2>/dev/null
+        wait "$edge_pid" 2>/dev/null
+    fi
+    if [[ $db_created -eq 1 ]]; then
+        psql -X -q "$BG_TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
+    fi
+    [[ -n $tmp ]] && rm -rf -- "$tmp"
+    exit "$status"
+}
+
+# Creates a database of its own on the stack's server, migrates it, starts bg-edge on a free port
+# (TLS off, log level warn, a fresh token key) with the extra BG_* settings given, and waits for
+# /healthz. Sets base (http://127.0.0.1:PORT) and edge_pid.
+bench_start_edge() {
+    db=bg_bench_${BENCH_NAME}_$$
+    psql -X -q -v ON_ERROR_STOP=1 "$BG_TEST_DATABASE_URL" -c "CREATE DATABASE $db" >/dev/null ||
+        die "could not create database $db on BG_TEST_DATABASE_URL"
+    db_created=1
+    local port
+    port=$(free_port)
+    base=http://127.0.0.1:$port
+    # only these settings, whatever .env says
+    local edge_env=(
+        BG_ENV_FILE=/dev/null
+        BG_DATABASE_URL="${BG_TEST_DATABASE_URL%/*}/$db"
+        BG_REDIS_URL="$BG_TEST_REDIS_URL"
+        BG_HTTP_PORT="$port"
+        BG_HTTPS_PORT=0
+        BG_JWT_SECRET="$(head -c 48 /dev/urandom | base64 -w0)"
+        BG_LOG_LEVEL=warn
+        BG_LOG_FORMAT=text
+        "$@"
+    )
+    log "migrating $db"
+    env "${edge_env[@]}" "$bin/bgctl" migrate >"$tmp/migrate.log" 2>&1 || {
+        cat "$tmp/migrate.log" >&2
+        die "bgctl migrate failed"
+    }
+    log "starting bg-edge on 127.0.0.1:$port"
+    env "${edge_env[@]}" "$bin/bg-edge" >"$tmp/edge.log" 2>&1 &
+    edge_pid=$!
+    local i
+    for ((i = 0; i < 100; i++)); do
+        curl -fs -o /dev/null --max-time 1 "$base/healthz" && return 0
+        if ! kill -0 "$edge_pid" 2>/dev/null; then
+            tail -n 20 "$tmp/edge.log" >&2
+            die "bg-edge exited during start-up"
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$tmp/edge.log" >&2
+    die "$base/healthz does not answer 2xx after 10 s"
+}
+
+# Runs h2load (OUT URL ARGS…) into OUT; fails unless every request got a 2xx.
+run_h2load() {
+    local out=$1 url=$2
+    shift 2
+    h2load "$@" "$url" >"$out" 2>&1 || {
+        cat "$out" >&2
+        die "h2load failed"
+    }
+    local total ok
+    total=$(sed -nE 's/^requests: ([0-9]+) total.*/\1/p' "$out")
+    ok=$(sed -nE 's/^status codes: ([0-9]+) 2xx.*/\1/p' "$out")
+    if [[ -z $total || $ok != "$total" ]]; then
+        cat "$out" >&2
+        die "not every request answered 2xx ($ok of $total)"
+    fi
+}
+
+# Prints "p50 p99" in milliseconds: nearest rank over h2load's per-request log (3rd column, µs).
+percentiles() {
+    cut -f3 "$1" | sort -n | awk '
+        { d[NR] = $1 }
+        END {
+            if (NR == 0) exit 1
+            i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++
+            i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++
+            printf "%.3f %.3f\n", d[i50] / 1000, d[i99] / 1000
+        }'
+}
+
+# Prints the requests per second of an h2load output file; fails when it has none.
+rps_of() {
+    local rps
+    rps=$(sed -nE 's/^finished in [^,]+, ([0-9.]+) req\/s.*/\1/p' "$1")
+    [[ -n $rps ]] || { cat "$1" >&2; die "could not read req/s from h2load"; }
+    printf '%s\n' "$rps"
+}
+
+# Runs bench/edge_baseline.sh on the same stores and sets baseline_rps (its line goes to stderr).
+bench_baseline() {
+    log "edge baseline first (bench/edge_baseline.sh)"
+    local line
+    line=$("$root/bench/edge_baseline.sh") || die "bench/edge_baseline.sh failed"
+    log "$line"
+    baseline_rps=$(sed -nE 's/^edge_baseline rps=([0-9.]+) .*/\1/p' <<<"$line")
+    [[ -n $baseline_rps ]] || die "no rps in the baseline's line: $line"
+}
