@@ -4,7 +4,13 @@
 # It asks dpkg first and touches the network only when something is missing, so a second run is
 # instant and works offline. As root it calls apt-get directly; otherwise through sudo.
 # Prints one line per action. Usage: scripts/deps.sh [--check]   (--check: report, install nothing)
+#
+# Then the npm packages of the Node.js tests (test/node/package-lock.json) are installed with
+# `npm ci`, again only when they are missing or the lock file changed since the last install (a
+# stamp in test/node/node_modules records the lock's checksum).
 set -euo pipefail
+
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 
 packages=(
     # build
@@ -52,8 +58,37 @@ for p in "${packages[@]}"; do
     missing+=("$p")
 done
 
+# npm ci in test/node when node_modules does not match package-lock.json (or is missing).
+node_packages() {
+    local dir=$root/test/node stamp sum
+    [[ -f $dir/package-lock.json ]] || return 0
+    stamp=$dir/node_modules/.bg-lock.sha256
+    sum=$(cat -- "$dir/package.json" "$dir/package-lock.json" | sha256sum | cut -d' ' -f1)
+    if [[ -f $stamp && $(<"$stamp") == "$sum" ]]; then
+        echo "deps: npm packages of test/node present"
+        return 0
+    fi
+    if [[ $check_only -eq 1 ]]; then
+        echo "deps: npm packages of test/node missing or out of date (npm ci)"
+        return 1
+    fi
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "deps: npm is not installed, so the Node.js tests cannot get their packages;" \
+            "install nodejs and npm (Debian: apt-get install nodejs npm), then run scripts/deps.sh" >&2
+        return 1
+    fi
+    echo "deps: npm ci in test/node"
+    if ! (cd -- "$dir" && npm ci --no-audit --no-fund --loglevel=error); then
+        echo "deps: npm ci in test/node failed (see above): the registry must be reachable," \
+            "or its packages in the npm cache" >&2
+        return 1
+    fi
+    printf '%s\n' "$sum" >"$stamp"
+}
+
 if [[ ${#missing[@]} -eq 0 ]]; then
     echo "deps: all ${#packages[@]} packages present"
+    node_packages
     exit 0
 fi
 echo "deps: missing: ${missing[*]}"
@@ -77,3 +112,4 @@ echo "deps: apt-get install ${missing[*]}"
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
 echo "deps: installed ${#missing[@]} package(s)"
+node_packages
