@@ -13,6 +13,7 @@ tmp=''
 db=''
 db_created=0
 edge_pid=''
+bench_pids=() # more processes started by bench_spawn, stopped on exit
 
 log() {
     printf '%s: %s\n' "$BENCH_NAME" "$*" >&2
@@ -62,6 +63,10 @@ bench_cleanup() {
     local status=$?
     trap - EXIT INT TERM
     set +e
+    local pid
+    for pid in "${bench_pids[@]}"; do
+        bench_stop "$pid"
+    done
     if [[ -n $edge_pid ]] && kill -0 "$edge_pid" 2>/dev/null; then
         kill -TERM "$edge_pid"
         for _ in {1..100}; do
@@ -167,4 +172,80 @@ bench_baseline() {
     log "$line"
     baseline_rps=$(sed -nE 's/^edge_baseline rps=([0-9.]+) .*/\1/p' <<<"$line")
     [[ -n $baseline_rps ]] || die "no rps in the baseline's line: $line"
+}
+
+# Stops one process started by bench_spawn: SIGTERM, up to 10 s, then SIGKILL. Unknown or gone
+# processes are no failure.
+bench_stop() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in {1..100}; do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# Starts a process in the background (NAME CMD ARGS…) with its output in $tmp/NAME.log, adds it
+# to the processes stopped on exit, and sets spawned_pid.
+bench_spawn() {
+    local name=$1
+    shift
+    "$@" >"$tmp/$name.log" 2>&1 &
+    spawned_pid=$!
+    bench_pids+=("$spawned_pid")
+}
+
+# The settings of bench_start_edge's database and Redis, for more binaries on the same stores
+# (bgctl, bg-worker): prints them one per line. Only after bench_start_edge.
+bench_store_env() {
+    printf '%s\n' BG_ENV_FILE=/dev/null "BG_DATABASE_URL=${BG_TEST_DATABASE_URL%/*}/$db" \
+        "BG_REDIS_URL=$BG_TEST_REDIS_URL" BG_LOG_LEVEL=warn BG_LOG_FORMAT=text
+}
+
+# Starts the demo provider bg-demo-llm on a free port (NAME, then its options, e.g. --delay-ms 20)
+# and waits for /v1/models. Sets demo_url (the base URL with /v1, as BG_LLM_BASE_URL wants it) and
+# demo_pid.
+bench_start_demo_llm() {
+    local name=$1
+    shift
+    [[ -x $bin/bg-demo-llm ]] || die "$bin/bg-demo-llm missing (cmake --build … --target bg-demo-llm)"
+    local port
+    port=$(free_port)
+    bench_spawn "$name" env BG_ENV_FILE=/dev/null BG_LOG_LEVEL=warn BG_LOG_FORMAT=text \
+        "$bin/bg-demo-llm" --port "$port" "$@"
+    demo_pid=$spawned_pid
+    demo_url=http://127.0.0.1:$port/v1
+    local i
+    for ((i = 0; i < 100; i++)); do
+        curl -fs -o /dev/null --max-time 1 "$demo_url/models" && return 0
+        kill -0 "$demo_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    tail -n 20 "$tmp/$name.log" >&2
+    die "bg-demo-llm ($name) did not come up"
+}
+
+# Starts bg-worker (NAME ROLES, then extra BG_* settings) on bench_start_edge's stores, with no
+# health port, and sets worker_pid. It is given a moment to connect; it fails if it exits.
+bench_start_worker() {
+    local name=$1 roles=$2
+    shift 2
+    [[ -x $bin/bg-worker ]] || die "$bin/bg-worker missing (cmake --build … --target bg-worker)"
+    local env_list
+    mapfile -t env_list < <(bench_store_env)
+    bench_spawn "$name" env "${env_list[@]}" BG_WORKER_PORT=0 "$@" "$bin/bg-worker" --roles "$roles"
+    worker_pid=$spawned_pid
+    sleep 0.5
+    kill -0 "$worker_pid" 2>/dev/null || {
+        tail -n 20 "$tmp/$name.log" >&2
+        die "bg-worker ($name) exited during start-up"
+    }
+}
+
+# Prints the resident set of a process in KiB (VmRSS from /proc/PID/status).
+rss_kib() {
+    awk '$1 == "VmRSS:" { print $2 }' "/proc/$1/status"
 }
