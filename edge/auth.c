@@ -185,7 +185,7 @@ bool edge_cors(edge_req_t *er)
         edge_add_header(er, "access-control-allow-credentials", "true");
         edge_add_header(
             er, "access-control-expose-headers",
-            "x-request-id, retry-after, x-ratelimit-limit-requests, "
+            "x-request-id, x-job-id, content-location, retry-after, x-ratelimit-limit-requests, "
             "x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-quota-limit, "
             "x-quota-remaining, x-quota-reset");
     }

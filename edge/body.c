@@ -186,6 +186,7 @@ void edge_invalid_field(edge_req_t *er, const char *field, const char *reason,
         all[n++] = params[i];
     all[n] = NULL;
 
+    bg_strlcpy(er->err_param, field, sizeof(er->err_param));
     bg_buf_t msg, details;
     bg_buf_init(&msg, 2048);
     bg_buf_init(&details, 4096);

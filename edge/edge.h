@@ -20,8 +20,10 @@
 
 #include <h2o.h>
 
-#include "bg/buf.h"
 #include <libpq-fe.h>
+
+#include "bg/admission.h"
+#include "bg/buf.h"
 
 #include "bg/config.h"
 #include "bg/json.h"
@@ -105,6 +107,7 @@ struct st_edge_req {
     size_t nparams;
     edge_auth_t auth;
     char locale_buf[16]; /**< the user's own locale, when known */
+    char err_param[72];  /**< the parameter an error is about (OpenAI's "param"), "" when none */
     void *body_doc;      /**< owned parsed body (bg_json_doc_t), freed with the context */
     void *data;          /**< handler state; freed by data_free when the last reference goes */
     void (*data_free)(void *data);
@@ -146,8 +149,11 @@ extern const edge_route_t edge_routes_orgs[];
 extern const edge_route_t edge_routes_admin[];
 extern const edge_route_t edge_routes_billing[];
 extern const edge_route_t edge_routes_policies[];
+extern const edge_route_t edge_routes_plans[];
 extern const edge_route_t edge_routes_chat[];
 extern const edge_route_t edge_routes_stream[];
+extern const edge_route_t edge_routes_agents[];
+extern const edge_route_t edge_routes_openai[];
 
 /**
  * Finds the route for method and path; fills params. Returns the route, or NULL with
@@ -304,6 +310,9 @@ bool edge_body(edge_req_t *er, const edge_field_t *fields, size_t nfields, edge_
 void edge_invalid_field(edge_req_t *er, const char *field, const char *reason,
                         const char *const params[]);
 
+/** Returns true for the OpenAI-compatible routes (/v1/…), whose errors take OpenAI's shape. */
+bool edge_is_openai(const edge_req_t *er);
+
 /** edge_error with a message already formatted (and localized) by the caller. */
 void edge_error_msg(edge_req_t *er, const char *code, const char *message, const char *details_json,
                     int retry_after_s);
@@ -342,6 +351,23 @@ void edge_respond_writer(edge_req_t *er, int status, bg_json_writer_t *w, bg_buf
  */
 PGconn *edge_pg(const bg_config_t *cfg, const char *admin_id, int *rc);
 
+/* ---- admission (admit.c) ---- */
+
+/** Called with the admission script's decision (admitted or denied, never "no state"). */
+typedef void (*edge_admit_cb)(edge_req_t *er, void *arg, const bg_admission_decision_t *d);
+
+/**
+ * Admits req (borrowed until cb: a retry sends it again) in one EVALSHA; a user with no compiled
+ * admission state is compiled from Postgres and admitted once more. cb runs on er's loop while the
+ * request is still there; otherwise (Redis or Postgres down: 503, the user gone: 401, the client
+ * gone: nothing) the answer is given here and cb never runs.
+ */
+void edge_admit(edge_req_t *er, const bg_admission_req_t *req, edge_admit_cb cb, void *arg);
+
+/** Adds the decision's x-ratelimit-* and x-quota-* headers (not Retry-After: edge_error adds it).
+ */
+void edge_admission_headers(edge_req_t *er, const bg_admission_decision_t *d);
+
 /* ---- job output relay (sse_relay.c) ---- */
 
 /** Per-stream buffer cap: a client this far behind is disconnected (it can resume). */
@@ -372,6 +398,41 @@ void edge_relay_free(edge_relay_t *r);
  * ends; a client that goes away ends it. No-op when the request is gone.
  */
 void edge_sse_relay_start(edge_req_t *er, const char *job_id, int shard, const char *last_id);
+
+/** How a sink starts a response: set status (non-zero) and the content type. */
+typedef struct st_edge_relay_start {
+    int status;
+    const char *content_type; /**< static string */
+} edge_relay_start_t;
+
+/**
+ * Another shape for a relayed job's output (the OpenAI-compatible API): the relay reads the job's
+ * events as for edge_sse_relay_start() and hands each to the sink, which renders what the client
+ * gets. The response starts only when the sink says so (so an error before any output can still
+ * be an ordinary error response with its own status).
+ */
+typedef struct st_edge_relay_sink {
+    /**
+     * Renders one event (type delta|reset|done|error, data a JSON text of len bytes) into out. To
+     * start the response, adds its headers to er (edge_add_header) and fills *start; sets *end when
+     * the response ends after out. Returns 0, or BG_ERR_TOO_LARGE when out is full (the response
+     * then ends).
+     */
+    int (*event)(void *ud, edge_req_t *er, const char *type, const char *data, size_t len,
+                 bg_buf_t *out, edge_relay_start_t *start, bool *end);
+    /** The response must end before the sink started it (shutdown, overflow): render how. */
+    void (*abort)(void *ud, edge_req_t *er, bg_buf_t *out, edge_relay_start_t *start);
+    /** Frees ud (called once, when the stream is freed); may be NULL. */
+    void (*free)(void *ud);
+} edge_relay_sink_t;
+
+/**
+ * Relays job_id's output (from its start) through sink; ud is the sink's state, owned by the
+ * stream from here on (also when the request is already gone). Heartbeat comments are sent once
+ * the response has started. No-op apart from freeing ud when the request is gone.
+ */
+void edge_relay_start_sink(edge_req_t *er, const char *job_id, int shard,
+                           const edge_relay_sink_t *sink, void *ud);
 
 /** Returns true when s is a stream entry id ("<ms>-<seq>", decimal). */
 bool edge_sse_is_entry_id(const char *s);

@@ -19,6 +19,7 @@
 #include "bg/metrics.h"
 #include "bg/timeutil.h"
 #include "edge.h"
+#include "openai.h"
 
 static bg_metrics_counter_t *m_requests;
 static bg_metrics_histogram_t *m_latency;
@@ -191,9 +192,44 @@ void edge_respond_json(edge_req_t *er, int status, bg_buf_t *buf)
     bg_buf_reset(buf);
 }
 
+bool edge_is_openai(const edge_req_t *er)
+{
+    if (er->req == NULL)
+        return false;
+    h2o_iovec_t p = er->req->path_normalized;
+    return p.len >= 3 && memcmp(p.base, "/v1", 3) == 0 && (p.len == 3 || p.base[3] == '/');
+}
+
+/* The error of an OpenAI-compatible route, in OpenAI's shape (PROTOCOLS.md §3.5). */
+static void openai_error(edge_req_t *er, const char *code, const char *message, int retry_after_s)
+{
+    edge_oai_error_map_t m = edge_oai_map_error(code);
+    bg_buf_t body;
+    bg_buf_init(&body, 16384);
+    if (edge_oai_write_error(&body, message, m.type, er->err_param, m.code) != 0) {
+        bg_buf_reset(&body);
+        if (edge_oai_write_error(&body, "", m.type, NULL, m.code) != 0)
+            bg_error("cannot render the error body of %s", code);
+    }
+    if (retry_after_s > 0) {
+        char ra[16];
+        snprintf(ra, sizeof(ra), "%d", retry_after_s);
+        edge_add_header(er, "retry-after", ra);
+    }
+    /* OpenAI's clients retry 429 and 5xx unless told not to; waiting does not lift these */
+    edge_add_header(er, "x-should-retry", m.no_retry ? "false" : "true");
+    edge_add_header(er, "cache-control", "no-store");
+    edge_respond_json(er, m.status, &body);
+    bg_buf_dispose(&body);
+}
+
 void edge_error_msg(edge_req_t *er, const char *code, const char *message, const char *details_json,
                     int retry_after_s)
 {
+    if (edge_is_openai(er)) {
+        openai_error(er, code, message, retry_after_s);
+        return;
+    }
     const bg_api_error_t *e = bg_api_error_find(code);
     if (e == NULL) {
         bg_error("unknown API error code \"%s\"", code);
@@ -235,7 +271,13 @@ void edge_error(edge_req_t *er, const char *code, const char *details_json,
                 const char *const params[], int retry_after_s)
 {
     const bg_api_error_t *e = bg_api_error_find(code);
+    char own_key[96];
     const char *key = e != NULL ? e->msg_key : "error.internal";
+    if (e == NULL && edge_is_openai(er)) {
+        /* codes of the OpenAI-compatible routes only (model_not_found, …) */
+        snprintf(own_key, sizeof(own_key), "error.%s", code);
+        key = own_key;
+    }
     /* messages of 429 and 503 may name the wait: add it to the caller's parameters */
     const char *all[16];
     size_t n = 0;

@@ -172,7 +172,7 @@ static void agents_work(void *arg)
     chat_op_t *op = arg;
     PGconn *c = db(op);
     if (c != NULL)
-        op->rc = bg_agents_list(c, op->user_id, false, &op->agents);
+        op->rc = bg_agents_list_usable(c, op->user_id, BG_AGENT_CHANNEL_WEB, &op->agents);
 }
 
 static void agents_done(edge_req_t *er, void *arg)
@@ -212,13 +212,34 @@ static void agents_list(edge_req_t *er)
 }
 
 /* POST /chat/conversations {agent_id, title?} */
+
+/* What the chat module's allow hook needs: the pool thread's connection and where to leave why. */
+typedef struct st_allow_ctx {
+    PGconn *c;
+    int rc;
+} allow_ctx_t;
+
+/* Whether this user may use the agent on the web (resource_access policies, its channels). */
+static bool allow_agent(void *ctx, const char *user_id, const char *agent_id)
+{
+    allow_ctx_t *a = ctx;
+    bg_agent_t agent;
+    a->rc = bg_agents_get_usable(a->c, user_id, agent_id, BG_AGENT_CHANNEL_WEB, &agent);
+    return a->rc == 0;
+}
+
 static void create_work(void *arg)
 {
     chat_op_t *op = arg;
     PGconn *c = db(op);
-    if (c != NULL)
-        op->rc =
-            bg_chat_create(c, op->user_id, op->agent_id, "web", op->title, NULL, NULL, &op->conv);
+    if (c == NULL)
+        return;
+    allow_ctx_t allow = {c, 0};
+    op->rc = bg_chat_create(c, op->user_id, op->agent_id, "web", op->title, allow_agent, &allow,
+                            &op->conv);
+    /* a refusal is the policy's; a database failure while deciding is not a 403 */
+    if (op->rc == BG_ERR_DENIED && allow.rc != BG_ERR_DENIED && allow.rc != 0)
+        op->rc = allow.rc;
 }
 
 static void conv_done(edge_req_t *er, chat_op_t *op, int status)
@@ -238,6 +259,12 @@ static void create_done(edge_req_t *er, void *arg)
         /* no such agent, or not one this user may use: say which thing was not found */
         edge_error(er, "not_found", "{\"field\":\"agent_id\",\"reason\":\"unknown_agent\"}", NULL,
                    0);
+        return;
+    }
+    if (op->rc == BG_ERR_DENIED && er->req != NULL) {
+        /* the agent exists for this user, but a resource_access policy keeps it from them */
+        edge_error(er, "forbidden", "{\"field\":\"agent_id\",\"reason\":\"agent_not_allowed\"}",
+                   NULL, 0);
         return;
     }
     if (failed(er, op, "title"))

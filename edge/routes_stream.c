@@ -13,9 +13,8 @@
  *
  * Order of a turn. The message is stored before admission (on the pool, where the conversation's
  * ownership is checked too), so the job can name it; a denied turn leaves the user's message
- * without a reply, as a failed provider call would. A user without a compiled admission state
- * (a new or flushed Redis) is compiled from Postgres on the pool and admitted once more. Redis
- * down means 503 with Retry-After: admission fails closed.
+ * without a reply, as a failed provider call would. Admission itself is edge_admit() (admit.c):
+ * Redis down means 503 with Retry-After, since admission fails closed.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +38,8 @@
 #define RESERVATION_TTL_MS (15 * 60 * 1000)
 /* How long a job's owner key and its cancel mark live: as long as its output stream. */
 #define JOB_TTL_S "3600"
+/* Fields of a turn's job. */
+#define TURN_FIELDS 9
 
 typedef struct st_turn_op {
     const bg_config_t *cfg;
@@ -49,13 +50,13 @@ typedef struct st_turn_op {
     char request_id[EDGE_REQUEST_ID_LEN + 1];
     char locale[16];
     bool respond_async;
-    bool retried; /* compiled the admission state once already */
     int shard;
     int rc;
     bg_chat_conversation_t conv;
     bg_user_t user;
     char message_id[24];
-    bg_admission_state_t state;
+    const char *fields[2 * TURN_FIELDS]; /* the job's, pointing into this op */
+    bg_admission_req_t admission;
 } turn_op_t;
 
 static void turn_free(void *p)
@@ -94,26 +95,17 @@ static void store_work(void *arg)
     snprintf(op->message_id, sizeof(op->message_id), "%lld", (long long)mid);
 }
 
-static void admit(edge_req_t *er, turn_op_t *op);
-
-static void add_decision_headers(edge_req_t *er, const bg_admission_decision_t *d)
-{
-    bg_admission_header_t h[BG_ADMISSION_HEADERS_MAX];
-    size_t n = bg_admission_headers(d, h);
-    for (size_t i = 0; i < n; i++) {
-        if (strcmp(h[i].name, "retry-after") != 0) /* edge_error adds it */
-            edge_add_header(er, h[i].name, h[i].value);
-    }
-}
-
 static void respond_admitted(edge_req_t *er, turn_op_t *op)
 {
+    char url[96];
+    snprintf(url, sizeof(url), "/chat/jobs/%s/stream", op->job_id);
+    /* a client that loses this stream resumes at the job's own stream URL */
+    edge_add_header(er, "x-job-id", op->job_id);
     if (!op->respond_async) {
+        edge_add_header(er, "content-location", url);
         edge_sse_relay_start(er, op->job_id, op->shard, NULL);
         return;
     }
-    char url[96];
-    snprintf(url, sizeof(url), "/chat/jobs/%s/stream", op->job_id);
     bg_buf_t out;
     bg_buf_init(&out, 4096);
     bg_json_writer_t w;
@@ -139,73 +131,14 @@ static void owner_written(void *ud, int err, const redisReply *reply)
     edge_req_unref(er);
 }
 
-static void compile_work(void *arg)
+static void admitted(edge_req_t *er, void *arg, const bg_admission_decision_t *d)
 {
     turn_op_t *op = arg;
-    PGconn *c = edge_pg(op->cfg, NULL, &op->rc);
-    if (c != NULL)
-        op->rc = bg_policy_compile_user(c, op->user_id, bg_timeutil_wall_ms(), &op->state);
-}
-
-static void state_written(void *ud, int err, const redisReply *reply)
-{
-    edge_req_t *er = ud;
-    if (er->req != NULL) {
-        if (err != 0 || reply->type == REDIS_REPLY_ERROR)
-            edge_error(er, "service_unavailable", NULL, NULL, 1);
-        else
-            admit(er, er->data);
-    }
-    edge_req_unref(er);
-}
-
-static void compile_done(edge_req_t *er, void *arg)
-{
-    turn_op_t *op = arg;
-    if (er->req == NULL)
-        return;
-    if (op->rc == BG_ERR_NOT_FOUND) {
-        edge_error(er, "unauthorized", NULL, NULL, 0);
-        return;
-    }
-    if (op->rc != 0) {
-        edge_error(er, "service_unavailable", NULL, NULL, 2);
-        return;
-    }
-    edge_req_ref(er);
-    if (bg_policy_state_write_async(er->thread->redis, op->cfg->shards, &op->state, state_written,
-                                    er) != 0) {
-        edge_req_unref(er);
-        edge_error(er, "service_unavailable", NULL, NULL, 1);
-    }
-}
-
-static void admitted(void *ud, int err, const bg_admission_decision_t *d)
-{
-    edge_req_t *er = ud;
-    turn_op_t *op = er->data;
-    if (er->req == NULL)
-        goto out;
-    if (err != 0) {
-        edge_error(er, "service_unavailable", NULL, NULL, 1);
-        goto out;
-    }
-    if (d->verdict == BG_ADMISSION_NO_STATE) {
-        if (op->retried) {
-            edge_error(er, "service_unavailable", NULL, NULL, 1);
-        } else {
-            op->retried = true;
-            memset(&op->state, 0, sizeof(op->state));
-            if (edge_blocking(er, compile_work, compile_done, op) != 0)
-                edge_error(er, "service_unavailable", NULL, NULL, 1);
-        }
-        goto out;
-    }
-    add_decision_headers(er, d);
+    edge_admission_headers(er, d);
     if (d->verdict != BG_ADMISSION_OK) {
         edge_error(er, bg_admission_error_code(d->verdict), NULL, NULL,
                    (int)bg_admission_retry_after_s(d));
-        goto out;
+        return;
     }
     char key[BG_REDIS_KEY_MAX];
     job_key(key, sizeof(key), op->shard, "job", op->job_id);
@@ -216,35 +149,39 @@ static void admitted(void *ud, int err, const bg_admission_decision_t *d)
         bg_warn("job %s: cannot record its owner", op->job_id);
         respond_admitted(er, op);
     }
-out:
-    edge_req_unref(er);
 }
 
 static void admit(edge_req_t *er, turn_op_t *op)
 {
-    const char *fields[] = {
-        "user_id",    op->user_id,    "conversation_id",
-        op->conv_id,  "agent_id",     op->conv.agent_id,
-        "message_id", op->message_id, "channel",
-        "web",        "locale",       op->locale,
-        "user_name",  op->user.name,  "max_tokens",
-        "0",          "temperature",  "",
-    };
-    bg_admission_req_t req = {
+    op->fields[0] = "user_id";
+    op->fields[1] = op->user_id;
+    op->fields[2] = "conversation_id";
+    op->fields[3] = op->conv_id;
+    op->fields[4] = "agent_id";
+    op->fields[5] = op->conv.agent_id;
+    op->fields[6] = "message_id";
+    op->fields[7] = op->message_id;
+    op->fields[8] = "channel";
+    op->fields[9] = "web";
+    op->fields[10] = "locale";
+    op->fields[11] = op->locale;
+    op->fields[12] = "user_name";
+    op->fields[13] = op->user.name;
+    op->fields[14] = "max_tokens";
+    op->fields[15] = "0";
+    op->fields[16] = "temperature";
+    op->fields[17] = "";
+    op->admission = (bg_admission_req_t){
         .user_id = op->user_id,
         .feature = "",
         .role = "llm",
         .job_id = op->job_id,
-        .nfields = BG_ARRAY_SIZE(fields) / 2,
-        .fields = fields,
+        .nfields = TURN_FIELDS,
+        .fields = op->fields,
         .reservation_ttl_ms = RESERVATION_TTL_MS,
         .stream_maxlen = op->cfg->stream_maxlen,
     };
-    edge_req_ref(er);
-    if (bg_admission_admit_async(er->thread->redis, op->cfg->shards, &req, admitted, er) != 0) {
-        edge_req_unref(er);
-        edge_error(er, "service_unavailable", NULL, NULL, 1);
-    }
+    edge_admit(er, &op->admission, admitted, op);
 }
 
 static void store_done(edge_req_t *er, void *arg)

@@ -13,6 +13,11 @@
  *
  * SSE ids are the stream's entry ids, so a client resumes with Last-Event-ID on any edge.
  *
+ * Sinks (edge_relay_start_sink): the OpenAI-compatible API reads the same events but renders them
+ * in OpenAI's shapes, and starts its response only when its sink says so: a job that fails before
+ * its first token is then an ordinary JSON error with its own status, and a non-streaming request
+ * is one JSON body sent when the job is done. Until then nothing is sent, not even heartbeats.
+ *
  * Back-pressure (libh2o 2.2.5): h2o_send is called again only after proceed(); the bytes in flight
  * live in their own buffer until then, and new events collect in a second one capped at
  * EDGE_SSE_BUFFER_MAX. A client that falls that far behind gets its response ended after what
@@ -75,6 +80,9 @@ struct st_edge_stream {
     bool again;    /* a notification came during the read */
     bool finished; /* done or error relayed (or the buffer overflowed): end after the flush */
     bool closed;   /* stop() came or FINAL was sent: the request is not ours any more */
+    bool started;  /* h2o_start_response was called */
+    const edge_relay_sink_t *sink; /* NULL: our own event format */
+    void *sink_ud;                 /* the sink's state, freed with the stream */
 };
 
 static bg_metrics_gauge_t *m_open;
@@ -102,6 +110,8 @@ static void stream_release(edge_stream_t *s)
         return;
     bg_buf_dispose(&s->pending);
     bg_buf_dispose(&s->inflight);
+    if (s->sink != NULL && s->sink->free != NULL)
+        s->sink->free(s->sink_ud);
     edge_req_unref(s->er);
     free(s);
 }
@@ -136,6 +146,33 @@ static void stream_close(edge_stream_t *s)
 
 /* ---- sending ---- */
 
+/* Sends the response's status and headers (those added to the request so far, and ours). */
+static void stream_start(edge_stream_t *s, int status, const char *content_type)
+{
+    h2o_req_t *req = s->er->req;
+    s->started = true;
+    req->res.status = status;
+    req->res.reason = "OK";
+    edge_add_header(s->er, "x-request-id", s->er->request_id);
+    edge_add_header(s->er, "x-content-type-options", "nosniff");
+    edge_add_header(s->er, "content-type", content_type);
+    edge_add_header(s->er, "cache-control", "no-store");
+    if (strncmp(content_type, "text/event-stream", 17) == 0)
+        edge_add_header(s->er, "x-accel-buffering", "no");
+    h2o_start_response(req, &s->gen);
+}
+
+/* A deferred response that must end before its sink started it (shutdown, a client too far
+ * behind): the sink renders how it ends. */
+static void stream_abort_deferred(edge_stream_t *s)
+{
+    edge_relay_start_t st = {0};
+    bg_buf_reset(&s->pending);
+    s->sink->abort(s->sink_ud, s->er, &s->pending, &st);
+    stream_start(s, st.status != 0 ? st.status : 503,
+                 st.content_type != NULL ? st.content_type : "application/json; charset=utf-8");
+}
+
 /* Hands what is pending to h2o when it may take more; ends the response once finished. */
 static void stream_flush(edge_stream_t *s)
 {
@@ -146,6 +183,11 @@ static void stream_flush(edge_stream_t *s)
         /* h2o disposed the request without stop(): nothing more can be sent */
         stream_close(s);
         return;
+    }
+    if (!s->started) {
+        if (!s->finished)
+            return; /* the sink has not started the response yet: nothing may be sent */
+        stream_abort_deferred(s);
     }
     if (s->finished) {
         /* no proceed() follows a FINAL chunk: its bytes go into the pool, which outlives it */
@@ -254,6 +296,18 @@ static int append_entry(edge_stream_t *s, const char *id, const redisReply *fiel
     const char *d = data != NULL ? data->str : "{}";
     size_t dlen = data != NULL ? data->len : 2;
     int rc;
+    if (s->sink != NULL) {
+        edge_relay_start_t st = {0};
+        bool end = false;
+        rc = s->sink->event(s->sink_ud, s->er, t, d, dlen, &s->pending, &st, &end);
+        if (rc != 0)
+            return rc;
+        if (!s->started && st.status != 0)
+            stream_start(s, st.status, st.content_type);
+        if (end)
+            s->finished = true;
+        return 0;
+    }
     if (strcmp(t, "error") == 0) {
         bg_buf_t e;
         bg_buf_init(&e, 16384);
@@ -341,7 +395,8 @@ static void on_heartbeat(uv_timer_t *t)
     edge_stream_t *s = t->data;
     if (s->closed)
         return;
-    if (s->pending.len == 0 && !s->sending && bg_sse_write_comment(&s->pending, "hb") != 0)
+    if (s->started && s->pending.len == 0 && !s->sending &&
+        bg_sse_write_comment(&s->pending, "hb") != 0)
         bg_debug("stream of job %s: no room for a heartbeat", s->job_id);
     stream_flush(s);
     stream_read(s);
@@ -436,11 +491,10 @@ bool edge_sse_is_entry_id(const char *s)
     return digits > 0 && digits <= 20 && s[j] == '\0';
 }
 
-void edge_sse_relay_start(edge_req_t *er, const char *job_id, int shard, const char *last_id)
+/* Registers a new stream of job_id and reads what the job wrote so far. */
+static edge_stream_t *stream_open(edge_req_t *er, const char *job_id, int shard,
+                                  const char *last_id, const edge_relay_sink_t *sink, void *sink_ud)
 {
-    h2o_req_t *req = er->req;
-    if (req == NULL)
-        return;
     edge_relay_t *r = er->thread->relay;
     edge_stream_t *s = bg_calloc(1, sizeof(*s));
     s->gen.proceed = on_proceed;
@@ -449,6 +503,8 @@ void edge_sse_relay_start(edge_req_t *er, const char *job_id, int shard, const c
     s->er = er;
     edge_req_ref(er);
     s->refs = 2; /* the response, and the heartbeat timer handle */
+    s->sink = sink;
+    s->sink_ud = sink_ud;
     bg_strlcpy(s->job_id, job_id, sizeof(s->job_id));
     snprintf(s->key, sizeof(s->key), "bg:{s%d}:out:%s", shard, job_id);
     if (last_id != NULL)
@@ -467,20 +523,32 @@ void edge_sse_relay_start(edge_req_t *er, const char *job_id, int shard, const c
         s->next->prev = s;
     r->buckets[s->bucket] = s;
     bg_metrics_gauge_add(m_open, NULL, 1);
+    uv_timer_start(&s->heartbeat, on_heartbeat, EDGE_SSE_HEARTBEAT_S * 1000,
+                   EDGE_SSE_HEARTBEAT_S * 1000);
+    return s;
+}
 
-    req->res.status = 200;
-    req->res.reason = "OK";
-    edge_add_header(er, "x-request-id", er->request_id);
-    edge_add_header(er, "x-content-type-options", "nosniff");
-    edge_add_header(er, "content-type", "text/event-stream; charset=utf-8");
-    edge_add_header(er, "cache-control", "no-store");
-    edge_add_header(er, "x-accel-buffering", "no");
-    h2o_start_response(req, &s->gen);
+void edge_sse_relay_start(edge_req_t *er, const char *job_id, int shard, const char *last_id)
+{
+    if (er->req == NULL)
+        return;
+    edge_stream_t *s = stream_open(er, job_id, shard, last_id, NULL, NULL);
+    stream_start(s, 200, "text/event-stream; charset=utf-8");
     /* the first chunk sends the headers at once and tells the client how soon to come back */
     if (bg_sse_write_retry(&s->pending, RETRY_MS) != 0)
         bg_debug("stream of job %s: cannot write the retry hint", s->job_id);
-    uv_timer_start(&s->heartbeat, on_heartbeat, EDGE_SSE_HEARTBEAT_S * 1000,
-                   EDGE_SSE_HEARTBEAT_S * 1000);
     stream_flush(s);
+    stream_read(s);
+}
+
+void edge_relay_start_sink(edge_req_t *er, const char *job_id, int shard,
+                           const edge_relay_sink_t *sink, void *sink_ud)
+{
+    if (er->req == NULL) {
+        if (sink->free != NULL)
+            sink->free(sink_ud);
+        return;
+    }
+    edge_stream_t *s = stream_open(er, job_id, shard, NULL, sink, sink_ud);
     stream_read(s);
 }

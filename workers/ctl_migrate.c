@@ -5,6 +5,9 @@
  *
  * Connecting retries for a while: in a deployment the migration job often starts together with the
  * database and should wait for it rather than fail the rollout.
+ *
+ * After the migrations, the Paddle price ids of the environment (BG_PADDLE_PRICE_*) are applied
+ * to the plans (bg_plans_apply_price_config: an id an admin set is kept and reported instead).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +16,7 @@
 #include "bg/err.h"
 #include "bg/migrate.h"
 #include "bg/pg.h"
+#include "bg/plans.h"
 #include "ctl.h"
 
 #define CONNECT_ATTEMPTS 8
@@ -106,6 +110,20 @@ int ctl_migrate_main(int argc, char **argv, const bg_config_t *cfg)
     if (connect_db(cfg, &c) != 0)
         return 1;
     int status = status_only ? cmd_status(c) : cmd_apply(c);
+    if (!status_only && status == 0) {
+        bg_plans_price_report_t rep;
+        int rc = bg_plans_apply_price_config(c, cfg, &rep);
+        if (rc != 0) {
+            fprintf(stderr, "bgctl migrate: cannot apply the Paddle price ids: %s\n",
+                    bg_strerror(rc));
+            status = 1;
+        } else if (rep.applied + rep.kept + rep.failed > 0) {
+            printf("Paddle price ids from the environment: %d applied, %d kept off by an admin's "
+                   "id, %d refused\n",
+                   rep.applied, rep.kept, rep.failed);
+            status = rep.failed > 0 ? 1 : 0;
+        }
+    }
     PQfinish(c);
     return status;
 }

@@ -9,6 +9,9 @@
  * SIGTERM or SIGINT stops reading, lets running jobs finish within BG_SHUTDOWN_GRACE_MS and exits
  * 0; jobs not finished stay pending for another worker.
  *
+ * Every bg-worker also runs the quota reconciler (bg/reconcile.h) every BG_RECONCILE_INTERVAL_S
+ * seconds; a Redis lock makes one worker at a time do a pass, and its gauges appear on /metrics.
+ *
  * The HTTP responder is deliberately small: one thread, one connection at a time, a read timeout,
  * a cap on the request head, GET and HEAD only, "Connection: close". Probes and Prometheus need no
  * more, and nothing here is exposed beyond BG_BIND_ADDRESS.
@@ -30,6 +33,7 @@
 #include "bg/config.h"
 #include "bg/err.h"
 #include "bg/log.h"
+#include "bg/reconcile.h"
 #include "bg/redis.h"
 #include "roles.h"
 #include "runtime.h"
@@ -350,6 +354,10 @@ int main(int argc, char **argv)
         return 1;
     }
 
+    bg_reconciler_t *reconciler = NULL;
+    if (bg_reconciler_start(&cfg, wk_runtime_consumer(rt), &reconciler) != 0)
+        bg_error("worker: the quota reconciler did not start; the worker runs without it");
+
     /* A first look at Redis, only to say clearly at start-up when it cannot be reached; the
      * runtime keeps retrying with backoff either way. */
     bg_redis_t *probe = NULL;
@@ -361,6 +369,7 @@ int main(int argc, char **argv)
     }
 
     rc = wk_runtime_run(rt);
+    bg_reconciler_stop(reconciler);
     health_stop(&health);
     if (rc != 0) {
         /* handler threads still run: freeing under them is not an option, and they hold nothing

@@ -25,6 +25,19 @@
  * status error). A reply that breaks after some text is stored as failed and recorded with status
  * error (outcome use), which the usage worker does not charge either: provider failures are ours.
  * A canceled reply is stored and charged (status canceled): its tokens were spent.
+ *
+ * API jobs (channel "api", from POST /v1/chat/completions) carry their messages instead of a
+ * conversation: the agent prompt's system message and examples, rendered with the built-ins only,
+ * come first, then the request's messages verbatim ("developer" sent as "system"). Nothing is
+ * stored, so a redelivered API job always starts over after a "reset". A prompt that needs values
+ * for its variables cannot be used there: "invalid_request", refunded.
+ *
+ * Caches (bg/llm_cache.h): agents and prompt versions come from a per-process cache (an agent for
+ * AGENT_TTL_MS, so an admin's change shows within that time; versions, immutable, until pushed
+ * out). A deterministic request (temperature 0) of an agent with cache_enabled is looked up in the
+ * response cache first; a hit is streamed like a reply (one delta), stored like one, billed as one
+ * request with cache_hit set, and its "done" says "cached": true. Only complete replies (stop or
+ * length from the provider) are written there, for the agent's cache_ttl_s.
  */
 #include "role_llm.h"
 
@@ -42,6 +55,7 @@
 #include "bg/jobout.h"
 #include "bg/json.h"
 #include "bg/llm.h"
+#include "bg/llm_cache.h"
 #include "bg/log.h"
 #include "bg/pg.h"
 #include "bg/prompt.h"
@@ -54,6 +68,16 @@
 #define REPLY_MAX BG_CHAT_CONTENT_MAX
 /* History loaded for a prompt: what fits a rendered prompt at most. */
 #define HISTORY_BYTES_MAX BG_PROMPT_OUTPUT_MAX
+/* How long an agent row (and the version it resolves to) is reused: an admin's change to an
+ * agent, or a new current version of its prompt, reaches the jobs within this time. */
+#define AGENT_TTL_MS 5000
+/* Slots of the definition cache: agents and parsed prompt versions (bounded memory). */
+#define AGENT_SLOTS 256
+#define PROMPT_SLOTS 128
+/* The messages an API job carries, and the whole array sent for it (the provider client's cap). */
+#define API_MESSAGES_MAX (4u << 20)
+/* Messages of an API job. */
+#define API_MESSAGES_COUNT_MAX 2048
 
 typedef struct st_llm_role {
     char *database_url;      /* owned */
@@ -62,6 +86,7 @@ typedef struct st_llm_role {
     char *fallback_base_url; /* owned; NULL when none */
     char *model;             /* owned: the deployment's default model */
     int shards;
+    bg_llm_defs_t *defs; /* owned: agents and prompt versions, shared by the handler threads */
 } llm_role_t;
 
 typedef struct st_llm_thread {
@@ -83,8 +108,11 @@ typedef struct st_llm_job {
     const char *locale;
     const char *user_name;
     int64_t message_id;
-    int64_t max_tokens; /* 0: the agent's */
-    double temperature; /* < 0: the agent's */
+    int64_t max_tokens;   /* 0: the agent's */
+    double temperature;   /* < 0: the agent's */
+    bool api;             /* channel "api": messages instead of a conversation */
+    const char *messages; /* api: the request's messages, a JSON array text */
+    uint64_t start_ms;    /* monotonic, when the handler took the job */
 } llm_job_t;
 
 /* One provider call in progress. */
@@ -97,6 +125,7 @@ typedef struct st_llm_run {
     bool finished;
     bool cancel_asked; /* the user's cancel */
     bool too_long;     /* the reply reached REPLY_MAX */
+    bool shown;        /* some text was appended to the output already */
     uint64_t last_cancel_check_ms;
     bg_llm_result_t res;
 } llm_run_t;
@@ -114,6 +143,7 @@ typedef struct st_llm_end {
     const char *usage_status;    /* "ok", "error", "canceled" */
     const char *error_class;     /* NULL when none */
     bg_admission_outcome_t outcome;
+    bool cached; /* served from the response cache */
 } llm_end_t;
 
 /* ---- role and thread state ---- */
@@ -140,6 +170,7 @@ int wk_llm_init(const bg_config_t *cfg, void **ud)
     l->fallback_base_url = dup_or_null(cfg->llm_fallback_base_url);
     l->model = bg_strdup(bg_str_present(cfg->llm_model) ? cfg->llm_model : "demo-1");
     l->shards = cfg->shards;
+    l->defs = bg_llm_defs_new(AGENT_TTL_MS, AGENT_SLOTS, PROMPT_SLOTS);
     *ud = l;
     return 0;
 }
@@ -157,6 +188,7 @@ void wk_llm_dispose(void *ud)
     }
     free(l->fallback_base_url);
     free(l->model);
+    bg_llm_defs_free(l->defs);
     free(l);
 }
 
@@ -237,6 +269,9 @@ static int parse_job(wk_job_t *job, const llm_role_t *l, llm_job_t *j)
     j->agent_id = field_or_empty(job, "agent_id");
     j->locale = field_or_empty(job, "locale");
     j->user_name = field_or_empty(job, "user_name");
+    j->api = strcmp(j->channel, "api") == 0;
+    j->messages = field_or_empty(job, "messages");
+    j->start_ms = bg_timeutil_mono_ms();
 
     const char *mid = field_or_empty(job, "message_id");
     char *end = NULL;
@@ -333,14 +368,17 @@ static int append_done(const llm_job_t *j, const llm_role_t *l, const llm_end_t 
     bg_json_writer_t w;
     bg_json_writer_init(&w, &data);
     bg_json_write_begin_object(&w);
-    bg_json_write_field_str(&w, "message_id", mid);
+    if (e->message_id > 0)
+        bg_json_write_field_str(&w, "message_id", mid);
     bg_json_write_field_str(&w, "finish_reason", e->finish_reason);
+    bg_json_write_field_str(&w, "model", e->model != NULL ? e->model : "");
     bg_json_write_key(&w, "usage");
     bg_json_write_begin_object(&w);
     bg_json_write_field_int(&w, "prompt_tokens", e->prompt_tokens);
     bg_json_write_field_int(&w, "completion_tokens", e->completion_tokens);
     bg_json_write_field_str(&w, "source", e->token_source);
     bg_json_write_end_object(&w);
+    bg_json_write_field_bool(&w, "cached", e->cached);
     if (known) {
         bg_json_write_key(&w, "quota");
         bg_json_write_begin_object(&w);
@@ -357,7 +395,28 @@ static int append_done(const llm_job_t *j, const llm_role_t *l, const llm_end_t 
     return rc;
 }
 
-/* Emits the usage event, then appends "done" or "error". 0, or an error to retry the job. */
+/*
+ * Settles the job's reservation as soon as its usage event is out, rather than when the usage
+ * worker gets to the event: otherwise the user's next turn, sent the moment "done" arrives, finds
+ * this one still holding a concurrency slot (a spurious 429), and the quota "done" reports would be
+ * one behind. The usage worker settles again after its commit and finds it settled ("duplicate"),
+ * so a job is still settled exactly once; if this settle fails, that later one does it. The price:
+ * an event the usage worker can never record (dead-lettered) leaves the request counted in Redis
+ * without its ledger debit, which the reconciler reports as drift.
+ */
+static void settle_now(const llm_job_t *j, const llm_role_t *l, const bg_usage_event_t *ev)
+{
+    bg_admission_settle_result_t result = BG_ADMISSION_SETTLE_UNKNOWN;
+    int rc =
+        bg_admission_settle(j->r, l->shards, j->user_id, j->job_id,
+                            bg_usage_event_is_charged(ev) ? BG_ADMISSION_USE : BG_ADMISSION_REFUND,
+                            ev->prompt_tokens + ev->completion_tokens, &result, NULL);
+    if (rc != 0)
+        bg_warn("llm: job %s: early settle failed (%s); the usage worker settles it", j->job_id,
+                bg_strerror(rc));
+}
+
+/* Emits the usage event, settles, then appends "done" or "error". 0, or an error to retry. */
 static int finish(const llm_job_t *j, const llm_role_t *l, const llm_end_t *e)
 {
     const bg_usage_event_t ev = {
@@ -374,7 +433,7 @@ static int finish(const llm_job_t *j, const llm_role_t *l, const llm_end_t *e)
         .ttft_ms = e->ttft_ms,
         .status = e->usage_status,
         .error_class = e->error_class,
-        .cache_hit = false,
+        .cache_hit = e->cached,
         .outcome = e->outcome,
         .occurred_at_ms = bg_timeutil_wall_ms(),
     };
@@ -383,6 +442,7 @@ static int finish(const llm_job_t *j, const llm_role_t *l, const llm_end_t *e)
         snprintf(j->job->error, sizeof(j->job->error), "usage not emitted: %s", bg_strerror(rc));
         return rc == BG_ERR_INVALID ? BG_ERR_INVALID : BG_ERR_RETRY;
     }
+    settle_now(j, l, &ev);
     if (e->finish_reason != NULL)
         rc = append_done(j, l, e);
     else
@@ -395,24 +455,30 @@ static int finish(const llm_job_t *j, const llm_role_t *l, const llm_end_t *e)
     return 0;
 }
 
-/* A job that cannot succeed (unknown conversation, agent, user message; a prompt that does not
- * render): an "internal" error and a refund. */
-static int fail_internal(const llm_job_t *j, const llm_role_t *l, const char *why)
+/* A job that cannot succeed: an error event with code (not retryable) and a refund. */
+static int fail_job(const llm_job_t *j, const llm_role_t *l, const char *code, const char *why)
 {
     bg_warn("llm: job %s cannot run: %s", j->job_id, why);
-    const llm_end_t e = {.error_code = "internal",
+    const llm_end_t e = {.error_code = code,
                          .retryable = false,
                          .model = l->model,
                          .token_source = "estimated",
                          .latency_ms = -1,
                          .ttft_ms = -1,
                          .usage_status = "error",
-                         .error_class = "internal",
+                         .error_class = code,
                          .outcome = BG_ADMISSION_REFUND};
     int rc = finish(j, l, &e);
     if (rc == 0)
         snprintf(j->job->error, sizeof(j->job->error), "%s", why);
     return rc;
+}
+
+/* A job that cannot succeed through no fault of the request (unknown conversation, agent, user
+ * message; a prompt that does not render): an "internal" error and a refund. */
+static int fail_internal(const llm_job_t *j, const llm_role_t *l, const char *why)
+{
+    return fail_job(j, l, "internal", why);
 }
 
 /* ---- redelivery ---- */
@@ -492,6 +558,7 @@ static void flush(llm_run_t *run)
         bg_warn("llm: job %s: output not appended: %s", run->j->job_id, bg_strerror(rc));
         return;
     }
+    run->shown = true;
     check_cancel(run);
 }
 
@@ -507,7 +574,8 @@ static void on_delta(void *ud, const char *text, size_t len)
             bg_llm_cancel(run->call);
         return;
     }
-    if (bg_jobout_batch_add(&run->batch, text, len))
+    /* the first text goes out at once (it is what the user waits for); the rest in batches */
+    if (bg_jobout_batch_add(&run->batch, text, len) || !run->shown)
         flush(run);
 }
 
@@ -573,8 +641,63 @@ static int stream(llm_run_t *run, const char *model, const char *messages, doubl
     return 0;
 }
 
+/* Where a reply that may be cached goes: its key and TTL; key[0] == '\0' when it is not cached. */
+typedef struct st_cache_slot {
+    char key[BG_LLM_CACHE_KEY_SIZE];
+    int ttl_s;
+} cache_slot_t;
+
+/* Stores a complete reply in the response cache. A failure only costs a later miss. */
+static void cache_store(const llm_job_t *j, const cache_slot_t *cs, const llm_end_t *e,
+                        const bg_buf_t *text)
+{
+    if (cs->key[0] == '\0' || text->len > BG_LLM_CACHE_TEXT_MAX)
+        return;
+    bg_llm_cached_t v = {.text = text->base,
+                         .text_len = text->len,
+                         .prompt_tokens = e->prompt_tokens,
+                         .completion_tokens = e->completion_tokens};
+    (void)bg_strlcpy(v.finish_reason, e->finish_reason, sizeof(v.finish_reason));
+    (void)bg_strlcpy(v.token_source, e->token_source, sizeof(v.token_source));
+    int rc = bg_llm_cache_put(j->r, cs->key, &v, cs->ttl_s);
+    if (rc != 0)
+        bg_warn("llm: job %s: reply not cached: %s", j->job_id, bg_strerror(rc));
+}
+
+/* Stores the assistant message of a web job, then finishes. Returns as finish(). */
+static int store_and_finish(const llm_job_t *j, const llm_role_t *l, PGconn *c, llm_end_t *e,
+                            const char *status, const bg_buf_t *text)
+{
+    if (j->api)
+        return finish(j, l, e);
+    const bg_chat_reply_t reply = {.job_id = j->job_id,
+                                   .content = text->base != NULL ? text->base : "",
+                                   .status = status,
+                                   .model = e->model,
+                                   .request_id = j->job_id,
+                                   .error_class = e->error_class,
+                                   .prompt_tokens = e->prompt_tokens,
+                                   .completion_tokens = e->completion_tokens};
+    bool created = false;
+    int rc = bg_chat_append_assistant(c, j->conversation_id, &reply, &e->message_id, &created);
+    if (rc == BG_ERR_NOT_FOUND || rc == BG_ERR_CONFLICT || rc == BG_ERR_INVALID) {
+        /* the conversation went away meanwhile (or refuses the reply): the tokens were spent */
+        bg_warn("llm: job %s: reply not stored: %s", j->job_id, bg_strerror(rc));
+        e->finish_reason = NULL;
+        e->error_code = "internal";
+        e->retryable = false;
+        return finish(j, l, e);
+    }
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "reply not stored: %s", bg_strerror(rc));
+        return rc;
+    }
+    return finish(j, l, e);
+}
+
 /* Stores the reply and finishes the job after the provider call ended. */
-static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *model)
+static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *model,
+                    const cache_slot_t *cs)
 {
     const llm_job_t *j = run->j;
     const bg_llm_result_t *res = &run->res;
@@ -608,6 +731,7 @@ static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *
     }
 
     const char *status = NULL;
+    bool complete = false;
     if (!ok) {
         bg_info("llm: job %s: provider failed mid-reply: %s (%s)", j->job_id,
                 bg_llm_error_name(res->error), res->detail);
@@ -625,79 +749,67 @@ static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *
     } else {
         e.finish_reason = strcmp(res->finish_reason, "length") == 0 ? "length" : "stop";
         e.usage_status = "ok";
+        complete = res->error == BG_LLM_OK;
     }
-
-    const bg_chat_reply_t reply = {.job_id = j->job_id,
-                                   .content = run->text.base != NULL ? run->text.base : "",
-                                   .status = status,
-                                   .model = model,
-                                   .request_id = j->job_id,
-                                   .error_class = e.error_class,
-                                   .prompt_tokens = e.prompt_tokens,
-                                   .completion_tokens = e.completion_tokens};
-    bool created = false;
-    rc = bg_chat_append_assistant(c, j->conversation_id, &reply, &e.message_id, &created);
-    if (rc == BG_ERR_NOT_FOUND || rc == BG_ERR_CONFLICT || rc == BG_ERR_INVALID) {
-        /* the conversation went away meanwhile (or refuses the reply): the tokens were spent */
-        bg_warn("llm: job %s: reply not stored: %s", j->job_id, bg_strerror(rc));
-        e.finish_reason = NULL;
-        e.error_code = "internal";
-        e.retryable = false;
-        return finish(j, l, &e);
-    }
-    if (rc != 0) {
-        snprintf(j->job->error, sizeof(j->job->error), "reply not stored: %s", bg_strerror(rc));
-        return rc;
-    }
-    return finish(j, l, &e);
+    if (complete)
+        cache_store(j, cs, &e, &run->text);
+    return store_and_finish(j, l, c, &e, status, &run->text);
 }
 
-/* Loads what the prompt needs, renders it, streams and concludes. */
-static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c)
+/* Answers a job from the response cache: the text as one delta, then stored and finished like a
+ * reply, billed as a request with cache_hit. */
+static int serve_cached(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *model,
+                        const bg_llm_cached_t *v)
 {
-    if (!bg_id_uuid_is_valid(j->conversation_id) || !bg_id_uuid_is_valid(j->agent_id) ||
-        j->message_id <= 0)
-        return fail_internal(j, l, "malformed conversation, agent or message id");
+    const llm_job_t *j = run->j;
+    if (v->text_len > 0) {
+        (void)bg_jobout_batch_add(&run->batch, v->text, v->text_len);
+        int rc = bg_jobout_batch_flush(&run->batch, j->r, j->shard, j->job_id);
+        if (rc != 0) {
+            snprintf(j->job->error, sizeof(j->job->error), "output not appended: %s",
+                     bg_strerror(rc));
+            return BG_ERR_RETRY;
+        }
+    }
+    int64_t took = (int64_t)(bg_timeutil_mono_ms() - j->start_ms);
+    llm_end_t e = {.finish_reason = v->finish_reason,
+                   .model = model,
+                   .prompt_tokens = v->prompt_tokens,
+                   .completion_tokens = v->completion_tokens,
+                   .token_source = v->token_source,
+                   .latency_ms = took,
+                   .ttft_ms = took,
+                   .usage_status = "ok",
+                   .outcome = BG_ADMISSION_USE,
+                   .cached = true};
+    const bg_buf_t text = {.base = v->text, .len = v->text_len};
+    return store_and_finish(j, l, c, &e, NULL, &text);
+}
 
-    bg_agent_t *agent = bg_malloc(sizeof(*agent));
-    bg_prompt_version_t version = {0};
+/*
+ * Renders a web job's prompt with the conversation into messages. Returns 0 with *ended false to
+ * go on; with *ended true the job is over and the result is the handler's (a failure event was
+ * appended, or Postgres failed).
+ */
+static int build_web(llm_job_t *j, const llm_role_t *l, PGconn *c, const bg_agent_t *agent,
+                     const bg_prompt_t *prompt, const bg_prompt_builtins_t *b, bg_buf_t *messages,
+                     bool *ended)
+{
+    *ended = true;
     bg_chat_message_list_t history = {0};
     bg_prompt_msg_t *msgs = NULL;
-    bg_prompt_t *prompt = NULL;
-    bg_buf_t messages;
-    bg_buf_init(&messages, BG_PROMPT_OUTPUT_MAX + 1);
-    llm_run_t run = {.j = j, .t = t};
-    bg_buf_init(&run.text, REPLY_MAX);
-    bg_jobout_batch_init(&run.batch);
-
-    int rc = bg_agents_get(c, j->agent_id, agent);
-    if (rc == BG_ERR_NOT_FOUND) {
-        rc = fail_internal(j, l, "unknown agent");
-        goto out;
-    }
-    if (rc != 0)
-        goto out_db;
-    rc = bg_agents_resolve_prompt(c, j->agent_id, &version);
-    if (rc == BG_ERR_NOT_FOUND) {
-        rc = fail_internal(j, l, "the agent has no prompt");
-        goto out;
-    }
-    if (rc != 0)
-        goto out_db;
-    bg_prompt_err_t perr = {0};
-    if (version.definition == NULL ||
-        bg_prompt_parse(version.definition, strlen(version.definition), &prompt, &perr) != 0) {
-        rc = fail_internal(j, l, "the prompt version does not parse");
-        goto out;
-    }
-    rc = bg_chat_history(c, j->conversation_id, j->message_id, BG_CHAT_HISTORY_MAX,
-                         HISTORY_BYTES_MAX, &history);
+    int rc = bg_chat_history(c, j->conversation_id, j->message_id, BG_CHAT_HISTORY_MAX,
+                             HISTORY_BYTES_MAX, &history);
     if (rc == BG_ERR_NOT_FOUND) {
         rc = fail_internal(j, l, "unknown conversation");
         goto out;
     }
-    if (rc != 0)
-        goto out_db;
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
+        rc = rc == BG_ERR_INVALID ? fail_internal(j, l, "the database refused a value of the job")
+                                  : BG_ERR_UNAVAILABLE;
+        goto out;
+    }
     if (history.count == 0 || history.items[history.count - 1].id != j->message_id ||
         strcmp(history.items[history.count - 1].role, "user") != 0) {
         rc = fail_internal(j, l, "the user message is not in the conversation");
@@ -711,50 +823,190 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
                                     history.items[i].content_len};
     size_t keep = bg_prompt_memory_keep(&agent->memory, msgs, n);
     const bg_chat_message_t *user = &history.items[n];
-    const bg_prompt_builtins_t builtins = {.user_name = j->user_name,
-                                           .locale = j->locale[0] != '\0' ? j->locale : NULL,
-                                           .channel = j->channel,
-                                           .date = NULL};
-    rc = bg_prompt_render(prompt, NULL, &builtins, msgs + (n - keep), keep, user->content,
-                          user->content_len, &messages, &perr);
+    bg_prompt_err_t perr = {0};
+    rc = bg_prompt_render(prompt, NULL, b, msgs + (n - keep), keep, user->content,
+                          user->content_len, messages, &perr);
     if (rc != 0) {
         snprintf(j->job->error, sizeof(j->job->error), "render: %s %s", perr.field,
                  perr.reason != NULL ? perr.reason : "");
         rc = fail_internal(j, l, "the prompt does not render");
         goto out;
     }
+    *ended = false;
+out:
+    free(msgs);
+    bg_chat_message_list_dispose(&history);
+    return rc;
+}
+
+static const char *provider_role(const char *role)
+{
+    if (strcmp(role, "developer") == 0)
+        return "system";
+    if (strcmp(role, "system") == 0 || strcmp(role, "user") == 0 || strcmp(role, "assistant") == 0)
+        return role;
+    return NULL;
+}
+
+/*
+ * Builds an API job's messages: the prompt's system message and examples, rendered with the
+ * built-ins and no variables, then the request's messages in order. Returns as build_web.
+ */
+static int build_api(llm_job_t *j, const llm_role_t *l, const bg_prompt_t *prompt,
+                     const bg_prompt_builtins_t *b, bg_buf_t *messages, bool *ended)
+{
+    static const bg_json_limits_t limits = {.max_bytes = API_MESSAGES_MAX,
+                                            .max_depth = 3,
+                                            .max_string = API_MESSAGES_MAX,
+                                            .max_members = API_MESSAGES_COUNT_MAX,
+                                            .max_values = API_MESSAGES_COUNT_MAX * 8};
+    *ended = true;
+    bg_json_doc_t *pre_doc = NULL, *req_doc = NULL;
+    bg_buf_t pre;
+    bg_buf_init(&pre, BG_PROMPT_OUTPUT_MAX);
+    bg_prompt_err_t perr = {0};
+    int rc = bg_prompt_render(prompt, NULL, b, NULL, 0, "", 0, &pre, &perr);
+    if (rc == BG_ERR_INVALID) {
+        snprintf(j->job->error, sizeof(j->job->error), "render: %s %s", perr.field,
+                 perr.reason != NULL ? perr.reason : "");
+        rc = fail_job(j, l, "invalid_request", "the agent's prompt needs variables");
+        goto out;
+    }
+    if (rc != 0 || bg_json_parse(pre.base, pre.len, NULL, &pre_doc, NULL, NULL) != 0 ||
+        !bg_json_is_array(bg_json_root(pre_doc)) || bg_json_len(bg_json_root(pre_doc)) == 0) {
+        rc = fail_internal(j, l, "the prompt does not render");
+        goto out;
+    }
+    const bg_json_t *req = NULL;
+    if (bg_json_parse(j->messages, strlen(j->messages), &limits, &req_doc, NULL, NULL) == 0)
+        req = bg_json_root(req_doc);
+    if (!bg_json_is_array(req) || bg_json_len(req) == 0) {
+        rc = fail_job(j, l, "invalid_request", "the job's messages are no non-empty array");
+        goto out;
+    }
+
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, messages);
+    bg_json_write_begin_array(&w);
+    /* the rendered array ends with the prompt's user turn, which an API request brings itself */
+    const bg_json_t *pv = bg_json_root(pre_doc);
+    for (size_t i = 0; i + 1 < bg_json_len(pv); i++)
+        bg_json_write_value(&w, bg_json_at(pv, i));
+    for (size_t i = 0; i < bg_json_len(req); i++) {
+        const bg_json_t *m = bg_json_at(req, i);
+        const char *role = NULL, *content = NULL, *as = NULL;
+        size_t len = 0;
+        if (bg_json_get_str(m, "role", &role) != 0 || (as = provider_role(role)) == NULL ||
+            bg_json_get_strn(m, "content", &content, &len) != 0) {
+            snprintf(j->job->error, sizeof(j->job->error), "messages[%zu] is malformed", i);
+            rc = fail_job(j, l, "invalid_request", "a message of the job is malformed");
+            goto out;
+        }
+        bg_json_write_begin_object(&w);
+        bg_json_write_field_str(&w, "role", as);
+        bg_json_write_key(&w, "content");
+        bg_json_write_strn(&w, content, len);
+        bg_json_write_end_object(&w);
+    }
+    bg_json_write_end_array(&w);
+    if (bg_json_write_finish(&w) != 0) {
+        rc = fail_job(j, l, "invalid_request", "the messages are too large");
+        goto out;
+    }
+    *ended = false;
+    rc = 0;
+out:
+    bg_json_doc_free(req_doc);
+    bg_json_doc_free(pre_doc);
+    bg_buf_dispose(&pre);
+    return rc;
+}
+
+/* Loads what the prompt needs, renders it, answers from the cache or streams, and concludes. */
+static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c)
+{
+    if (!bg_id_uuid_is_valid(j->agent_id))
+        return fail_internal(j, l, "malformed agent id");
+    if (!j->api && (!bg_id_uuid_is_valid(j->conversation_id) || j->message_id <= 0))
+        return fail_internal(j, l, "malformed conversation or message id");
+
+    bg_agent_t *agent = bg_malloc(sizeof(*agent));
+    bg_llm_prompt_t *pref = NULL;
+    bg_buf_t messages;
+    bg_buf_init(&messages, j->api ? API_MESSAGES_MAX : BG_PROMPT_OUTPUT_MAX + 1);
+    llm_run_t run = {.j = j, .t = t};
+    bg_buf_init(&run.text, REPLY_MAX);
+    bg_jobout_batch_init(&run.batch);
+    bg_llm_cached_t hit = {0};
+
+    int rc = bg_llm_defs_load(l->defs, c, j->agent_id, agent, &pref);
+    if (rc == BG_ERR_NOT_FOUND) {
+        rc = fail_internal(j, l, "unknown agent");
+        goto out;
+    }
+    if (rc == BG_ERR_INVALID) {
+        rc = fail_internal(j, l, "the prompt version does not parse");
+        goto out;
+    }
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
+        rc = BG_ERR_UNAVAILABLE;
+        goto out;
+    }
+    if (pref == NULL) {
+        rc = fail_internal(j, l, "the agent has no prompt");
+        goto out;
+    }
+
+    const bg_prompt_builtins_t builtins = {.user_name = j->user_name,
+                                           .locale = j->locale[0] != '\0' ? j->locale : NULL,
+                                           .channel = j->channel,
+                                           .date = NULL};
+    bool ended = false;
+    rc = j->api ? build_api(j, l, bg_llm_prompt_def(pref), &builtins, &messages, &ended)
+                : build_web(j, l, c, agent, bg_llm_prompt_def(pref), &builtins, &messages, &ended);
+    if (ended)
+        goto out;
+    size_t messages_len = messages.len;
     if (bg_buf_putc(&messages, '\0') != 0) {
         rc = fail_internal(j, l, "the prompt is too large");
         goto out;
     }
 
-    const char *model = version.model[0] != '\0'  ? version.model
+    const char *vmodel = bg_llm_prompt_model(pref);
+    const char *model = vmodel[0] != '\0'         ? vmodel
                         : agent->model[0] != '\0' ? agent->model
                                                   : l->model;
     double temperature = j->temperature >= 0 ? j->temperature : agent->temperature;
     int64_t max_tokens = j->max_tokens > 0 ? j->max_tokens : agent->max_tokens;
+
+    cache_slot_t cs = {.key = "", .ttl_s = agent->cache_ttl_s};
+    if (bg_llm_cache_is_cacheable(agent->cache_enabled, agent->cache_ttl_s, temperature)) {
+        bg_llm_cache_key(cs.key, model, messages.base, messages_len, max_tokens, temperature);
+        bool found = false;
+        int crc = bg_llm_cache_get(j->r, cs.key, &found, &hit);
+        if (crc != 0)
+            bg_warn("llm: job %s: response cache unreadable: %s", j->job_id, bg_strerror(crc));
+        if (crc == 0 && found) {
+            bg_debug("llm: job %s: answered from the response cache", j->job_id);
+            rc = serve_cached(&run, l, c, model, &hit);
+            goto out;
+        }
+    }
+
     rc = stream(&run, model, messages.base, temperature, max_tokens);
     if (rc != 0) {
         rc = fail_internal(j, l, "the provider request was refused before sending");
         goto out;
     }
-    rc = conclude(&run, l, c, model);
-    goto out;
+    rc = conclude(&run, l, c, model, &cs);
 
-out_db:
-    snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
-    if (rc != BG_ERR_INVALID)
-        rc = BG_ERR_UNAVAILABLE;
-    else
-        rc = fail_internal(j, l, "the database refused a value of the job");
 out:
+    bg_llm_cached_dispose(&hit);
     bg_jobout_batch_dispose(&run.batch);
     bg_buf_dispose(&run.text);
     bg_buf_dispose(&messages);
-    bg_prompt_free(prompt);
-    free(msgs);
-    bg_chat_message_list_dispose(&history);
-    bg_prompt_version_dispose(&version);
+    bg_llm_prompt_release(pref);
     free(agent);
     return rc;
 }
@@ -791,7 +1043,8 @@ int wk_llm_handle(wk_job_t *job, void *ud)
         bool found = false;
         int64_t id = 0, pt = 0, ct = 0;
         char status[16] = "", model[BG_CHAT_MODEL_SIZE] = "";
-        rc = stored_reply(c, j.job_id, &found, &id, status, model, &pt, &ct);
+        /* an API job stores no reply: it always starts over */
+        rc = j.api ? 0 : stored_reply(c, j.job_id, &found, &id, status, model, &pt, &ct);
         if (rc != 0) {
             snprintf(job->error, sizeof(job->error), "database: %s", bg_strerror(rc));
             return BG_ERR_UNAVAILABLE;

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "bg/agents.h"
 #include "bg/buf.h"
@@ -27,6 +28,8 @@
 #include "bg/id.h"
 #include "bg/json.h"
 #include "bg/pg.h"
+#include "bg/policy.h"
+#include "bg/timeutil.h"
 #include "bg/validate.h"
 
 /* RFC 3339 UTC text of a timestamptz column, as the API shows times. */
@@ -260,6 +263,301 @@ int bg_agents_get_by_slug(PGconn *c, const char *organization_id, const char *sl
                      "WHERE a.organization_id IS NOT DISTINCT FROM $1::uuid AND a.slug = $2 "
                      "AND a.deleted_at IS NULL",
                      2, p, out);
+}
+
+/* ---- what a user may use ---- */
+
+/*
+ * Who may see an agent, over `agents a` with the user as $1 (NULL: nobody in particular), the same
+ * rule GET /agents and bg_chat_create apply: public for everyone, organization for its members,
+ * private for whoever made it. Only active, live agents are ever usable.
+ */
+#define USABLE_WHERE                                                                               \
+    "a.deleted_at IS NULL AND a.status = 'active' AND (a.visibility = 'public' OR "                \
+    "($1::uuid IS NOT NULL AND ((a.visibility = 'organization' AND a.organization_id IN "          \
+    "(SELECT m.organization_id FROM memberships m WHERE m.user_id = $1::uuid)) "                   \
+    "OR (a.visibility = 'private' AND a.created_by = $1::uuid))))"
+
+/*
+ * The policy subject of a user and the resource rules that apply to it. The plan is the one the
+ * admission state uses (bg_policy_compile_user decides whether the subscription is live), so a
+ * plan-scoped rule reaches exactly the users whose requests that plan admits.
+ */
+typedef struct st_access {
+    bg_admission_state_t state;
+    char **orgs; /* owned array of owned lower-case uuid texts */
+    size_t norgs;
+    bg_policy_subject_t subj; /* borrows state and orgs */
+    bg_policy_set_t *set;     /* owned */
+} st_access_t;
+
+static void access_dispose(st_access_t *ac)
+{
+    for (size_t i = 0; i < ac->norgs; i++)
+        free(ac->orgs[i]);
+    free(ac->orgs);
+    ac->orgs = NULL;
+    ac->norgs = 0;
+    bg_policy_set_free(ac->set);
+    ac->set = NULL;
+}
+
+/* Loads the subject of user_id (NULL: anonymous, global rules only) and its rules into ac. */
+static int access_load(PGconn *c, const char *user_id, st_access_t *ac)
+{
+    memset(ac, 0, sizeof(*ac));
+    bool live = false;
+    if (user_id != NULL) {
+        int rc = bg_policy_compile_user(c, user_id, bg_timeutil_wall_ms(), &ac->state);
+        if (rc == BG_ERR_NOT_FOUND)
+            user_id = NULL;
+        else if (rc != 0)
+            return rc;
+        else
+            live = strcmp(ac->state.status, "none") != 0;
+    }
+    if (user_id != NULL) {
+        const char *p[] = {user_id};
+        PGresult *res;
+        int rc = bg_pg_exec(c,
+                            "SELECT m.organization_id::text FROM memberships m "
+                            "JOIN organizations o ON o.id = m.organization_id "
+                            "WHERE m.user_id = $1::uuid AND o.deleted_at IS NULL "
+                            "ORDER BY 1 LIMIT 1000",
+                            1, p, &res);
+        if (rc != 0)
+            return rc;
+        int rows = PQntuples(res);
+        if (rows > 0) {
+            ac->orgs = bg_calloc((size_t)rows, sizeof(char *));
+            for (int i = 0; i < rows; i++)
+                ac->orgs[i] = bg_strdup(PQgetvalue(res, i, 0));
+            ac->norgs = (size_t)rows;
+        }
+        PQclear(res);
+    }
+    ac->subj.user_id = user_id != NULL ? ac->state.user_id : NULL;
+    ac->subj.plan_id = live ? ac->state.plan : NULL;
+    ac->subj.org_ids = (const char *const *)ac->orgs;
+    ac->subj.norgs = ac->norgs;
+    int rc = bg_policy_set_load(c, &ac->subj, &ac->set);
+    if (rc != 0)
+        access_dispose(ac);
+    return rc;
+}
+
+/* Returns whether the rules of ac let its user use agent a (by slug or id, and by its model). */
+static bool access_allows(const st_access_t *ac, const bg_agent_t *a)
+{
+    if (!bg_policy_allows_resource(ac->set, &ac->subj, BG_POLICY_AGENT, a->slug, a->id))
+        return false;
+    /* "" is the deployment's model: no rule can name it, only "*" reaches it */
+    return bg_policy_allows_resource(ac->set, &ac->subj, BG_POLICY_MODEL,
+                                     a->model[0] != '\0' ? a->model : NULL, NULL);
+}
+
+static bool on_channel(const bg_agent_t *a, unsigned channel)
+{
+    return channel == 0 || (a->channels & channel) != 0;
+}
+
+int bg_agents_list_usable(PGconn *c, const char *user_id, unsigned channel, bg_agent_list_t *out)
+{
+    out->items = NULL;
+    out->count = 0;
+    if (user_id != NULL && !bg_id_uuid_is_valid(user_id))
+        user_id = NULL;
+    bg_agent_list_t all;
+    int rc = bg_agents_list(c, user_id, false, &all);
+    if (rc != 0)
+        return rc;
+    st_access_t ac;
+    rc = access_load(c, user_id, &ac);
+    if (rc != 0) {
+        bg_agent_list_dispose(&all);
+        return rc;
+    }
+    size_t kept = 0;
+    for (size_t i = 0; i < all.count; i++) {
+        const bg_agent_t *a = &all.items[i];
+        if (!on_channel(a, channel) || !access_allows(&ac, a))
+            continue;
+        if (kept != i)
+            all.items[kept] = *a;
+        kept++;
+    }
+    access_dispose(&ac);
+    if (kept == 0) {
+        bg_agent_list_dispose(&all);
+        return 0;
+    }
+    out->items = all.items;
+    out->count = kept;
+    return 0;
+}
+
+int bg_agents_get_usable(PGconn *c, const char *user_id, const char *id_or_slug, unsigned channel,
+                         bg_agent_t *out)
+{
+    if (id_or_slug == NULL || id_or_slug[0] == '\0')
+        return BG_ERR_NOT_FOUND;
+    if (user_id != NULL && !bg_id_uuid_is_valid(user_id))
+        user_id = NULL;
+    const char *p[] = {user_id, id_or_slug};
+    int rc = BG_ERR_NOT_FOUND;
+    if (bg_id_uuid_is_valid(id_or_slug))
+        rc = one_agent(
+            c, "SELECT " AGENT_COLS " FROM agents a WHERE a.id = $2::uuid AND " USABLE_WHERE, 2, p,
+            out);
+    /* A slug may look like a uuid; an organization's agent is nearer the user than a system one. */
+    if (rc == BG_ERR_NOT_FOUND)
+        rc = one_agent(c,
+                       "SELECT " AGENT_COLS " FROM agents a WHERE a.slug = $2 AND " USABLE_WHERE
+                       " AND (a.organization_id IS NULL OR ($1::uuid IS NOT NULL AND "
+                       "a.organization_id IN (SELECT m.organization_id FROM memberships m "
+                       "WHERE m.user_id = $1::uuid))) "
+                       "ORDER BY a.organization_id IS NULL, a.created_at, a.id LIMIT 1",
+                       2, p, out);
+    if (rc != 0)
+        return rc;
+    if (!on_channel(out, channel))
+        return BG_ERR_DENIED;
+    st_access_t ac;
+    rc = access_load(c, user_id, &ac);
+    if (rc != 0)
+        return rc;
+    bool allowed = access_allows(&ac, out);
+    access_dispose(&ac);
+    return allowed ? 0 : BG_ERR_DENIED;
+}
+
+/* ---- prompts and who manages them ---- */
+
+#define PROMPT_COLS                                                                                \
+    "p.id, coalesce(p.organization_id::text, ''), p.name, p.description, "                         \
+    "coalesce(p.current_version, 0), " TS("p.created_at") ", " TS("p.updated_at")
+
+static void read_prompt(const PGresult *res, int row, bg_prompt_info_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    copy_field(res, row, 0, p->id, sizeof(p->id));
+    copy_field(res, row, 1, p->organization_id, sizeof(p->organization_id));
+    copy_field(res, row, 2, p->name, sizeof(p->name));
+    copy_field(res, row, 3, p->description, sizeof(p->description));
+    p->current_version = (int)int_field(res, row, 4);
+    copy_field(res, row, 5, p->created_at, sizeof(p->created_at));
+    copy_field(res, row, 6, p->updated_at, sizeof(p->updated_at));
+}
+
+void bg_prompt_list_dispose(bg_prompt_list_t *list)
+{
+    if (list == NULL)
+        return;
+    free(list->items);
+    list->items = NULL;
+    list->count = 0;
+}
+
+int bg_prompts_get(PGconn *c, const char *prompt_id, bg_prompt_info_t *out)
+{
+    if (!bg_id_uuid_is_valid(prompt_id))
+        return BG_ERR_NOT_FOUND;
+    const char *p[] = {prompt_id};
+    PGresult *res;
+    int rc = bg_pg_exec(c,
+                        "SELECT " PROMPT_COLS " FROM prompts p WHERE p.id = $1 "
+                        "AND p.deleted_at IS NULL",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 0)
+        rc = BG_ERR_NOT_FOUND;
+    else
+        read_prompt(res, 0, out);
+    PQclear(res);
+    return rc;
+}
+
+int bg_prompts_list(PGconn *c, bg_prompt_list_t *out)
+{
+    out->items = NULL;
+    out->count = 0;
+    PGresult *res;
+    int rc = bg_pg_exec(c,
+                        "SELECT " PROMPT_COLS " FROM prompts p WHERE p.deleted_at IS NULL "
+                        "ORDER BY p.name, p.id LIMIT 1000",
+                        0, NULL, &res);
+    if (rc != 0)
+        return rc;
+    int n = PQntuples(res);
+    if (n > 0) {
+        out->items = bg_calloc((size_t)n, sizeof(*out->items));
+        for (int i = 0; i < n; i++)
+            read_prompt(res, i, &out->items[i]);
+        out->count = (size_t)n;
+    }
+    PQclear(res);
+    return 0;
+}
+
+int bg_agents_manager_load(PGconn *c, const char *user_id, bg_agent_manager_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!bg_id_uuid_is_valid(user_id))
+        return 0;
+    const char *p[] = {user_id};
+    PGresult *res;
+    /* Row 0 says whether the user is a platform admin; the others are the organizations. */
+    int rc = bg_pg_exec(c,
+                        "SELECT 'admin', NULL FROM users u WHERE u.id = $1::uuid "
+                        "AND u.role = 'admin' AND u.status = 'active' AND u.deleted_at IS NULL "
+                        "UNION ALL (SELECT 'org', m.organization_id::text FROM memberships m "
+                        "JOIN organizations o ON o.id = m.organization_id "
+                        "JOIN users u ON u.id = m.user_id "
+                        "WHERE m.user_id = $1::uuid AND m.role IN ('owner', 'admin') "
+                        "AND NOT o.personal AND o.deleted_at IS NULL "
+                        "AND u.status = 'active' AND u.deleted_at IS NULL ORDER BY 2 LIMIT 1000)",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    int n = PQntuples(res);
+    if (n > 0)
+        out->orgs = bg_calloc((size_t)n, sizeof(*out->orgs));
+    for (int i = 0; i < n; i++) {
+        if (strcmp(PQgetvalue(res, i, 0), "admin") == 0)
+            out->platform_admin = true;
+        else
+            copy_field(res, i, 1, out->orgs[out->norgs++], BG_AGENT_ID_SIZE);
+    }
+    PQclear(res);
+    return 0;
+}
+
+void bg_agents_manager_dispose(bg_agent_manager_t *m)
+{
+    if (m == NULL)
+        return;
+    free(m->orgs);
+    m->orgs = NULL;
+    m->norgs = 0;
+}
+
+bool bg_agents_manager_is_any(const bg_agent_manager_t *m)
+{
+    return m->platform_admin || m->norgs > 0;
+}
+
+bool bg_agents_manager_may(const bg_agent_manager_t *m, const char *organization_id)
+{
+    if (m->platform_admin)
+        return true;
+    if (organization_id == NULL || organization_id[0] == '\0')
+        return false;
+    for (size_t i = 0; i < m->norgs; i++) {
+        if (strcasecmp(m->orgs[i], organization_id) == 0)
+            return true;
+    }
+    return false;
 }
 
 /* ---- prompt versions ---- */

@@ -53,6 +53,7 @@ const char *bg_strerror(int err)
 static const bg_api_error_t api_errors[] = {
     {"malformed_json", 400, "error.malformed_json"},
     {"bad_request", 400, "error.bad_request"},
+    {"invalid_request", 400, "error.invalid_request"},
     {"unauthorized", 401, "error.unauthorized"},
     {"invalid_credentials", 401, "error.invalid_credentials"},
     {"account_disabled", 403, "error.account_disabled"},

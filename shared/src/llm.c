@@ -1043,6 +1043,9 @@ int bg_llm_stream(bg_llm_t *llm, const bg_llm_request_t *req, const bg_llm_callb
     }
     c->timer.data = c;
     c->state = CS_WAIT;
+    /* the loop may have been idle since its last call: its cached clock would date the call
+     * (and its deadlines, its latency and time to first token) back to then */
+    uv_update_time(llm->loop);
     c->t_start = uv_now(llm->loop);
     c->total_deadline = c->t_start + llm->cfg.total_timeout_ms;
     c->start_at = c->t_start;

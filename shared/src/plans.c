@@ -1,5 +1,11 @@
 /*
- * Complimentary plan grants and their ledger record (see bg/plans.h).
+ * The plan catalogue, Paddle price ids from configuration, and complimentary plan grants with their
+ * ledger record (see bg/plans.h).
+ *
+ * Catalogue edits are one UPDATE whose parameters are NULL for absent fields, after the row is
+ * locked and read, so the audit row holds the exact before and after and two admins editing one
+ * plan queue up. Periods are offered by name (day, week, month, year) and stored as intervals:
+ * the policy compiler counts windows with the interval, so a name maps to exactly one of them.
  *
  * The grant runs in one transaction that first locks the user's row, so two grants for one user
  * (bgctl and the admin API at once) queue up instead of racing on the one-live-subscription index.
@@ -12,10 +18,16 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "bg/buf.h"
 #include "bg/err.h"
 #include "bg/id.h"
+#include "bg/json.h"
 #include "bg/log.h"
 #include "bg/pg.h"
+#include "bg/policy.h"
+#include "bg/policy_admin.h"
+#include "bg/timeutil.h"
+#include "bg/validate.h"
 
 static void copy_value(char *dst, size_t len, const PGresult *res, int row, int col)
 {
@@ -346,4 +358,479 @@ int bg_plans_grant(PGconn *c, const bg_plan_grant_t *g, const bg_actor_t *actor,
         bg_info("plans: granted %s for %d days to user %s (subscription %s, %lld requests)",
                 g->plan_id, g->days, out->user_id, sub_id, (long long)out->requests);
     return 0;
+}
+
+/* ---- the catalogue ---- */
+
+static const struct {
+    const char *name, *interval;
+} periods[] = {{"day", "1 day"}, {"week", "7 days"}, {"month", "1 month"}, {"year", "1 year"}};
+
+const char *bg_plans_period_interval(const char *period)
+{
+    for (size_t i = 0; period != NULL && i < BG_ARRAY_SIZE(periods); i++)
+        if (strcmp(period, periods[i].name) == 0)
+            return periods[i].interval;
+    return NULL;
+}
+
+bool bg_plans_price_id_is_valid(const char *s)
+{
+    size_t n = s != NULL ? strlen(s) : 0;
+    if (n == 0 || n >= BG_PLANS_PRICE_ID_SIZE)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                  (ch >= '0' && ch <= '9') || ch == '_' || ch == '-';
+        if (!ok)
+            return false;
+    }
+    return true;
+}
+
+static bool feature_is_valid(const char *s)
+{
+    size_t n = s != NULL ? strlen(s) : 0;
+    if (n == 0 || n >= BG_PLANS_FEATURE_SIZE || s[0] < 'a' || s[0] > 'z')
+        return false;
+    for (size_t i = 1; i < n; i++) {
+        char ch = s[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_'))
+            return false;
+    }
+    return true;
+}
+
+static int verr(bg_plans_verr_t *err, const char *field, const char *reason)
+{
+    if (err != NULL) {
+        (void)bg_strlcpy(err->field, field, sizeof(err->field));
+        err->reason = reason;
+    }
+    return BG_ERR_INVALID;
+}
+
+int bg_plans_update_validate(const bg_plan_update_t *u, bg_plans_verr_t *err)
+{
+    if (u->name != NULL) {
+        size_t chars = bg_utf8_chars(u->name);
+        if (chars == 0)
+            return verr(err, "name", "too_short");
+        if (chars > BG_PLANS_NAME_MAX)
+            return verr(err, "name", "too_long");
+    }
+    if (u->has_price) {
+        if (u->price_minor < 0 || u->price_minor > BG_PLANS_PRICE_MAX)
+            return verr(err, "price.amount", "out_of_range");
+        const char *cur = u->currency;
+        if (cur != NULL && !(strlen(cur) == 3 && cur[0] >= 'A' && cur[0] <= 'Z' && cur[1] >= 'A' &&
+                             cur[1] <= 'Z' && cur[2] >= 'A' && cur[2] <= 'Z'))
+            return verr(err, "price.currency", "invalid_value");
+    }
+    if (u->has_requests && (u->requests < 1 || u->requests > BG_PLANS_REQUESTS_MAX))
+        return verr(err, "requests", "out_of_range");
+    if (u->period != NULL && bg_plans_period_interval(u->period) == NULL)
+        return verr(err, "period", "invalid_value");
+    if (u->has_features) {
+        if (u->nfeatures > BG_PLANS_FEATURES_MAX)
+            return verr(err, "features", "invalid_value");
+        for (size_t i = 0; i < u->nfeatures; i++) {
+            char field[32];
+            snprintf(field, sizeof(field), "features[%zu]", i);
+            if (!feature_is_valid(u->features[i]))
+                return verr(err, field, "invalid_value");
+            for (size_t k = 0; k < i; k++)
+                if (strcmp(u->features[k], u->features[i]) == 0)
+                    return verr(err, field, "invalid_value");
+        }
+    }
+    if (u->has_paddle_price_id && u->paddle_price_id != NULL &&
+        !bg_plans_price_id_is_valid(u->paddle_price_id))
+        return verr(err, "paddle_price_id", "invalid_value");
+    return 0;
+}
+
+#define PLAN_COLS                                                                                  \
+    "id, name, price_minor, currency, request_limit, "                                             \
+    "CASE period::text WHEN '1 day' THEN 'day' WHEN '7 days' THEN 'week' "                         \
+    "  WHEN '1 mon' THEN 'month' WHEN '1 year' THEN 'year' ELSE period::text END, "                \
+    "coalesce(duration::text, ''), array_to_string(features, ','), api_access, purchasable, "      \
+    "active, coalesce(paddle_price_id, ''), coalesce(paddle_price_source, ''), sort_order, "       \
+    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), "                   \
+    "to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+static bool is_true(const PGresult *res, int row, int col)
+{
+    const char *v = bg_pg_value(res, row, col);
+    return v != NULL && v[0] == 't';
+}
+
+/* An integer field, 0 when NULL or not a number (the columns are NOT NULL integers). */
+static int64_t int_value(const PGresult *res, int row, int col)
+{
+    int64_t v = 0;
+    return bg_pg_int64(res, row, col, &v) == 0 ? v : 0;
+}
+
+static void take_plan(const PGresult *res, int row, bg_plan_t *p)
+{
+    memset(p, 0, sizeof(*p));
+    copy_value(p->id, sizeof(p->id), res, row, 0);
+    copy_value(p->name, sizeof(p->name), res, row, 1);
+    p->price_minor = int_value(res, row, 2);
+    copy_value(p->currency, sizeof(p->currency), res, row, 3);
+    p->requests = int_value(res, row, 4);
+    copy_value(p->period, sizeof(p->period), res, row, 5);
+    copy_value(p->duration, sizeof(p->duration), res, row, 6);
+    const char *f = bg_pg_value(res, row, 7);
+    while (f != NULL && *f != '\0' && p->nfeatures < BG_PLANS_FEATURES_MAX) {
+        size_t len = strcspn(f, ",");
+        if (len > 0 && len < BG_PLANS_FEATURE_SIZE) {
+            memcpy(p->features[p->nfeatures], f, len);
+            p->features[p->nfeatures++][len] = '\0';
+        }
+        f += len;
+        if (*f == ',')
+            f++;
+    }
+    p->api_access = is_true(res, row, 8);
+    p->purchasable = is_true(res, row, 9);
+    p->active = is_true(res, row, 10);
+    copy_value(p->paddle_price_id, sizeof(p->paddle_price_id), res, row, 11);
+    copy_value(p->paddle_price_source, sizeof(p->paddle_price_source), res, row, 12);
+    p->sort_order = (int32_t)int_value(res, row, 13);
+    copy_value(p->created_at, sizeof(p->created_at), res, row, 14);
+    copy_value(p->updated_at, sizeof(p->updated_at), res, row, 15);
+}
+
+int bg_plans_list(PGconn *c, bool public_only, bg_plan_t *out, size_t max, size_t *count)
+{
+    *count = 0;
+    PGresult *res;
+    int rc =
+        bg_pg_exec(c,
+                   public_only ? "SELECT " PLAN_COLS " FROM plans WHERE active AND purchasable "
+                                 "ORDER BY sort_order, id"
+                               : "SELECT " PLAN_COLS " FROM plans ORDER BY sort_order, id",
+                   0, NULL, &res);
+    if (rc != 0)
+        return rc;
+    int rows = PQntuples(res);
+    for (int i = 0; i < rows && *count < max; i++)
+        take_plan(res, i, &out[(*count)++]);
+    PQclear(res);
+    return 0;
+}
+
+int bg_plans_get(PGconn *c, const char *id, bg_plan_t *out)
+{
+    PGresult *res;
+    const char *p[] = {id};
+    int rc = bg_pg_exec(c, "SELECT " PLAN_COLS " FROM plans WHERE id = $1", 1, p, &res);
+    if (rc != 0)
+        return rc;
+    rc = PQntuples(res) == 1 ? 0 : BG_ERR_NOT_FOUND;
+    if (rc == 0)
+        take_plan(res, 0, out);
+    PQclear(res);
+    return rc;
+}
+
+static bool same_features(const bg_plan_t *a, const bg_plan_t *b)
+{
+    if (a->nfeatures != b->nfeatures)
+        return false;
+    for (size_t i = 0; i < a->nfeatures; i++)
+        if (strcmp(a->features[i], b->features[i]) != 0)
+            return false;
+    return true;
+}
+
+bool bg_plans_admission_changed(const bg_plan_t *before, const bg_plan_t *after)
+{
+    return before->requests != after->requests || strcmp(before->period, after->period) != 0 ||
+           !same_features(before, after);
+}
+
+/* Writes the editable fields of p as one object under key. */
+static void write_audit_plan(bg_json_writer_t *w, const char *key, const bg_plan_t *p)
+{
+    bg_json_write_key(w, key);
+    bg_json_write_begin_object(w);
+    bg_json_write_field_str(w, "name", p->name);
+    bg_json_write_field_int(w, "price_minor", p->price_minor);
+    bg_json_write_field_str(w, "currency", p->currency);
+    bg_json_write_field_int(w, "requests", p->requests);
+    bg_json_write_field_str(w, "period", p->period);
+    bg_json_write_key(w, "features");
+    bg_json_write_begin_array(w);
+    for (size_t i = 0; i < p->nfeatures; i++)
+        bg_json_write_str(w, p->features[i]);
+    bg_json_write_end_array(w);
+    if (p->paddle_price_id[0] != '\0')
+        bg_json_write_field_str(w, "paddle_price_id", p->paddle_price_id);
+    else
+        bg_json_write_field_null(w, "paddle_price_id");
+    bg_json_write_field_bool(w, "active", p->active);
+    bg_json_write_end_object(w);
+}
+
+static int audit_plan(PGconn *c, const bg_actor_t *actor, const char *action,
+                      const bg_plan_t *before, const bg_plan_t *after)
+{
+    bg_buf_t buf;
+    bg_buf_init(&buf, 65536);
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, &buf);
+    bg_json_write_begin_object(&w);
+    write_audit_plan(&w, "before", before);
+    write_audit_plan(&w, "after", after);
+    bg_json_write_end_object(&w);
+    int rc = bg_json_write_finish(&w);
+    const bg_actor_t sys = {.kind = "system"};
+    if (rc == 0)
+        rc = bg_acct_audit(c, actor != NULL && actor->kind != NULL ? actor : &sys, action, "plan",
+                           after->id, buf.base);
+    bg_buf_dispose(&buf);
+    return rc;
+}
+
+/*
+ * Builds the text[] literal of the features ({a,b}) with its NUL; names are [a-z0-9_] (checked),
+ * so nothing needs quoting. Returns 0 or BG_ERR_TOO_LARGE.
+ */
+static int features_literal(const bg_plan_update_t *u, bg_buf_t *out)
+{
+    int rc = bg_buf_append(out, "{", 1);
+    for (size_t i = 0; i < u->nfeatures && rc == 0; i++) {
+        if (i > 0)
+            rc = bg_buf_append(out, ",", 1);
+        if (rc == 0)
+            rc = bg_buf_append(out, u->features[i], strlen(u->features[i]));
+    }
+    return rc == 0 ? bg_buf_append(out, "}", 2) : rc;
+}
+
+int bg_plans_update(PGconn *c, const char *id, const bg_plan_update_t *u, const bg_actor_t *actor,
+                    bg_plan_t *before, bg_plan_t *after, bg_plans_verr_t *err)
+{
+    int rc = bg_plans_update_validate(u, err);
+    if (rc != 0)
+        return rc;
+    bg_plan_t *old = bg_calloc(2, sizeof(*old));
+    bg_plan_t *new = old + 1;
+    char price[24], requests[24];
+    snprintf(price, sizeof(price), "%lld", (long long)u->price_minor);
+    snprintf(requests, sizeof(requests), "%lld", (long long)u->requests);
+    bg_buf_t feats;
+    bg_buf_init(&feats, 8192);
+    if (u->has_features && features_literal(u, &feats) != 0) {
+        bg_buf_dispose(&feats);
+        free(old);
+        return verr(err, "features", "invalid_value");
+    }
+    const char *p[] = {id,
+                       u->name,
+                       u->has_price ? price : NULL,
+                       u->has_price ? u->currency : NULL,
+                       u->has_requests ? requests : NULL,
+                       u->period != NULL ? bg_plans_period_interval(u->period) : NULL,
+                       u->has_features ? "true" : "false",
+                       u->has_features ? feats.base : NULL,
+                       u->has_paddle_price_id ? "true" : "false",
+                       u->has_paddle_price_id ? u->paddle_price_id : NULL,
+                       u->has_active ? (u->active ? "true" : "false") : NULL};
+    PGresult *res = NULL;
+    bg_pg_error_t pe;
+    rc = bg_pg_begin(c);
+    if (rc != 0)
+        goto out;
+    const char *ip[] = {id};
+    rc = bg_pg_exec(c, "SELECT " PLAN_COLS " FROM plans WHERE id = $1 FOR UPDATE", 1, ip, &res);
+    if (rc != 0)
+        goto err_rollback;
+    if (PQntuples(res) != 1) {
+        rc = BG_ERR_NOT_FOUND;
+        goto err_clear;
+    }
+    take_plan(res, 0, old);
+    PQclear(res);
+    res = NULL;
+    rc = bg_pg_exec_ex(
+        c,
+        "UPDATE plans SET name = coalesce($2, name), "
+        "price_minor = coalesce($3::bigint, price_minor), currency = coalesce($4, currency), "
+        "request_limit = coalesce($5::bigint, request_limit), "
+        "period = coalesce($6::interval, period), "
+        "features = CASE WHEN $7::boolean THEN $8::text[] ELSE features END, "
+        "api_access = CASE WHEN $7::boolean THEN 'api_access' = ANY ($8::text[]) "
+        "  ELSE api_access END, "
+        "paddle_price_source = CASE WHEN NOT $9::boolean THEN paddle_price_source "
+        "  WHEN $10::text IS NULL THEN NULL "
+        "  WHEN $10::text IS NOT DISTINCT FROM paddle_price_id THEN paddle_price_source "
+        "  ELSE 'admin' END, "
+        "paddle_price_id = CASE WHEN $9::boolean THEN $10::text ELSE paddle_price_id END, "
+        "active = coalesce($11::boolean, active) "
+        "WHERE id = $1 RETURNING " PLAN_COLS,
+        11, p, &res, &pe);
+    if (rc == BG_ERR_CONFLICT) {
+        (void)verr(err, "paddle_price_id", "taken");
+        goto err_rollback;
+    }
+    if (rc != 0)
+        goto err_rollback;
+    take_plan(res, 0, new);
+    PQclear(res);
+    res = NULL;
+    rc = audit_plan(c, actor, "plan.update", old, new);
+    if (rc != 0)
+        goto err_rollback;
+    rc = bg_pg_commit(c);
+    if (rc != 0)
+        goto out;
+    if (before != NULL)
+        *before = *old;
+    if (after != NULL)
+        *after = *new;
+    bg_info("plans: plan %s updated (requests %lld, period %s, price %lld %s, active %d)", new->id,
+            (long long)new->requests, new->period, (long long)new->price_minor, new->currency,
+            new->active);
+    goto out;
+
+err_clear:
+    PQclear(res);
+err_rollback:
+    bg_pg_rollback(c);
+out:
+    bg_buf_dispose(&feats);
+    free(old);
+    return rc;
+}
+
+#define RECOMPILE_PAGE 200
+
+int bg_plans_recompile(PGconn *c, bg_redis_t *r, int shards, const char *plan_id,
+                       int64_t *recompiled, int64_t *failed)
+{
+    char(*ids)[BG_POLICY_ID_SIZE] = bg_calloc(RECOMPILE_PAGE, sizeof(*ids));
+    char after[BG_POLICY_ID_SIZE] = "";
+    size_t n = 0;
+    int rc = 0;
+    do {
+        rc = bg_policy_admin_affected(c, "plan", plan_id, after, ids, RECOMPILE_PAGE, &n);
+        if (rc != 0)
+            break;
+        for (size_t i = 0; i < n; i++) {
+            bg_admission_state_t st;
+            int urc = bg_policy_compile_user(c, ids[i], bg_timeutil_wall_ms(), &st);
+            if (urc == 0)
+                urc = bg_policy_state_write(r, shards, &st);
+            if (urc == 0) {
+                if (recompiled != NULL)
+                    (*recompiled)++;
+            } else if (urc != BG_ERR_NOT_FOUND) {
+                bg_warn("plans: plan %s: user %s not recompiled: %s", plan_id, ids[i],
+                        bg_strerror(urc));
+                if (failed != NULL)
+                    (*failed)++;
+            }
+        }
+        if (n > 0)
+            (void)bg_strlcpy(after, ids[n - 1], sizeof(after));
+    } while (n == RECOMPILE_PAGE);
+    free(ids);
+    return rc;
+}
+
+/* Applies one configured price id (see bg/plans.h); counts into rep. */
+static int apply_price(PGconn *c, const char *var, const char *plan_id, const char *value,
+                       bg_plans_price_report_t *rep)
+{
+    if (!bg_plans_price_id_is_valid(value)) {
+        bg_error("%s: \"%s\" is not a Paddle price id ([A-Za-z0-9_-], 1 to 100 characters); "
+                 "plan %s keeps its price id",
+                 var, value, plan_id);
+        rep->failed++;
+        return 0;
+    }
+    int rc = bg_pg_begin(c);
+    if (rc != 0)
+        return rc;
+    PGresult *res;
+    const char *p[] = {plan_id, value};
+    rc = bg_pg_exec(c, "SELECT " PLAN_COLS " FROM plans WHERE id = $1 FOR UPDATE", 1, p, &res);
+    if (rc != 0)
+        goto err_rollback;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        bg_warn("%s is set but there is no plan %s", var, plan_id);
+        bg_pg_rollback(c);
+        return 0;
+    }
+    bg_plan_t *old = bg_calloc(2, sizeof(*old));
+    bg_plan_t *new = old + 1;
+    take_plan(res, 0, old);
+    PQclear(res);
+    if (strcmp(old->paddle_price_id, value) == 0) {
+        /* nothing to do; an admin who set this very id keeps it as theirs */
+        bg_pg_rollback(c);
+        free(old);
+        return 0;
+    }
+    if (strcmp(old->paddle_price_source, "admin") == 0) {
+        bg_warn("%s=%s not applied: plan %s has the price id %s set by an admin; set it to null "
+                "through PUT /admin/plans/%s to hand the plan back to configuration",
+                var, value, plan_id, old->paddle_price_id, plan_id);
+        rep->kept++;
+        bg_pg_rollback(c);
+        free(old);
+        return 0;
+    }
+    rc = bg_pg_exec(c,
+                    "UPDATE plans SET paddle_price_id = $2, paddle_price_source = 'config' "
+                    "WHERE id = $1 RETURNING " PLAN_COLS,
+                    2, p, &res);
+    if (rc == BG_ERR_CONFLICT) {
+        bg_error("%s=%s not applied: another plan has that price id", var, value);
+        rep->failed++;
+        bg_pg_rollback(c);
+        free(old);
+        return 0;
+    }
+    if (rc == 0) {
+        take_plan(res, 0, new);
+        PQclear(res);
+        rc = audit_plan(c, NULL, "plan.price_config", old, new);
+    }
+    if (rc == 0)
+        rc = bg_pg_commit(c);
+    free(old);
+    if (rc != 0)
+        goto err_rollback;
+    bg_info("plans: plan %s has the Paddle price id %s from %s", plan_id, value, var);
+    rep->applied++;
+    return 0;
+
+err_rollback:
+    bg_pg_rollback(c);
+    return rc;
+}
+
+int bg_plans_apply_price_config(PGconn *c, const bg_config_t *cfg, bg_plans_price_report_t *report)
+{
+    const struct {
+        const char *var, *plan, *value;
+    } prices[] = {{"BG_PADDLE_PRICE_DAILY", "daily", cfg->paddle_price_daily},
+                  {"BG_PADDLE_PRICE_WEEKLY", "weekly", cfg->paddle_price_weekly},
+                  {"BG_PADDLE_PRICE_MONTHLY", "monthly", cfg->paddle_price_monthly},
+                  {"BG_PADDLE_PRICE_YEARLY", "yearly", cfg->paddle_price_yearly}};
+    bg_plans_price_report_t rep = {0};
+    int rc = 0;
+    for (size_t i = 0; i < BG_ARRAY_SIZE(prices) && rc == 0; i++)
+        if (bg_str_present(prices[i].value))
+            rc = apply_price(c, prices[i].var, prices[i].plan, prices[i].value, &rep);
+    if (report != NULL)
+        *report = rep;
+    return rc;
 }

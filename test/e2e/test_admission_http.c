@@ -528,7 +528,8 @@ static void burst(const user_t *u, int n, uint64_t seed, tally_t *t)
             t->payment++;
         } else {
             if (t->other == 0)
-                snprintf(t->other_sample, sizeof(t->other_sample), "%ld %s", xi->status, xi->body);
+                snprintf(t->other_sample, sizeof(t->other_sample), "%ld %.200s", xi->status,
+                         xi->body);
             t->other++;
         }
         curl_multi_remove_handle(m, xi->h);

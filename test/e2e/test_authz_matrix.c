@@ -284,6 +284,13 @@ static const char *const caller_names[N_CALLERS] = {
 #define ADMIN_ONLY(s) {401, 403, 403, 403, s, 401, 401}
 /* a route of the organization: not a member 404, a plain member 403, its admin s */
 #define ORG_MANAGE(s) {401, 404, 403, s, 404, 401, 401}
+/*
+ * agents and prompts of the organization: its admin and platform admins. By these rows every
+ * signed-in caller owns an organization of its own (the POST /orgs row), so the plain user and the
+ * member manage agents too, just not the organization's: 404, as for anything of another
+ * organization. (A user who manages nothing gets 403: test/e2e/test_agents_api.c.)
+ */
+#define ORG_AGENTS(s) {401, 404, 404, s, s, 401, 401}
 /* clang-format on */
 
 typedef struct st_row {
@@ -294,7 +301,8 @@ typedef struct st_row {
      * org admin adds and removes), {key} (an API key of the caller's own), {user} (a user the
      * admin reads and renames), {victim} (a user the admin deletes), {uniq} (unique per request),
      * {login_email}, {refresh} (a live refresh token), {password}, {agent} (the seeded assistant)
-     * and {conv} (a conversation of the caller's own).
+     * {conv} (a conversation of the caller's own), {oagent} and {oprompt} (an agent and a prompt of
+     * the organization) and {del_agent} (an agent of the organization the caller deletes).
      */
     const char *path;
     const char *body; /* NULL: no body */
@@ -330,6 +338,12 @@ static const row_t matrix[] = {
      ADMIN_ONLY(200)},
     {"DELETE", "/admin/users/{id}", "/admin/users/{victim}", NULL, ADMIN_ONLY(204)},
     {"GET", "/billing/account", "/billing/account", NULL, SIGNED_IN(200)},
+    {"GET", "/billing/plans", "/billing/plans", NULL, ANYONE(200)},
+    {"GET", "/admin/plans", "/admin/plans", NULL, ADMIN_ONLY(200)},
+    {"PUT", "/admin/plans/{id}", "/admin/plans/weekly", "{\"name\":\"Weekly {uniq}\"}",
+     ADMIN_ONLY(200)},
+    {"POST", "/admin/users/{id}/plan", "/admin/users/{user}/plan",
+     "{\"plan\":\"monthly\",\"days\":30}", ADMIN_ONLY(201)},
     {"GET", "/admin/policies", "/admin/policies", NULL, ADMIN_ONLY(200)},
     {"POST", "/admin/policies", "/admin/policies",
      "{\"type\":\"rate_limit\",\"scope\":\"global\",\"body\":{\"rpm\":1000,\"burst\":100}}",
@@ -339,6 +353,27 @@ static const row_t matrix[] = {
      "{\"type\":\"rate_limit\",\"scope\":\"global\",\"body\":{\"rpm\":900,\"burst\":90}}",
      ADMIN_ONLY(200)},
     {"DELETE", "/admin/policies/{id}", "/admin/policies/{policy}", NULL, ADMIN_ONLY(204)},
+    {"GET", "/admin/agents", "/admin/agents", NULL, SIGNED_IN(200)},
+    {"POST", "/admin/agents", "/admin/agents",
+     "{\"organization_id\":\"{org}\",\"slug\":\"m-{uniq}\",\"name\":\"Matrix {uniq}\"}",
+     ORG_AGENTS(201)},
+    {"GET", "/admin/agents/{id}", "/admin/agents/{oagent}", NULL, ORG_AGENTS(200)},
+    {"PUT", "/admin/agents/{id}", "/admin/agents/{oagent}", "{\"name\":\"Renamed {uniq}\"}",
+     ORG_AGENTS(200)},
+    {"POST", "/admin/agents/{id}/preview", "/admin/agents/{oagent}/preview",
+     "{\"message\":\"hi {uniq}\"}", ORG_AGENTS(200)},
+    {"DELETE", "/admin/agents/{id}", "/admin/agents/{del_agent}", NULL, ORG_AGENTS(204)},
+    {"GET", "/admin/prompts", "/admin/prompts", NULL, SIGNED_IN(200)},
+    {"POST", "/admin/prompts", "/admin/prompts",
+     "{\"organization_id\":\"{org}\",\"name\":\"P {uniq}\",\"definition\":{\"system\":\"S\"}}",
+     ORG_AGENTS(201)},
+    {"GET", "/admin/prompts/{id}", "/admin/prompts/{oprompt}", NULL, ORG_AGENTS(200)},
+    {"POST", "/admin/prompts/{id}/versions", "/admin/prompts/{oprompt}/versions",
+     "{\"definition\":{\"system\":\"v{uniq}\"}}", ORG_AGENTS(201)},
+    {"POST", "/admin/prompts/{id}/rollback", "/admin/prompts/{oprompt}/rollback", "{\"version\":1}",
+     ORG_AGENTS(200)},
+    {"POST", "/admin/prompts/{id}/preview", "/admin/prompts/{oprompt}/preview",
+     "{\"message\":\"hi {uniq}\"}", ORG_AGENTS(200)},
     {"GET", "/agents", "/agents", NULL, SIGNED_IN(200)},
     {"GET", "/chat/conversations", "/chat/conversations", NULL, SIGNED_IN(200)},
     {"POST", "/chat/conversations", "/chat/conversations",
@@ -358,6 +393,16 @@ static const row_t matrix[] = {
      NULL, SIGNED_IN(404)},
     /* after the other rows of the conversation: it deletes it */
     {"DELETE", "/chat/conversations/{id}", "/chat/conversations/{conv}", NULL, SIGNED_IN(204)},
+    /*
+     * The OpenAI-compatible API takes API keys, never access tokens: every caller here presents
+     * an access token (or none), so each gets 401 invalid_api_key in OpenAI's error body. Keys,
+     * plans and models are tested in test/e2e/test_openai_api.c.
+     */
+    {"GET", "/v1/models", "/v1/models", NULL, ANYONE(401)},
+    {"GET", "/v1/models/{model}", "/v1/models/assistant", NULL, ANYONE(401)},
+    {"POST", "/v1/chat/completions", "/v1/chat/completions",
+     "{\"model\":\"assistant\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+     ANYONE(401)},
     /* last: it ends the caller's session (the access token names it) */
     {"POST", "/auth/logout", "/auth/logout", "{}", ANYONE(204)},
 };
@@ -365,7 +410,7 @@ static const row_t matrix[] = {
 /* Path families this file has callers and expectations for. */
 static const char *const known_prefixes[] = {"/healthz", "/readyz", "/metrics", "/openapi.json",
                                              "/auth/",   "/orgs",   "/admin/",  "/billing/",
-                                             "/agents",  "/chat/"};
+                                             "/agents",  "/chat/",  "/v1/"};
 
 /* What the placeholders stand for during a run of the matrix. */
 typedef struct st_world {
@@ -379,6 +424,9 @@ typedef struct st_world {
     char victim[64];   /* deleted by the admin */
     char policy[64];   /* a policy rule the admin reads, changes and deletes */
     char agent[64];    /* the seeded assistant, which everyone may chat with */
+    char oagent[64];   /* an agent of the organization (with oprompt) */
+    char oprompt[64];  /* a prompt of the organization */
+    char del_agent[N_CALLERS][64]; /* an agent of the organization each manager deletes */
     /* a conversation of each caller's own */
     char conv[N_CALLERS][64];
 } world_t;
@@ -404,6 +452,9 @@ static const char *placeholder(const world_t *w, int caller, const char *uniq, c
         {"policy", w->policy},
         {"agent", w->agent},
         {"conv", w->conv[caller]},
+        {"oagent", w->oagent},
+        {"oprompt", w->oprompt},
+        {"del_agent", w->del_agent[caller]},
     };
     for (size_t i = 0; i < sizeof(values) / sizeof(values[0]); i++)
         if (strlen(values[i].name) == len && strncmp(values[i].name, name, len) == 0)
@@ -479,6 +530,39 @@ static void build_world(world_t *w)
         bgt_resp_free(&pr);
     }
 
+    /* the organization admin makes a prompt and agents of the organization for the /admin/agents
+     * and /admin/prompts rows; each manager deletes an agent of its own, the others are refused
+     * before the agent is looked up */
+    {
+        char body[512];
+        bgt_resp_t pr;
+        snprintf(body, sizeof(body),
+                 "{\"organization_id\":\"%s\",\"name\":\"Matrix prompt\","
+                 "\"definition\":{\"system\":\"Hello {{builtin.user_name}}\"}}",
+                 w->org);
+        long pst = call("POST", "/admin/prompts", w->caller[C_ORG_ADMIN].access, body, &pr);
+        cr_assert_eq(pst, 201, "create prompt: %ld %s", pst, pr.body);
+        get_field(pr.body, (const char *const[]){"id", NULL}, w->oprompt, sizeof(w->oprompt));
+        bgt_resp_free(&pr);
+        const char *slugs[] = {"matrix-agent", "matrix-del-1", "matrix-del-2"};
+        char ids[3][64];
+        for (int i = 0; i < 3; i++) {
+            snprintf(body, sizeof(body),
+                     "{\"organization_id\":\"%s\",\"slug\":\"%s\",\"name\":\"Matrix\","
+                     "\"prompt_id\":\"%s\"}",
+                     w->org, slugs[i], w->oprompt);
+            long ast = call("POST", "/admin/agents", w->caller[C_ORG_ADMIN].access, body, &pr);
+            cr_assert_eq(ast, 201, "create agent: %ld %s", ast, pr.body);
+            get_field(pr.body, (const char *const[]){"id", NULL}, ids[i], sizeof(ids[i]));
+            bgt_resp_free(&pr);
+        }
+        bg_strlcpy(w->oagent, ids[0], sizeof(w->oagent));
+        for (int c = 0; c < N_CALLERS; c++)
+            bg_strlcpy(w->del_agent[c], ids[0], sizeof(w->del_agent[c]));
+        bg_strlcpy(w->del_agent[C_ORG_ADMIN], ids[1], sizeof(w->del_agent[C_ORG_ADMIN]));
+        bg_strlcpy(w->del_agent[C_ADMIN], ids[2], sizeof(w->del_agent[C_ADMIN]));
+    }
+
     /* a conversation of each caller's own with the assistant, for the /chat/conversations rows */
     {
         bgt_resp_t ar;
@@ -541,7 +625,9 @@ Test(authz, every_route_answers_every_caller_as_the_matrix_says, .timeout = 240)
             long want = row->expect[c];
             long got =
                 call(row->method, path, w->caller[c].access, row->body != NULL ? body : NULL, &r);
-            const char *code = code_for(want);
+            /* /v1 errors are OpenAI's, whose 401 code is invalid_api_key */
+            bool openai = strncmp(row->pattern, "/v1/", 4) == 0;
+            const char *code = !openai ? code_for(want) : want == 401 ? "invalid_api_key" : NULL;
             bool ok = got == want && (code == NULL || has_code(r.body, code));
             cr_expect(ok, "%s %s as %s: %ld (expected %ld%s%s): %.300s", row->method, row->pattern,
                       caller_names[c], got, want, code != NULL ? " " : "", code != NULL ? code : "",

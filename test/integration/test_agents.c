@@ -122,7 +122,7 @@ Test(agents, fresh_database_has_the_assistant)
     cr_assert_eq(a.max_tokens, 1024);
     cr_assert_eq(a.memory.kind, BG_MEMORY_LAST_TURNS);
     cr_assert_eq(a.memory.limit, 20);
-    cr_assert_eq(a.channels, BG_AGENT_CHANNEL_WEB);
+    cr_assert_eq(a.channels, BG_AGENT_CHANNEL_ALL, "web, Telegram and the API (0008)");
     cr_assert_eq(a.cache_enabled, false);
     cr_assert_eq(a.prompt_version, 0, "follows the latest published version");
 

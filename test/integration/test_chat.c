@@ -155,7 +155,11 @@ Test(chat, agents_the_user_may_not_use_are_not_found)
     cr_assert_eq(bg_chat_create(conn, other, priv, "web", NULL, NULL, NULL, &c), 0);
 
     /* not open to the channel, disabled, deleted, unknown, malformed */
-    cr_assert_eq(bg_chat_create(conn, uid, agent, "telegram", NULL, NULL, NULL, &c),
+    char webonly[BG_CHAT_ID_SIZE];
+    q("INSERT INTO agents (slug, name, visibility, channels) VALUES ('webonly', 'Web only', "
+      "'public', ARRAY['web']) RETURNING id",
+      NULL, NULL, webonly, sizeof(webonly));
+    cr_assert_eq(bg_chat_create(conn, uid, webonly, "telegram", NULL, NULL, NULL, &c),
                  BG_ERR_NOT_FOUND);
     cr_assert_eq(bg_chat_create(conn, uid, agent, "sms", NULL, NULL, NULL, &c), BG_ERR_INVALID);
     char off[BG_CHAT_ID_SIZE];

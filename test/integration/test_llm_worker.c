@@ -7,7 +7,11 @@
  *
  * What a user would notice: the text streamed is the text stored; one reply and one usage record
  * per request whatever happens to the worker; a canceled reply keeps its text and is billed; a
- * provider failure shows an error, stores nothing and costs nothing.
+ * provider failure shows an error, stores nothing and costs nothing. API jobs (channel "api")
+ * stream their reply the same way from the agent's system prompt and the request's own messages,
+ * in order, and store nothing. Identical deterministic turns of a caching agent are answered from
+ * the response cache, without the provider; an agent's change reaches jobs once its cache TTL
+ * (5 s) has passed.
  */
 #include <criterion/criterion.h>
 #include <libpq-fe.h>
@@ -26,6 +30,7 @@
 #include "bg/id.h"
 #include "bg/jobout.h"
 #include "bg/json.h"
+#include "bg/llm_cache.h"
 #include "bg/pg.h"
 #include "bg/policy.h"
 #include "bg/redis.h"
@@ -200,14 +205,35 @@ typedef struct st_turn {
     int shard;
 } turn_t;
 
-/* Stores the user's message and admits its job, as the edge does. */
-static void submit(turn_t *t, const char *content)
+/* Admits a job with these fields (pairs), as the edge does. */
+static void admit(const turn_t *t, const char *const *fields, size_t nfields)
+{
+    bg_admission_req_t req = {.user_id = t->uid,
+                              .role = "llm",
+                              .job_id = t->job,
+                              .nfields = nfields,
+                              .fields = fields,
+                              .reservation_ttl_ms = 600000,
+                              .stream_maxlen = 100000};
+    bg_admission_decision_t d;
+    int rc = bg_admission_admit(rc_, SHARDS, &req, &d);
+    cr_assert_eq(rc, 0, "admit: %s", bg_strerror(rc));
+    cr_assert_eq(d.verdict, BG_ADMISSION_OK, "%s", bg_admission_verdict_name(d.verdict));
+}
+
+/* Stores the user's message on a new conversation with agent_id (NULL: the default agent) and
+ * admits its job, as the edge does. */
+static void submit_to(turn_t *t, const char *agent_id, const char *content)
 {
     make_user(t->uid);
-    bg_agent_t *agent = malloc(sizeof(*agent));
-    cr_assert_eq(bg_agents_get_by_slug(conn, NULL, "assistant", agent), 0);
-    snprintf(t->agent, sizeof(t->agent), "%s", agent->id);
-    free(agent);
+    if (agent_id != NULL) {
+        snprintf(t->agent, sizeof(t->agent), "%s", agent_id);
+    } else {
+        bg_agent_t *agent = malloc(sizeof(*agent));
+        cr_assert_eq(bg_agents_get_by_slug(conn, NULL, "assistant", agent), 0);
+        snprintf(t->agent, sizeof(t->agent), "%s", agent->id);
+        free(agent);
+    }
     bg_chat_conversation_t conv;
     int rc = bg_chat_create(conn, t->uid, t->agent, "web", NULL, NULL, NULL, &conv);
     cr_assert_eq(rc, 0, "create: %s", bg_strerror(rc));
@@ -224,17 +250,35 @@ static void submit(turn_t *t, const char *content)
         "user_id",    t->uid, "conversation_id", t->conv, "agent_id",    t->agent,
         "message_id", mids,   "channel",         "web",   "locale",      "en",
         "user_name",  "Ada",  "max_tokens",      "0",     "temperature", ""};
-    bg_admission_req_t req = {.user_id = t->uid,
-                              .role = "llm",
-                              .job_id = t->job,
-                              .nfields = BG_ARRAY_SIZE(fields) / 2,
-                              .fields = fields,
-                              .reservation_ttl_ms = 600000,
-                              .stream_maxlen = 100000};
-    bg_admission_decision_t d;
-    rc = bg_admission_admit(rc_, SHARDS, &req, &d);
-    cr_assert_eq(rc, 0, "admit: %s", bg_strerror(rc));
-    cr_assert_eq(d.verdict, BG_ADMISSION_OK, "%s", bg_admission_verdict_name(d.verdict));
+    admit(t, fields, BG_ARRAY_SIZE(fields) / 2);
+}
+
+static void submit(turn_t *t, const char *content)
+{
+    submit_to(t, NULL, content);
+}
+
+/* Admits an API job (channel "api") of a new user on agent_id (NULL: the default agent) with the
+ * request's messages (a JSON array text) and temperature ("" : the agent's). */
+static void submit_api(turn_t *t, const char *agent_id, const char *messages,
+                       const char *temperature)
+{
+    make_user(t->uid);
+    if (agent_id != NULL) {
+        snprintf(t->agent, sizeof(t->agent), "%s", agent_id);
+    } else {
+        bg_agent_t *agent = malloc(sizeof(*agent));
+        cr_assert_eq(bg_agents_get_by_slug(conn, NULL, "assistant", agent), 0);
+        snprintf(t->agent, sizeof(t->agent), "%s", agent->id);
+        free(agent);
+    }
+    t->conv[0] = '\0';
+    bg_id_uuid_v7_str(t->job);
+    t->shard = bg_shard_of(t->uid, SHARDS);
+    const char *fields[] = {"user_id",     t->uid,      "agent_id",  t->agent, "channel",    "api",
+                            "locale",      "en",        "user_name", "Ada",    "max_tokens", "0",
+                            "temperature", temperature, "messages",  messages};
+    admit(t, fields, BG_ARRAY_SIZE(fields) / 2);
 }
 
 /* ---- the output stream ---- */
@@ -417,6 +461,12 @@ Test(llm_worker, a_reply_streams_what_is_stored_and_is_billed_once)
     int64_t pt = 0, ct = 0, limit = 0, remaining = -1;
     cr_assert_eq(bg_json_get_str(done, "finish_reason", &fr), 0);
     cr_assert_str_eq(fr, "stop");
+    const char *model = NULL;
+    bool cached = true;
+    cr_assert_eq(bg_json_get_str(done, "model", &model), 0);
+    cr_assert_str_eq(model, "demo-1");
+    cr_assert_eq(bg_json_get_bool(done, "cached", &cached), 0);
+    cr_assert_not(cached, "the default agent does not cache");
     cr_assert_eq(bg_json_get_str(done, "message_id", &mid), 0);
     const char *p[] = {t.job};
     char want_mid[32];
@@ -591,4 +641,409 @@ Test(llm_worker, a_worker_killed_mid_reply_is_replaced_and_the_reply_exists_once
     free(shown);
     events_free(ev);
     free(ev);
+}
+
+/* ---- agents of the tests ---- */
+
+static const bg_actor_t admin = {
+    .kind = "system", .id = NULL, .request_id = "req-test", .ip = NULL};
+
+typedef struct st_agent_opts {
+    const char *definition; /* the prompt's JSON */
+    double temperature;     /* < 0: not set */
+    bool cache;
+    int cache_ttl_s;
+    const char *model; /* NULL: the deployment's */
+} agent_opts_t;
+
+/* Creates a prompt and a system agent following it; writes the agent's id. */
+static void create_agent(const char *slug, const agent_opts_t *o, char id[BG_AGENT_ID_SIZE])
+{
+    bg_prompt_t *p = NULL;
+    bg_prompt_err_t e = {0};
+    cr_assert_eq(bg_prompt_parse(o->definition, strlen(o->definition), &p, &e), 0, "%s %s", e.field,
+                 e.reason != NULL ? e.reason : "");
+    char pid[BG_AGENT_ID_SIZE];
+    cr_assert_eq(bg_prompts_create(conn, NULL, slug, "test", p, &admin, pid), 0);
+    bg_prompt_free(p);
+    bg_agent_spec_t s;
+    bg_agent_spec_init(&s);
+    s.slug = slug;
+    s.name = slug;
+    s.prompt_id = pid;
+    s.prompt_version = 0;
+    s.temperature = o->temperature;
+    s.cache_enabled = o->cache ? 1 : 0;
+    s.cache_ttl_s = o->cache_ttl_s;
+    s.model = o->model;
+    s.channels = BG_AGENT_CHANNEL_ALL;
+    s.visibility = "public"; /* users may open conversations with it */
+    bg_agent_t *a = malloc(sizeof(*a));
+    cr_assert_eq(bg_agents_create(conn, &s, &admin, a, &e), 0, "%s %s", e.field,
+                 e.reason != NULL ? e.reason : "");
+    snprintf(id, BG_AGENT_ID_SIZE, "%s", a->id);
+    free(a);
+}
+
+/* A string member of the last event's data ("" when absent). */
+static void last_str(const events_t *ev, const char *key, char *out, size_t outlen)
+{
+    bg_json_doc_t *doc = last_data(ev);
+    const char *v = NULL;
+    snprintf(out, outlen, "%s", bg_json_get_str(bg_json_root(doc), key, &v) == 0 ? v : "");
+    bg_json_doc_free(doc);
+}
+
+static bool last_cached(const events_t *ev)
+{
+    bg_json_doc_t *doc = last_data(ev);
+    bool cached = false;
+    cr_assert_eq(bg_json_get_bool(bg_json_root(doc), "cached", &cached), 0, "%s",
+                 ev->data[ev->n - 1]);
+    bg_json_doc_free(doc);
+    return cached;
+}
+
+/* The response cache keys now in Redis. */
+static long long cache_keys(long long *ttl)
+{
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_command(rc_, &reply, "KEYS %s*", BG_LLM_CACHE_PREFIX), 0);
+    cr_assert_eq(reply->type, REDIS_REPLY_ARRAY);
+    long long n = (long long)reply->elements;
+    if (ttl != NULL && n > 0) {
+        redisReply *t = NULL;
+        cr_assert_eq(bg_redis_command(rc_, &t, "TTL %s", reply->element[0]->str), 0);
+        *ttl = t->integer;
+        freeReplyObject(t);
+    }
+    freeReplyObject(reply);
+    return n;
+}
+
+/* Runs one web turn to its end on agent_id; returns the events (caller frees). */
+static events_t *web_turn(turn_t *t, const char *agent_id, const char *content)
+{
+    submit_to(t, agent_id, content);
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(t, ev, 30000);
+    return ev;
+}
+
+static void stop_provider(void)
+{
+    bgt_stop(demo_pid, SIGTERM, 3000);
+    demo_pid = 0;
+}
+
+/* ---- API jobs ---- */
+
+Test(llm_worker, an_api_job_streams_its_reply_and_ends_with_model_and_usage)
+{
+    start_worker("w1", 5000);
+    turn_t t;
+    submit_api(&t, NULL, "[{\"role\":\"user\",\"content\":\"Hello from the API\"}]", "");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+
+    cr_assert_eq(count_type(ev, "error"), 0, "%s", ev->data[ev->n - 1]);
+    cr_assert_eq(count_type(ev, "done"), 1);
+    cr_assert_gt(count_type(ev, "delta"), 0);
+    char *shown = shown_text(ev);
+    cr_assert(strncmp(shown, "Echo: Hello from the API. Lorem", 31) == 0, "%s", shown);
+    cr_assert(strstr(shown, "laborum.") != NULL, "the whole reply: %s", shown);
+
+    bg_json_doc_t *doc = last_data(ev);
+    const bg_json_t *done = bg_json_root(doc), *usage = NULL;
+    const char *fr = NULL, *model = NULL, *src = NULL, *mid = NULL;
+    int64_t pt = 0, ct = 0;
+    bool cached = true;
+    cr_assert_eq(bg_json_get_str(done, "finish_reason", &fr), 0);
+    cr_assert_str_eq(fr, "stop");
+    cr_assert_eq(bg_json_get_str(done, "model", &model), 0);
+    cr_assert_str_eq(model, "demo-1");
+    cr_assert_eq(bg_json_get_bool(done, "cached", &cached), 0);
+    cr_assert_not(cached);
+    cr_assert(bg_json_get_str(done, "message_id", &mid) != 0 || mid[0] == '\0',
+              "an API reply is no stored message");
+    cr_assert_eq(bg_json_get_object(done, "usage", &usage), 0);
+    cr_assert_eq(bg_json_get_int(usage, "prompt_tokens", &pt), 0);
+    cr_assert_eq(bg_json_get_int(usage, "completion_tokens", &ct), 0);
+    cr_assert_eq(bg_json_get_str(usage, "source", &src), 0);
+    cr_assert_str_eq(src, "provider");
+    /* the default agent's system prompt came first: far more words than the request's four */
+    cr_assert_gt(pt, 20);
+    cr_assert_gt(ct, 60);
+
+    wait_billed(&t);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "channel = 'api' AND status = 'ok' AND requests_charged = 1 AND "
+                         "model = 'demo-1' AND NOT cache_hit",
+                         t.job),
+                 1);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM messages WHERE job_id = $1", t.job), 0,
+                 "nothing stored");
+    cr_assert_eq(quota_used(&t), 1);
+    bg_json_doc_free(doc);
+    free(shown);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, an_api_job_sends_the_system_prompt_then_the_request_messages_in_order)
+{
+    char agent[BG_AGENT_ID_SIZE];
+    const agent_opts_t o = {
+        .definition = "{\"system\":\"Be brief, {{builtin.user_name}} on {{builtin.channel}}.\","
+                      "\"examples\":[{\"user\":\"Ex Q\",\"assistant\":\"Ex A\"}],"
+                      "\"user\":\"Wrapped: {{message}}\"}",
+        .temperature = 0.5,
+        .cache_ttl_s = 60};
+    create_agent("ordered", &o, agent);
+    start_worker("w1", 5000);
+    turn_t t;
+    submit_api(&t, agent,
+               "[{\"role\":\"developer\",\"content\":\"Rule one\"},"
+               "{\"role\":\"user\",\"content\":\"First\"},"
+               "{\"role\":\"assistant\",\"content\":\"Reply\"},"
+               "{\"role\":\"system\",\"content\":\"Rule two\"},"
+               "{\"role\":\"user\",\"content\":\"Last #echo:messages\"}]",
+               "");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_eq(count_type(ev, "done"), 1, "%s", ev->data[ev->n - 1]);
+    char *shown = shown_text(ev);
+    /* the prompt's user template wraps web messages only: the request's messages go verbatim,
+     * and a developer message reaches the provider as a system one */
+    static const char want[] = "Echo: system: Be brief, Ada on api. | user: Ex Q | assistant: Ex A "
+                               "| system: Rule one | user: First | assistant: Reply | system: "
+                               "Rule two | user: Last #echo:messages. Lorem ipsum";
+    cr_assert(strncmp(shown, want, strlen(want)) == 0, "%s", shown);
+    free(shown);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, an_api_job_on_a_prompt_that_needs_variables_is_refused_and_refunded)
+{
+    char agent[BG_AGENT_ID_SIZE];
+    const agent_opts_t o = {
+        .definition = "{\"system\":\"Talk about {{topic}}.\",\"variables\":[{\"name\":\"topic\","
+                      "\"type\":\"string\",\"required\":true}]}",
+        .temperature = 0.5};
+    create_agent("needs-vars", &o, agent);
+    start_worker("w1", 5000);
+    turn_t t;
+    submit_api(&t, agent, "[{\"role\":\"user\",\"content\":\"Hi\"}]", "");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+
+    cr_assert_eq(count_type(ev, "delta"), 0);
+    cr_assert_str_eq(ev->type[ev->n - 1], "error");
+    bg_json_doc_t *doc = last_data(ev);
+    const char *code = NULL;
+    bool retryable = true;
+    cr_assert_eq(bg_json_get_str(bg_json_root(doc), "code", &code), 0);
+    cr_assert_str_eq(code, "invalid_request");
+    cr_assert_eq(bg_json_get_bool(bg_json_root(doc), "retryable", &retryable), 0);
+    cr_assert_not(retryable, "the same request fails the same way");
+
+    wait_billed(&t);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "channel = 'api' AND requests_charged = 0",
+                         t.job),
+                 1);
+    cr_assert_eq(quota_used(&t), 0, "a refused request costs no quota");
+    bg_json_doc_free(doc);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, an_api_job_whose_worker_dies_starts_over_and_is_billed_once)
+{
+    pid_t first = start_worker("w1", 800);
+    turn_t t;
+    submit_api(&t, NULL, "[{\"role\":\"user\",\"content\":\"Survive this #fail:slow=40\"}]", "");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_first_delta(&t, ev, 20000);
+    cr_assert_eq(kill(first, SIGKILL), 0);
+    int st;
+    cr_assert_eq(waitpid(first, &st, 0), first);
+    start_worker("w2", 800);
+    wait_over(&t, ev, 60000);
+
+    cr_assert_geq(count_type(ev, "reset"), 1, "the new worker started over");
+    cr_assert_eq(count_type(ev, "done"), 1);
+    char *shown = shown_text(ev);
+    cr_assert(strncmp(shown, "Echo: Survive this", 18) == 0, "%s", shown);
+    cr_assert(strstr(shown, "laborum.") != NULL, "the reply is complete: %s", shown);
+    cr_assert_eq(strstr(shown + 1, "Echo:"), NULL, "the text is not repeated: %s", shown);
+
+    wait_billed(&t);
+    sleep_ms(1500); /* a late duplicate would show up by now */
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1", t.job), 1);
+    cr_assert_eq(quota_used(&t), 1);
+    free(shown);
+    events_free(ev);
+    free(ev);
+}
+
+/* ---- response cache ---- */
+
+Test(llm_worker, identical_deterministic_turns_are_answered_from_the_cache)
+{
+    char agent[BG_AGENT_ID_SIZE];
+    const agent_opts_t o = {.definition = "{\"system\":\"Answer briefly.\"}",
+                            .temperature = 0,
+                            .cache = true,
+                            .cache_ttl_s = 600};
+    create_agent("cached", &o, agent);
+    start_worker("w1", 5000);
+    turn_t t1, t2;
+    events_t *ev1 = web_turn(&t1, agent, "What are your opening hours?");
+    cr_assert_eq(count_type(ev1, "done"), 1, "%s", ev1->data[ev1->n - 1]);
+    cr_assert_not(last_cached(ev1));
+    char *first = shown_text(ev1);
+    long long ttl = 0;
+    cr_assert_eq(cache_keys(&ttl), 1, "the complete reply was cached");
+    cr_assert(ttl > 590 && ttl <= 600, "the agent's TTL: %lld", ttl);
+
+    /* from here on the provider cannot answer: only the cache can */
+    stop_provider();
+    events_t *ev2 = web_turn(&t2, agent, "What are your opening hours?");
+    cr_assert_eq(count_type(ev2, "done"), 1, "%s", ev2->data[ev2->n - 1]);
+    cr_assert(last_cached(ev2));
+    char *second = shown_text(ev2);
+    cr_assert_str_eq(second, first);
+    char content[8192], status[16];
+    stored_reply(&t2, content, sizeof(content), status);
+    cr_assert_str_eq(content, first, "a cached reply is stored like any other");
+    cr_assert_str_eq(status, "complete");
+
+    wait_billed(&t2);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "cache_hit AND status = 'ok' AND requests_charged = 1",
+                         t2.job),
+                 1);
+    /* billed with the tokens of the reply it replays */
+    cr_assert_eq(
+        pg_int1("SELECT completion_tokens FROM usage_records WHERE request_id = $1", t2.job),
+        pg_int1("SELECT completion_tokens FROM messages WHERE job_id = $1 AND "
+                "role = 'assistant'",
+                t1.job));
+    cr_assert_eq(quota_used(&t2), 1, "a cached reply still counts against the quota");
+    wait_billed(&t1);
+    cr_assert_eq(
+        pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND NOT cache_hit",
+                t1.job),
+        1);
+
+    /* an API request that renders to the same messages is the same request */
+    turn_t t3;
+    submit_api(&t3, agent, "[{\"role\":\"user\",\"content\":\"What are your opening hours?\"}]",
+               "0");
+    events_t *ev3 = calloc(1, sizeof(*ev3));
+    wait_over(&t3, ev3, 30000);
+    cr_assert_eq(count_type(ev3, "done"), 1, "%s", ev3->data[ev3->n - 1]);
+    cr_assert(last_cached(ev3));
+    char *third = shown_text(ev3);
+    cr_assert_str_eq(third, first);
+    wait_billed(&t3);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "cache_hit AND channel = 'api'",
+                         t3.job),
+                 1);
+    free(first);
+    free(second);
+    free(third);
+    events_free(ev1);
+    events_free(ev2);
+    events_free(ev3);
+    free(ev1);
+    free(ev2);
+    free(ev3);
+}
+
+Test(llm_worker, sampled_turns_and_agents_without_caching_are_never_replayed)
+{
+    char sampled[BG_AGENT_ID_SIZE], off[BG_AGENT_ID_SIZE];
+    const agent_opts_t so = {.definition = "{\"system\":\"Be creative.\"}",
+                             .temperature = 0.8,
+                             .cache = true,
+                             .cache_ttl_s = 600};
+    const agent_opts_t oo = {.definition = "{\"system\":\"Be exact.\"}", .temperature = 0};
+    create_agent("sampled", &so, sampled);
+    create_agent("uncached", &oo, off);
+    start_worker("w1", 5000);
+    turn_t t1, t2, t3;
+    events_t *ev1 = web_turn(&t1, sampled, "Same question");
+    events_t *ev2 = web_turn(&t2, off, "Same question");
+    cr_assert_eq(count_type(ev1, "done"), 1);
+    cr_assert_eq(count_type(ev2, "done"), 1);
+    cr_assert_eq(cache_keys(NULL), 0, "nothing was cached");
+
+    /* an API request asking for temperature 0 on the sampling agent is deterministic, though */
+    submit_api(&t3, sampled, "[{\"role\":\"user\",\"content\":\"Same question\"}]", "0");
+    events_t *ev3 = calloc(1, sizeof(*ev3));
+    wait_over(&t3, ev3, 30000);
+    cr_assert_eq(count_type(ev3, "done"), 1);
+    cr_assert_not(last_cached(ev3));
+    cr_assert_eq(cache_keys(NULL), 1);
+
+    stop_provider();
+    turn_t t4;
+    events_t *ev4 = web_turn(&t4, off, "Same question");
+    cr_assert_str_eq(ev4->type[ev4->n - 1], "error", "not replayed: the provider was needed");
+    events_free(ev1);
+    events_free(ev2);
+    events_free(ev3);
+    events_free(ev4);
+    free(ev1);
+    free(ev2);
+    free(ev3);
+    free(ev4);
+}
+
+/* ---- the agent cache ---- */
+
+Test(llm_worker, an_agent_change_reaches_jobs_within_the_agent_ttl)
+{
+    char agent[BG_AGENT_ID_SIZE];
+    const agent_opts_t o = {
+        .definition = "{\"system\":\"Hi.\"}", .temperature = 0.5, .model = "demo-1"};
+    create_agent("changing", &o, agent);
+    start_worker("w1", 5000);
+    turn_t t1, t2, t3;
+    long long loaded = bgt_now_ms();
+    events_t *ev1 = web_turn(&t1, agent, "Which model?");
+    char model[64];
+    last_str(ev1, "model", model, sizeof(model));
+    cr_assert_str_eq(model, "demo-1");
+
+    bg_agent_spec_t s;
+    bg_agent_spec_init(&s);
+    s.model = "demo-vision-1";
+    bg_agent_t *a = malloc(sizeof(*a));
+    bg_prompt_err_t e;
+    cr_assert_eq(bg_agents_update(conn, agent, &s, &admin, a, &e), 0);
+    free(a);
+
+    events_t *ev2 = web_turn(&t2, agent, "Which model now?");
+    last_str(ev2, "model", model, sizeof(model));
+    if (bgt_now_ms() - loaded < 4000)
+        cr_assert_str_eq(model, "demo-1", "the agent is reused for its TTL");
+
+    sleep_ms(5200);
+    events_t *ev3 = web_turn(&t3, agent, "And now?");
+    last_str(ev3, "model", model, sizeof(model));
+    cr_assert_str_eq(model, "demo-vision-1", "the change shows once the TTL has passed");
+    char content[8192], status[16];
+    stored_reply(&t3, content, sizeof(content), status);
+    cr_assert_str_eq(status, "complete");
+    events_free(ev1);
+    events_free(ev2);
+    events_free(ev3);
+    free(ev1);
+    free(ev2);
+    free(ev3);
 }

@@ -1,8 +1,10 @@
 /*
  * Agents and their prompts on blocking libpq: listing and loading agents, resolving the prompt
  * version an agent uses, publishing prompt versions (and rolling back by publishing an old one
- * again), and creating, changing and deleting agents with an audit row for each change. Shared by
- * the edge (on its thread pool), the llm worker and bgctl.
+ * again), and creating, changing and deleting agents with an audit row for each change; also which
+ * agents a user may use on a channel (visibility, channels and resource_access policies, in one
+ * place for the web chat, the OpenAI-compatible API and Telegram) and who may manage them. Shared
+ * by the edge (on its thread pool), the llm worker and bgctl.
  *
  * Prompt versions are immutable (the database refuses UPDATE and DELETE): publishing inserts
  * version max + 1 and makes it the prompt's current_version; a rollback publishes a copy of an
@@ -92,6 +94,29 @@ BG_MUSTCHECK int bg_agents_get(PGconn *c, const char *agent_id, bg_agent_t *out)
  */
 BG_MUSTCHECK int bg_agents_get_by_slug(PGconn *c, const char *organization_id, const char *slug,
                                        bg_agent_t *out);
+
+/**
+ * Lists the active agents user_id may use on channel (a BG_AGENT_CHANNEL_* bit; 0 = any): visible
+ * to the user (public, or of one of the user's organizations), enabled on that channel, and allowed
+ * by the resource_access policies that apply to the user (agent by slug or id, and the agent's
+ * model; the model name is the agent's model, or "" when it uses the deployment default — then only
+ * "*" rules about models apply). The rules that apply are those of the user, the user's
+ * organizations and the plan of the user's live subscription (the plan the admission uses), and
+ * global ones; user_id NULL or unknown: public agents under global rules only. Ordered as
+ * bg_agents_list; dispose out after success.
+ */
+BG_MUSTCHECK int bg_agents_list_usable(PGconn *c, const char *user_id, unsigned channel,
+                                       bg_agent_list_t *out);
+
+/**
+ * Loads one agent by id or slug (slug: a system agent or one of the user's organizations; an
+ * organization's agent wins over a system agent of the same slug) that user_id may use on channel.
+ * BG_ERR_NOT_FOUND when it does not exist or the user cannot see it (a disabled agent included);
+ * BG_ERR_DENIED when a resource_access policy denies it or it is not enabled on that channel. The
+ * rules are those of bg_agents_list_usable.
+ */
+BG_MUSTCHECK int bg_agents_get_usable(PGconn *c, const char *user_id, const char *id_or_slug,
+                                      unsigned channel, bg_agent_t *out);
 
 /** A prompt version as stored. */
 typedef struct bg_prompt_version {
@@ -200,6 +225,59 @@ BG_MUSTCHECK int bg_agents_update(PGconn *c, const char *agent_id, const bg_agen
  * free again. Audited as "agent.delete".
  */
 BG_MUSTCHECK int bg_agents_delete(PGconn *c, const char *agent_id, const bg_actor_t *actor);
+
+/** A prompt as stored (its versions are bg_prompt_version_t). */
+typedef struct bg_prompt_info {
+    char id[BG_AGENT_ID_SIZE];
+    char organization_id[BG_AGENT_ID_SIZE]; /**< "" for a system prompt */
+    char name[BG_AGENT_NAME_SIZE];
+    char description[BG_AGENT_DESCRIPTION_SIZE];
+    int current_version; /**< 0 when none is published */
+    char created_at[BG_AGENT_TIME_SIZE];
+    char updated_at[BG_AGENT_TIME_SIZE];
+} bg_prompt_info_t;
+
+/** A list of prompts. */
+typedef struct bg_prompt_list {
+    bg_prompt_info_t *items; /**< owned; count of them */
+    size_t count;
+} bg_prompt_list_t;
+
+/** Frees the items of a list (the list may be reused); accepts NULL. */
+void bg_prompt_list_dispose(bg_prompt_list_t *list);
+
+/** Loads a live (not deleted) prompt. */
+BG_MUSTCHECK int bg_prompts_get(PGconn *c, const char *prompt_id, bg_prompt_info_t *out);
+
+/** Lists the live prompts, ordered by name then id, at most BG_AGENT_LIST_MAX. */
+BG_MUSTCHECK int bg_prompts_list(PGconn *c, bg_prompt_list_t *out);
+
+/**
+ * Who may manage which agents and prompts: a platform admin (users.role "admin", active) manages
+ * all of them; an owner or admin of an organization manages that organization's. A personal
+ * organization (the one every user gets at registration) does not count: it makes nobody an
+ * administrator, so the admin API stays closed to ordinary users.
+ */
+typedef struct bg_agent_manager {
+    bool platform_admin;
+    char (*orgs)[BG_AGENT_ID_SIZE]; /**< owned; the organizations managed (lower-case uuids) */
+    size_t norgs;
+} bg_agent_manager_t;
+
+/** Loads what user_id may manage into *out (dispose it after success). */
+BG_MUSTCHECK int bg_agents_manager_load(PGconn *c, const char *user_id, bg_agent_manager_t *out);
+
+/** Frees what a manager owns; accepts NULL. */
+void bg_agents_manager_dispose(bg_agent_manager_t *m);
+
+/** Returns whether m manages anything at all. */
+bool bg_agents_manager_is_any(const bg_agent_manager_t *m);
+
+/**
+ * Returns whether m may manage what belongs to organization_id (NULL or "": the system's, which
+ * only platform admins manage).
+ */
+bool bg_agents_manager_may(const bg_agent_manager_t *m, const char *organization_id);
 
 /** Returns the channel bits of a comma-separated list ("web,telegram"); 0 when a name is unknown.
  */

@@ -52,6 +52,10 @@ typedef struct bg_config {
     char *paddle_api_url;          /**< BG_PADDLE_API_URL */
     char *paddle_api_key;          /**< BG_PADDLE_API_KEY (secret) */
     char *paddle_webhook_secrets;  /**< BG_PADDLE_WEBHOOK_SECRETS (secret) */
+    char *paddle_price_daily;      /**< BG_PADDLE_PRICE_DAILY */
+    char *paddle_price_weekly;     /**< BG_PADDLE_PRICE_WEEKLY */
+    char *paddle_price_monthly;    /**< BG_PADDLE_PRICE_MONTHLY */
+    char *paddle_price_yearly;     /**< BG_PADDLE_PRICE_YEARLY */
     char *smtp_url;                /**< BG_SMTP_URL (secret: may carry credentials) */
     char *mail_from;               /**< BG_MAIL_FROM */
     /* web and i18n */
@@ -64,6 +68,8 @@ typedef struct bg_config {
     int64_t worker_concurrency; /**< BG_WORKER_CONCURRENCY */
     int worker_port;            /**< BG_WORKER_PORT: health and metrics; 0 disables */
     int64_t stream_maxlen;      /**< BG_STREAM_MAXLEN */
+
+    int64_t reconcile_interval_s; /**< BG_RECONCILE_INTERVAL_S; 0 disables the reconciler */
     /* logging */
     bg_log_level_t log_level;   /**< BG_LOG_LEVEL */
     bg_log_format_t log_format; /**< BG_LOG_FORMAT */

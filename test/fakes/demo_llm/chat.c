@@ -14,7 +14,9 @@
  * both.
  *
  * Failure directives live in the last user message only, so a conversation whose history holds an
- * old "#fail:500" does not fail again.
+ * old "#fail:500" does not fail again. So does "#echo:messages", which echoes every message
+ * received ("<role>: <text>", joined by " | ", up to TRANSCRIPT_CHARS characters) instead of the
+ * last user message: a client's tests can see what the provider was sent, in order.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -29,6 +31,8 @@
 
 /* Characters of the last user message echoed back. */
 #define ECHO_CHARS 200
+/* Characters of the transcript "#echo:messages" echoes back. */
+#define TRANSCRIPT_CHARS 4000
 /* Tokens an image part costs in the prompt. */
 #define IMAGE_TOKENS 85
 /* Bound of the text gathered from the last user message (the body itself is bounded by h2o). */
@@ -231,8 +235,28 @@ static int check_content(const bg_json_t *content, size_t i, const demo_model_t 
     return 0;
 }
 
+/* Appends "<role>: <text>" of one message to the transcript (" | " before all but the first). */
+static void append_transcript(bg_buf_t *tr, const char *role, const bg_json_t *content)
+{
+    int r = tr->len > 0 ? bg_buf_puts(tr, " | ") : 0;
+    r |= bg_buf_puts(tr, role);
+    r |= bg_buf_puts(tr, ": ");
+    size_t len;
+    const char *s = bg_json_str(content, &len);
+    if (s != NULL) {
+        r |= bg_buf_append(tr, s, len);
+    } else {
+        for (size_t k = 0; k < bg_json_len(content); k++) {
+            const char *text;
+            if (bg_json_get_strn(bg_json_at(content, k), "text", &text, &len) == 0)
+                r |= (k > 0 ? bg_buf_putc(tr, ' ') : 0) | bg_buf_append(tr, text, len);
+        }
+    }
+    (void)r; /* past its cap the transcript is only shorter */
+}
+
 static int check_messages(const bg_json_t *messages, const demo_model_t *model, int64_t *tokens,
-                          bg_buf_t *last_user, demo_error_t *e)
+                          bg_buf_t *last_user, bg_buf_t *transcript, demo_error_t *e)
 {
     static const char *const roles[] = {"system",    "developer", "user",
                                         "assistant", "tool",      "function"};
@@ -290,6 +314,7 @@ static int check_messages(const bg_json_t *messages, const demo_model_t *model, 
         }
         if (check_content(content, i, model, tokens, i == last ? last_user : NULL, e) != 0)
             return -1;
+        append_transcript(transcript, r, content);
     }
     return 0;
 }
@@ -357,10 +382,10 @@ static int parse_directives(const char *text, size_t len, demo_fail_t *f, demo_e
 }
 
 /*
- * Appends the first ECHO_CHARS characters of s (valid UTF-8), whitespace runs collapsed to one
+ * Appends the first max_chars characters of s (valid UTF-8), whitespace runs collapsed to one
  * space, trimmed. Never cuts a character in two.
  */
-static int append_snippet(bg_buf_t *out, const char *s, size_t len)
+static int append_snippet(bg_buf_t *out, const char *s, size_t len, size_t max_chars)
 {
     size_t chars = 0;
     bool space = false;
@@ -373,14 +398,14 @@ static int append_snippet(bg_buf_t *out, const char *s, size_t len)
                 return -1;
             continue;
         }
-        if (chars == ECHO_CHARS)
+        if (chars == max_chars)
             break;
         if (is_space(s[i])) {
             space = out->len > start;
             continue;
         }
         if (space) {
-            if (chars + 2 > ECHO_CHARS)
+            if (chars + 2 > max_chars)
                 break; /* a space with nothing after it */
             if (bg_buf_putc(out, ' ') != 0)
                 return -1;
@@ -394,7 +419,7 @@ static int append_snippet(bg_buf_t *out, const char *s, size_t len)
     return 0;
 }
 
-static int build_reply(demo_chat_t *chat, const bg_buf_t *user, demo_error_t *e)
+static int build_reply(demo_chat_t *chat, const bg_buf_t *user, size_t max_chars, demo_error_t *e)
 {
     bg_buf_t t;
     bg_buf_init(&t, USER_TEXT_MAX);
@@ -402,7 +427,7 @@ static int build_reply(demo_chat_t *chat, const bg_buf_t *user, demo_error_t *e)
     if (user->base != NULL && user->len > 0) {
         r |= bg_buf_puts(&t, "Echo: ");
         size_t before = t.len;
-        r |= append_snippet(&t, user->base, user->len);
+        r |= append_snippet(&t, user->base, user->len, max_chars);
         if (t.len == before) {
             bg_buf_reset(&t); /* only whitespace: nothing to echo */
         } else {
@@ -479,13 +504,14 @@ int demo_chat_parse(const char *body, size_t len, demo_chat_t *chat, demo_error_
                                          "function_call",
                                          NULL};
     bg_json_doc_t *doc = NULL;
-    bg_buf_t user;
+    bg_buf_t user, transcript;
     const char *desc = NULL;
     int r;
 
     memset(chat, 0, sizeof(*chat));
     chat->fail = (demo_fail_t){0, false, -1, -1, -1, -1, -1};
     bg_buf_init(&user, USER_TEXT_MAX);
+    bg_buf_init(&transcript, USER_TEXT_MAX);
     r = bg_json_parse(body, len, NULL, &doc, &desc, NULL);
     if (r == BG_ERR_TOO_LARGE) {
         fail(e, 413, NULL, NULL, "The request body is too large for the demo provider (%s).", desc);
@@ -535,7 +561,8 @@ int demo_chat_parse(const char *body, size_t len, demo_chat_t *chat, demo_error_
         invalid_type(e, "messages", "an array", messages);
         goto err;
     }
-    if (check_messages(messages, m != NULL ? m : &no_model, &chat->prompt_tokens, &user, e) != 0)
+    if (check_messages(messages, m != NULL ? m : &no_model, &chat->prompt_tokens, &user,
+                       &transcript, e) != 0)
         goto err;
 
     bool stream = false;
@@ -595,14 +622,19 @@ int demo_chat_parse(const char *body, size_t len, demo_chat_t *chat, demo_error_
     chat->model = bg_strndup(model_id, model_len);
     if (parse_directives(user.base != NULL ? user.base : "", user.len, &chat->fail, e) != 0)
         goto err;
-    if (build_reply(chat, &user, e) != 0)
+    static const char echo_all[] = "#echo:messages";
+    bool all =
+        user.base != NULL && memmem(user.base, user.len, echo_all, sizeof(echo_all) - 1) != NULL;
+    if (build_reply(chat, all ? &transcript : &user, all ? TRANSCRIPT_CHARS : ECHO_CHARS, e) != 0)
         goto err;
+    bg_buf_dispose(&transcript);
     bg_buf_dispose(&user);
     bg_json_doc_free(doc);
     return 0;
 
 err:
     demo_chat_dispose(chat);
+    bg_buf_dispose(&transcript);
     bg_buf_dispose(&user);
     bg_json_doc_free(doc);
     return -1;

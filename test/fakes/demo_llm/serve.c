@@ -63,7 +63,7 @@ typedef struct st_demo_conn {
 
 uv_tcp_t *demo_conn_new(uv_loop_t *loop)
 {
-    demo_conn_t *c = bg_malloc(sizeof(*c));
+    demo_conn_t *c = bg_calloc(1, sizeof(*c)); /* the link must start unlinked */
     uv_tcp_init(loop, &c->tcp);
     h2o_linklist_insert(&conns, &c->link);
     return &c->tcp;
