@@ -63,7 +63,7 @@ static void setup(void)
         snprintf(S.bases[i], sizeof(S.bases[i]), "http://127.0.0.1:%d", S.ports[i]);
         S.pids[i] = start_edge(i);
         cr_assert(S.pids[i] > 0);
-        char url[128];
+        char url[200];
         snprintf(url, sizeof(url), "%s/healthz", S.bases[i]);
         cr_assert_eq(bgt_wait_http(url, 200, 10000), 0, "bg-edge %d did not come up; see %s", i,
                      S.log[i]);
