@@ -16,7 +16,7 @@ FORMAT_DIRS := shared edge workers test bench
 
 export BG_BUILD_DIR := $(BUILD_DIR)
 
-.PHONY: all help deps configure build run test test-fast test-run fuzz lint format bench clean
+.PHONY: all help deps configure build run test test-fast test-run fuzz lint format bench clean screenshots
 
 all: build
 
@@ -29,6 +29,7 @@ help:
 	@echo "make lint       clang-tidy, cppcheck, banned functions, clang-format, shellcheck"
 	@echo "make format     clang-format -i every .c/.h under $(FORMAT_DIRS)"
 	@echo "make bench      run bench/run-all.sh"
+	@echo "make screenshots refresh docs/screenshots/ (the browser tests in English and Russian)"
 	@echo "make clean      remove $(BUILD_DIR)/, $(ASAN_DIR)/ and $(FUZZ_DIR)/ (not .data/)"
 
 deps:
@@ -79,6 +80,10 @@ test-run:
 	else \
 	    echo "make test: FAILED (tests: $$plain, ASan+UBSan: $$asan, fuzz: $$fuzz)"; exit 1; \
 	fi
+
+# The README's screenshots (docs/screenshots/), taken by the browser tests in English and Russian.
+screenshots: build
+	BGT_SCREENSHOTS=1 scripts/test-stack.sh ctest --test-dir $(BUILD_DIR) -R '^browser_' --output-on-failure
 
 # libFuzzer targets (test/fuzz, clang with ASan+UBSan) for FUZZ_SECONDS each, on a copy of the seed
 # corpus so the tree stays clean. A crash, leak, timeout or out-of-memory fails it; the input that

@@ -154,6 +154,11 @@ extern const edge_route_t edge_routes_chat[];
 extern const edge_route_t edge_routes_stream[];
 extern const edge_route_t edge_routes_agents[];
 extern const edge_route_t edge_routes_openai[];
+/**
+ * The web client's pages and assets (routes_web.c). Not in edge_route_tables: the router tries it
+ * only when no API route matches the path, and it is not part of the API contract.
+ */
+extern const edge_route_t edge_routes_web[];
 
 /**
  * Finds the route for method and path; fills params. Returns the route, or NULL with

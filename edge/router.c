@@ -3,7 +3,8 @@
  *
  * Route tables are small and static, so matching is a linear scan comparing segment by segment; a
  * "{name}" segment matches any one non-empty segment and is captured. A path that matches some
- * route under another method is reported so the caller can answer 405 instead of 404.
+ * route under another method is reported so the caller can answer 405 instead of 404. The web
+ * client's table (routes_web.c) is tried only when no API route knows the path.
  */
 #include <string.h>
 
@@ -44,6 +45,33 @@ static bool match(const char *pattern, const char *path, size_t path_len, h2o_io
     return true;
 }
 
+/* Scans one table: the route, or NULL (*method_mismatch set when only the method differs). */
+static const edge_route_t *match_table(const edge_route_t *table, const char *method,
+                                       size_t method_len, const char *path, size_t path_len,
+                                       h2o_iovec_t *params, size_t *nparams, bool *method_mismatch)
+{
+    for (const edge_route_t *r = table; r->pattern != NULL; r++) {
+        h2o_iovec_t tmp[EDGE_MAX_PARAMS];
+        size_t ntmp = 0;
+        if (!match(r->pattern, path, path_len, tmp, &ntmp))
+            continue;
+        bool same_method =
+            strlen(r->method) == method_len && memcmp(r->method, method, method_len) == 0;
+        /* HEAD is answered by GET routes (h2o drops the body) */
+        if (!same_method && method_len == 4 && memcmp(method, "HEAD", 4) == 0 &&
+            strcmp(r->method, "GET") == 0)
+            same_method = true;
+        if (!same_method) {
+            *method_mismatch = true;
+            continue;
+        }
+        memcpy(params, tmp, sizeof(tmp[0]) * ntmp);
+        *nparams = ntmp;
+        return r;
+    }
+    return NULL;
+}
+
 const edge_route_t *edge_router_match(const char *method, size_t method_len, const char *path,
                                       size_t path_len, h2o_iovec_t *params, size_t *nparams,
                                       bool *method_mismatch)
@@ -53,25 +81,14 @@ const edge_route_t *edge_router_match(const char *method, size_t method_len, con
     if (path_len > 1 && path[path_len - 1] == '/')
         path_len--;
     for (size_t t = 0; edge_route_tables[t] != NULL; t++) {
-        for (const edge_route_t *r = edge_route_tables[t]; r->pattern != NULL; r++) {
-            h2o_iovec_t tmp[EDGE_MAX_PARAMS];
-            size_t ntmp = 0;
-            if (!match(r->pattern, path, path_len, tmp, &ntmp))
-                continue;
-            bool same_method =
-                strlen(r->method) == method_len && memcmp(r->method, method, method_len) == 0;
-            /* HEAD is answered by GET routes (h2o drops the body) */
-            if (!same_method && method_len == 4 && memcmp(method, "HEAD", 4) == 0 &&
-                strcmp(r->method, "GET") == 0)
-                same_method = true;
-            if (!same_method) {
-                *method_mismatch = true;
-                continue;
-            }
-            memcpy(params, tmp, sizeof(tmp[0]) * ntmp);
-            *nparams = ntmp;
+        const edge_route_t *r = match_table(edge_route_tables[t], method, method_len, path,
+                                            path_len, params, nparams, method_mismatch);
+        if (r != NULL)
             return r;
-        }
     }
-    return NULL;
+    /* the web client last, so that it can never shadow an API route */
+    if (*method_mismatch)
+        return NULL;
+    return match_table(edge_routes_web, method, method_len, path, path_len, params, nparams,
+                       method_mismatch);
 }

@@ -21,6 +21,8 @@ packages=(
     redis-server postgresql postgresql-contrib
     # tests, benchmarks and make run (dev certificate, health checks, free ports)
     nghttp2-client openssl curl ca-certificates python3 nodejs npm
+    # the web client's browser tests (test/browser: headless, driven by playwright-core)
+    chromium
     # lint
     clang clang-tidy cppcheck clang-format shellcheck
     # make fuzz: libFuzzer and the sanitizer runtimes of clang
