@@ -11,10 +11,10 @@
  * key in the caller's shard, or with another user's, is a 404 like any foreign resource: a caller
  * cannot tell another user's job from one that does not exist.
  *
- * Order of a turn. The message is stored before admission (on the pool, where the conversation's
- * ownership is checked too), so the job can name it; a denied turn leaves the user's message
- * without a reply, as a failed provider call would. Admission itself is edge_admit() (admit.c):
- * Redis down means 503 with Retry-After, since admission fails closed.
+ * Order of a turn. The message is stored before admission (on the pool, in one statement that
+ * also checks the conversation's ownership: bg_chat_post_user), so the job can name it; a denied
+ * turn leaves the user's message without a reply, as a failed provider call would. Admission itself
+ * is edge_admit() (admit.c): Redis down means 503 with Retry-After, since admission fails closed.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -52,8 +52,7 @@ typedef struct st_turn_op {
     bool respond_async;
     int shard;
     int rc;
-    bg_chat_conversation_t conv;
-    bg_user_t user;
+    bg_chat_posted_t posted;
     char message_id[24];
     const char *fields[2 * TURN_FIELDS]; /* the job's, pointing into this op */
     bg_admission_req_t admission;
@@ -81,18 +80,10 @@ static void store_work(void *arg)
     PGconn *c = edge_pg(op->cfg, NULL, &op->rc);
     if (c == NULL)
         return;
-    op->rc = bg_chat_get(c, op->user_id, op->conv_id, &op->conv);
-    if (op->rc != 0)
-        return;
-    op->rc = bg_acct_get_user(c, op->user_id, &op->user);
-    if (op->rc == BG_ERR_NOT_FOUND)
-        op->rc = BG_ERR_DENIED; /* the token outlived its user */
-    if (op->rc != 0)
-        return;
-    int64_t mid = 0;
-    op->rc = bg_chat_append_user(c, op->user_id, op->conv_id, op->content, op->job_id,
-                                 op->request_id, &mid);
-    snprintf(op->message_id, sizeof(op->message_id), "%lld", (long long)mid);
+    /* one round trip: ownership, the user, the insert and the conversation's agent */
+    op->rc = bg_chat_post_user(c, op->user_id, op->conv_id, op->content, op->job_id, op->request_id,
+                               &op->posted);
+    snprintf(op->message_id, sizeof(op->message_id), "%lld", (long long)op->posted.message_id);
 }
 
 static void respond_admitted(edge_req_t *er, turn_op_t *op)
@@ -158,7 +149,7 @@ static void admit(edge_req_t *er, turn_op_t *op)
     op->fields[2] = "conversation_id";
     op->fields[3] = op->conv_id;
     op->fields[4] = "agent_id";
-    op->fields[5] = op->conv.agent_id;
+    op->fields[5] = op->posted.agent_id;
     op->fields[6] = "message_id";
     op->fields[7] = op->message_id;
     op->fields[8] = "channel";
@@ -166,7 +157,7 @@ static void admit(edge_req_t *er, turn_op_t *op)
     op->fields[10] = "locale";
     op->fields[11] = op->locale;
     op->fields[12] = "user_name";
-    op->fields[13] = op->user.name;
+    op->fields[13] = op->posted.user_name;
     op->fields[14] = "max_tokens";
     op->fields[15] = "0";
     op->fields[16] = "temperature";

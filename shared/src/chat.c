@@ -502,6 +502,44 @@ err_rollback:
     return rc;
 }
 
+int bg_chat_post_user(PGconn *c, const char *user_id, const char *conversation_id,
+                      const char *content, const char *job_id, const char *request_id,
+                      bg_chat_posted_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!bg_id_uuid_is_valid(user_id) || !bg_id_uuid_is_valid(conversation_id))
+        return BG_ERR_NOT_FOUND;
+    if (!content_ok(content, false))
+        return BG_ERR_INVALID;
+    /* the UPDATE takes the conversation's row lock, which serialises the count as
+     * bg_chat_append_user's SELECT … FOR UPDATE does; a missing row or user writes nothing */
+    const char *p[] = {conversation_id, user_id, content, job_id, request_id};
+    PGresult *res;
+    int rc = bg_pg_exec(c,
+                        "WITH u AS (SELECT name FROM users WHERE id = $2::uuid "
+                        "AND deleted_at IS NULL AND status = 'active'), "
+                        "conv AS (UPDATE conversations SET message_count = message_count + 1, "
+                        "last_message_at = now() WHERE id = $1::uuid AND user_id = $2::uuid "
+                        "AND deleted_at IS NULL AND EXISTS (SELECT 1 FROM u) "
+                        "RETURNING id, agent_id), "
+                        "m AS (INSERT INTO messages (conversation_id, role, content, status, "
+                        "job_id, request_id) SELECT id, 'user', $3, 'complete', $4, $5 FROM conv "
+                        "RETURNING id) "
+                        "SELECT m.id, conv.agent_id, u.name FROM m, conv, u",
+                        5, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        return BG_ERR_NOT_FOUND;
+    }
+    rc = bg_pg_int64(res, 0, 0, &out->message_id);
+    copy(out->agent_id, sizeof(out->agent_id), res, 0, 1);
+    copy(out->user_name, sizeof(out->user_name), res, 0, 2);
+    PQclear(res);
+    return rc;
+}
+
 /* Finds the assistant reply of job_id: its id and conversation. BG_ERR_NOT_FOUND when none. */
 static int find_reply(PGconn *c, const char *job_id, int64_t *id, char conv[BG_CHAT_ID_SIZE])
 {

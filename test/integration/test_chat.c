@@ -521,3 +521,39 @@ Test(chat, history_is_bounded_by_count_bytes_and_id)
     cr_assert_eq(bg_chat_delete(conn, uid, c.id), 0);
     cr_assert_eq(bg_chat_history(conn, c.id, 0, 10, 0, &h), BG_ERR_NOT_FOUND);
 }
+
+Test(chat, a_posted_turn_is_checked_stored_and_counted_in_one_statement)
+{
+    char uid[BG_ACCT_ID_LEN], other[BG_ACCT_ID_LEN], agent[BG_CHAT_ID_SIZE];
+    user("poster@chat.example", uid);
+    user("intruder@chat.example", other);
+    assistant(agent);
+    bg_chat_conversation_t c;
+    start(uid, agent, "Posted", &c);
+
+    bg_chat_posted_t p;
+    cr_assert_eq(bg_chat_post_user(conn, uid, c.id, "Hello there", "job-posted-1", "req-1", &p), 0);
+    cr_expect_gt(p.message_id, 0);
+    cr_expect_str_eq(p.agent_id, agent, "the conversation's agent comes back for the job");
+    cr_expect_str_eq(p.user_name, "Chat", "and the user's name");
+    bg_chat_conversation_t after;
+    cr_assert_eq(bg_chat_get(conn, uid, c.id, &after), 0);
+    cr_expect_eq(after.message_count, 1);
+
+    /* another user's conversation, a deleted one, a disabled user: not found, nothing written */
+    cr_expect_eq(bg_chat_post_user(conn, other, c.id, "Mine now", "job-posted-2", NULL, &p),
+                 BG_ERR_NOT_FOUND);
+    cr_expect_eq(p.message_id, 0);
+    q("UPDATE users SET status = 'disabled' WHERE id = $1", uid, NULL, NULL, 0);
+    cr_expect_eq(bg_chat_post_user(conn, uid, c.id, "Still here?", "job-posted-3", NULL, &p),
+                 BG_ERR_NOT_FOUND);
+    q("UPDATE users SET status = 'active' WHERE id = $1", uid, NULL, NULL, 0);
+    cr_expect_eq(bg_chat_post_user(conn, uid, c.id, "", "job-posted-4", NULL, &p), BG_ERR_INVALID);
+    cr_expect_eq(bg_chat_post_user(conn, uid, c.id, "Again", "job-posted-1", NULL, &p),
+                 BG_ERR_CONFLICT, "a job id starts one turn");
+    cr_assert_eq(bg_chat_get(conn, uid, c.id, &after), 0);
+    cr_expect_eq(after.message_count, 1, "no refused post was counted");
+    cr_assert_eq(bg_chat_delete(conn, uid, c.id), 0);
+    cr_expect_eq(bg_chat_post_user(conn, uid, c.id, "Gone?", "job-posted-5", NULL, &p),
+                 BG_ERR_NOT_FOUND);
+}

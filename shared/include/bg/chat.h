@@ -139,6 +139,24 @@ BG_MUSTCHECK int bg_chat_append_user(PGconn *c, const char *user_id, const char 
                                      const char *content, const char *job_id,
                                      const char *request_id, int64_t *message_id);
 
+/** What bg_chat_post_user found and wrote. */
+typedef struct bg_chat_posted {
+    int64_t message_id;                /**< the stored user message */
+    char agent_id[BG_CHAT_ID_SIZE];    /**< the conversation's agent */
+    char user_name[BG_CHAT_NAME_SIZE]; /**< the user's display name ("" when none) */
+} bg_chat_posted_t;
+
+/**
+ * A chat turn's Postgres work in ONE statement (one round trip, one commit): checks that the
+ * conversation is a live one of user_id and that the user is active, appends the user message
+ * (as bg_chat_append_user), counts it, and returns the conversation's agent and the user's name.
+ * BG_ERR_NOT_FOUND when the conversation is not the user's (or is gone) or the user is disabled or
+ * deleted; BG_ERR_INVALID for content out of bounds; BG_ERR_CONFLICT for a job id in use.
+ */
+BG_MUSTCHECK int bg_chat_post_user(PGconn *c, const char *user_id, const char *conversation_id,
+                                   const char *content, const char *job_id, const char *request_id,
+                                   bg_chat_posted_t *out);
+
 /** What an assistant reply cost and how it ended. */
 typedef struct bg_chat_reply {
     const char *job_id;      /**< required: the reply is written once per job */
