@@ -14,7 +14,8 @@
  * Event data:
  *   delta  {"text": "…"}              text to append to what the client shows
  *   reset  {}                         a redelivered job starts over: drop what was shown
- *   done   {"message_id", "finish_reason", "usage", "quota"}   the last event of a reply
+ *   done   {"message_id", "finish_reason", "model", "cached", "usage", "quota"}   the last event
+ *          of a reply (message_id only when a message was stored: not for API jobs)
  *   error  {"code", "retryable"}      the last event of a failed job
  *
  * Deltas are batched by the writer (bg_jobout_batch_t): at most one append per
