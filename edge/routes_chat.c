@@ -282,10 +282,12 @@ static void conversations_create(edge_req_t *er)
     edge_values_t v;
     if (!edge_body(er, create_fields, BG_ARRAY_SIZE(create_fields), &v))
         return;
+    /* copied before op_new(), which GCC's -Wdangling-pointer cannot follow at -O3 */
+    char *agent_id = bg_strdup(v.str[0]);
+    char *title = v.present[1] ? bg_strdup(v.str[1]) : NULL;
     chat_op_t *op = op_new(er);
-    op->agent_id = bg_strdup(v.str[0]);
-    if (v.present[1])
-        op->title = bg_strdup(v.str[1]);
+    op->agent_id = agent_id;
+    op->title = title;
     edge_run(er, create_work, create_done);
 }
 

@@ -185,7 +185,7 @@ int bg_pg_connect(const char *url, int attempts, PGconn **out, char *err, size_t
         }
         char msg[512];
         copy_masked(msg, sizeof(msg), c != NULL ? PQerrorMessage(c) : "out of memory", password);
-        snprintf(err, errlen, "%s: %s", where, msg);
+        snprintf(err, errlen, "%.64s: %.400s", where, msg);
         PQfinish(c);
         bg_warn("postgres %s: connection attempt %d/%d failed: %s", where, i + 1, attempts, msg);
         rc = BG_ERR_UNAVAILABLE;
