@@ -28,6 +28,7 @@
 #include "bg/config.h"
 #include "bg/json.h"
 #include "bg/jwt.h"
+#include "bg/redis.h"
 #include "bg/redis_async.h"
 
 #define EDGE_MAX_PARAMS 4
@@ -154,6 +155,10 @@ extern const edge_route_t edge_routes_chat[];
 extern const edge_route_t edge_routes_stream[];
 extern const edge_route_t edge_routes_agents[];
 extern const edge_route_t edge_routes_openai[];
+/** Paddle checkout, cancel, resume and the billing history (routes_billing_paddle.c). */
+extern const edge_route_t edge_routes_checkout[];
+/** POST /webhooks/paddle (routes_webhooks_paddle.c). */
+extern const edge_route_t edge_routes_paddle[];
 /**
  * The web client's pages and assets (routes_web.c). Not in edge_route_tables: the router tries it
  * only when no API route matches the path, and it is not part of the API contract.
@@ -355,6 +360,13 @@ void edge_respond_writer(edge_req_t *er, int status, bg_json_writer_t *w, bg_buf
  * admin_id, also requires that user to be a live, active platform admin (*rc = BG_ERR_DENIED).
  */
 PGconn *edge_pg(const bg_config_t *cfg, const char *admin_id, int *rc);
+
+/**
+ * On the pool: this thread's blocking Redis client (bg/redis.h; made on first use, kept for the
+ * thread's life), for work that writes Redis after Postgres (recompiling admission states), or
+ * NULL when it cannot be made.
+ */
+bg_redis_t *edge_pool_redis(const bg_config_t *cfg);
 
 /* ---- admission (admit.c) ---- */
 

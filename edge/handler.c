@@ -1,10 +1,16 @@
 /*
  * Small pieces every route handler needs: answering a failed operation, starting thread-pool work,
- * answering with a JSON writer, and the pool thread's Postgres connection.
+ * answering with a JSON writer, and the pool thread's Postgres connection and Redis client.
  */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "bg/accounts.h"
 #include "bg/err.h"
+#include "bg/log.h"
 #include "bg/pg.h"
+#include "bg/redis.h"
 #include "edge.h"
 
 void edge_fail(edge_req_t *er, int rc)
@@ -58,4 +64,53 @@ PGconn *edge_pg(const bg_config_t *cfg, const char *admin_id, int *rc)
     if (admin_id != NULL && (*rc = bg_acct_require_admin(c, admin_id)) != 0)
         return NULL;
     return c;
+}
+
+/* ---- the pool thread's blocking Redis client ---- */
+
+typedef struct st_pool_redis {
+    bg_redis_t *r; /* owned */
+    char *url;     /* owned */
+} pool_redis_t;
+
+static pthread_key_t pool_redis_key;
+static pthread_once_t pool_redis_once = PTHREAD_ONCE_INIT;
+
+static void pool_redis_free(void *p)
+{
+    pool_redis_t *t = p;
+    if (t == NULL)
+        return;
+    bg_redis_free(t->r);
+    free(t->url);
+    free(t);
+}
+
+static void pool_redis_key_make(void)
+{
+    if (pthread_key_create(&pool_redis_key, pool_redis_free) != 0) {
+        bg_error("pthread_key_create failed");
+        abort();
+    }
+}
+
+bg_redis_t *edge_pool_redis(const bg_config_t *cfg)
+{
+    (void)pthread_once(&pool_redis_once, pool_redis_key_make);
+    pool_redis_t *t = pthread_getspecific(pool_redis_key);
+    if (t != NULL && strcmp(t->url, cfg->redis_url) == 0)
+        return t->r;
+    if (t != NULL) {
+        (void)pthread_setspecific(pool_redis_key, NULL);
+        pool_redis_free(t);
+    }
+    t = bg_calloc(1, sizeof(*t));
+    if (bg_redis_new(cfg->redis_url, cfg->redis_timeout_ms, &t->r) != 0 ||
+        pthread_setspecific(pool_redis_key, t) != 0) {
+        bg_redis_free(t->r);
+        free(t);
+        return NULL;
+    }
+    t->url = bg_strdup(cfg->redis_url);
+    return t->r;
 }

@@ -12,7 +12,6 @@
  * everywhere when the answer arrives. A user whose recompile failed keeps the old state (logged;
  * the answer counts them in "recompile_failed") until `bgctl quota rebuild` or the next change.
  */
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -95,56 +94,6 @@ static bool failed(edge_req_t *er, const plans_op_t *op)
         return false;
     edge_fail(er, op->rc);
     return true;
-}
-
-/* ---- the pool thread's blocking Redis client (for recompiles) ---- */
-
-typedef struct st_thread_redis {
-    bg_redis_t *r; /* owned */
-    char *url;     /* owned */
-} thread_redis_t;
-
-static pthread_key_t redis_key;
-static pthread_once_t redis_key_once = PTHREAD_ONCE_INIT;
-
-static void thread_redis_free(void *p)
-{
-    thread_redis_t *t = p;
-    if (t == NULL)
-        return;
-    bg_redis_free(t->r);
-    free(t->url);
-    free(t);
-}
-
-static void make_redis_key(void)
-{
-    if (pthread_key_create(&redis_key, thread_redis_free) != 0) {
-        bg_error("pthread_key_create failed");
-        abort();
-    }
-}
-
-/* Returns this pool thread's client for cfg's Redis (borrowed), or NULL. */
-static bg_redis_t *thread_redis(const bg_config_t *cfg)
-{
-    (void)pthread_once(&redis_key_once, make_redis_key);
-    thread_redis_t *t = pthread_getspecific(redis_key);
-    if (t != NULL && strcmp(t->url, cfg->redis_url) == 0)
-        return t->r;
-    if (t != NULL) {
-        (void)pthread_setspecific(redis_key, NULL);
-        thread_redis_free(t);
-    }
-    t = bg_calloc(1, sizeof(*t));
-    if (bg_redis_new(cfg->redis_url, cfg->redis_timeout_ms, &t->r) != 0 ||
-        pthread_setspecific(redis_key, t) != 0) {
-        bg_redis_free(t->r);
-        free(t);
-        return NULL;
-    }
-    t->url = bg_strdup(cfg->redis_url);
-    return t->r;
 }
 
 /* ---- answers ---- */
@@ -285,7 +234,7 @@ static void update_work(void *arg)
     op->rc = bg_plans_update(c, op->id, &op->update, &actor, op->before, op->after, &op->verr);
     if (op->rc != 0 || !bg_plans_admission_changed(op->before, op->after))
         return;
-    bg_redis_t *r = thread_redis(op->cfg);
+    bg_redis_t *r = edge_pool_redis(op->cfg);
     if (r == NULL) {
         bg_warn("plan change %s: no Redis client to recompile with", op->request_id);
         op->recompile_failed = 1;
@@ -528,7 +477,7 @@ static void grant_work(void *arg)
         return;
     /* the grant is durable; the new plan counts from the next request once Redis has it */
     int rc = bg_policy_compile_user(c, op->grant.user_id, bg_timeutil_wall_ms(), &op->state);
-    bg_redis_t *r = rc == 0 ? thread_redis(op->cfg) : NULL;
+    bg_redis_t *r = rc == 0 ? edge_pool_redis(op->cfg) : NULL;
     if (r != NULL)
         rc = bg_policy_state_write(r, op->cfg->shards, &op->state);
     op->state_written = r != NULL && rc == 0;

@@ -14,7 +14,6 @@
  * 204). A user whose recompile failed keeps the old state until the next change or plan event;
  * that is logged, and the change itself stands.
  */
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -90,60 +89,10 @@ static PGconn *admin_db(policy_op_t *op)
     return edge_pg(op->cfg, op->admin_id, &op->rc);
 }
 
-/* ---- the pool thread's blocking Redis client ---- */
-
-typedef struct st_thread_redis {
-    bg_redis_t *r; /* owned */
-    char *url;     /* owned */
-} thread_redis_t;
-
-static pthread_key_t redis_key;
-static pthread_once_t redis_key_once = PTHREAD_ONCE_INIT;
-
-static void thread_redis_free(void *p)
-{
-    thread_redis_t *t = p;
-    if (t == NULL)
-        return;
-    bg_redis_free(t->r);
-    free(t->url);
-    free(t);
-}
-
-static void make_redis_key(void)
-{
-    if (pthread_key_create(&redis_key, thread_redis_free) != 0) {
-        bg_error("pthread_key_create failed");
-        abort();
-    }
-}
-
-/* Returns this pool thread's client for url (borrowed), or NULL. */
-static bg_redis_t *thread_redis(const bg_config_t *cfg)
-{
-    (void)pthread_once(&redis_key_once, make_redis_key);
-    thread_redis_t *t = pthread_getspecific(redis_key);
-    if (t != NULL && strcmp(t->url, cfg->redis_url) == 0)
-        return t->r;
-    if (t != NULL) {
-        (void)pthread_setspecific(redis_key, NULL);
-        thread_redis_free(t);
-    }
-    t = bg_calloc(1, sizeof(*t));
-    if (bg_redis_new(cfg->redis_url, cfg->redis_timeout_ms, &t->r) != 0 ||
-        pthread_setspecific(redis_key, t) != 0) {
-        bg_redis_free(t->r);
-        free(t);
-        return NULL;
-    }
-    t->url = bg_strdup(cfg->redis_url);
-    return t->r;
-}
-
 /* Recompiles every user scope/scope_id reaches; adds to op->recompiled. */
 static void recompile_scope(policy_op_t *op, PGconn *c, const char *scope, const char *scope_id)
 {
-    bg_redis_t *r = thread_redis(op->cfg);
+    bg_redis_t *r = edge_pool_redis(op->cfg);
     if (r == NULL) {
         bg_warn("policy change %s: no Redis client to recompile with", op->request_id);
         return;
