@@ -85,6 +85,7 @@ typedef struct st_llm_role {
     char *api_key;           /* owned, secret; NULL when none */
     char *fallback_base_url; /* owned; NULL when none */
     char *model;             /* owned: the deployment's default model */
+    uint32_t connect_timeout_ms, first_token_timeout_ms, idle_timeout_ms, total_timeout_ms;
     int shards;
     bg_llm_defs_t *defs; /* owned: agents and prompt versions, shared by the handler threads */
 } llm_role_t;
@@ -170,6 +171,10 @@ int wk_llm_init(const bg_config_t *cfg, void **ud)
     l->fallback_base_url = dup_or_null(cfg->llm_fallback_base_url);
     l->model = bg_strdup(bg_str_present(cfg->llm_model) ? cfg->llm_model : "demo-1");
     l->shards = cfg->shards;
+    l->connect_timeout_ms = (uint32_t)cfg->llm_connect_timeout_ms;
+    l->first_token_timeout_ms = (uint32_t)cfg->llm_first_token_timeout_ms;
+    l->idle_timeout_ms = (uint32_t)cfg->llm_idle_timeout_ms;
+    l->total_timeout_ms = (uint32_t)cfg->llm_total_timeout_ms;
     l->defs = bg_llm_defs_new(AGENT_TTL_MS, AGENT_SLOTS, PROMPT_SLOTS);
     *ud = l;
     return 0;
@@ -222,6 +227,10 @@ static int thread_state(const llm_role_t *l, wk_job_t *job, llm_thread_t **out)
                                  .fallback_base_url = l->fallback_base_url,
                                  /* no key of its own in the configuration: never the primary's */
                                  .fallback_api_key = NULL,
+                                 .connect_timeout_ms = l->connect_timeout_ms,
+                                 .first_token_timeout_ms = l->first_token_timeout_ms,
+                                 .idle_timeout_ms = l->idle_timeout_ms,
+                                 .total_timeout_ms = l->total_timeout_ms,
                                  .max_retries = -1,
                                  .cancel_drain_ms = 10000};
     int rc = bg_llm_new(&t->loop, &cfg, &t->llm);

@@ -115,8 +115,8 @@ TestSuite(llm_worker, .init = setup, .fini = teardown, .timeout = 240);
 
 static pid_t start_worker(const char *name, int claim_idle_ms)
 {
-    char vars[14][600];
-    const char *env[15];
+    char vars[16][600];
+    const char *env[17];
     int n = 0;
     snprintf(vars[n++], 600, "BG_REDIS_URL=%s", srv.url);
     snprintf(vars[n++], 600, "BG_DATABASE_URL=%s", db.url);
@@ -131,6 +131,9 @@ static pid_t start_worker(const char *name, int claim_idle_ms)
     snprintf(vars[n++], 600, "BG_ENV_FILE=/nonexistent");
     snprintf(vars[n++], 600, "BG_LLM_BASE_URL=%s", demo_url);
     snprintf(vars[n++], 600, "BG_LLM_MODEL=demo-1");
+    /* short enough that a hung provider ends a test in seconds */
+    snprintf(vars[n++], 600, "BG_LLM_FIRST_TOKEN_TIMEOUT_MS=3000");
+    snprintf(vars[n++], 600, "BG_LLM_IDLE_TIMEOUT_MS=5000");
     for (int i = 0; i < n; i++)
         env[i] = vars[i];
     env[n] = NULL;
@@ -581,6 +584,55 @@ Test(llm_worker, a_provider_error_stores_nothing_and_is_refunded)
     bg_json_doc_free(doc);
     events_free(ev);
     free(ev);
+}
+
+Test(llm_worker, provider_failures_end_as_documented_with_usage_and_quota)
+{
+    start_worker("w1", 5000);
+    /* before the first token: an error, nothing stored, refunded; after some text: the partial
+     * reply stored as failed, recorded with estimated tokens, not charged (provider failures are
+     * ours), and the quota given back either way */
+    static const struct {
+        const char *content;
+        bool text;
+        const char *code;
+    } cases[] = {
+        {"Limit me #fail:429", false, "rate_limited"},
+        {"Wait for me #fail:hang", false, "provider_timeout"},
+        {"Cut me short #fail:cut=3", true, "provider_error"},
+        {"Garble me #fail:malformed=2", true, "provider_error"},
+    };
+    for (size_t i = 0; i < BG_ARRAY_SIZE(cases); i++) {
+        turn_t t;
+        submit(&t, cases[i].content);
+        events_t *ev = calloc(1, sizeof(*ev));
+        wait_over(&t, ev, 60000);
+        cr_assert_str_eq(ev->type[ev->n - 1], "error", "%s", cases[i].content);
+        cr_expect(strstr(ev->data[ev->n - 1], cases[i].code) != NULL, "%s: %s", cases[i].content,
+                  ev->data[ev->n - 1]);
+        if (cases[i].text)
+            cr_expect_gt(count_type(ev, "delta"), 0, "%s: the text came first", cases[i].content);
+        else
+            cr_expect_eq(count_type(ev, "delta"), 0, "%s", cases[i].content);
+
+        wait_billed(&t);
+        cr_expect_eq(pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = "
+                             "'assistant' AND status = 'failed' AND length(content) > 0",
+                             t.job),
+                     cases[i].text ? 1 : 0, "%s: the partial reply is kept", cases[i].content);
+        cr_expect_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                             "status = 'error' AND requests_charged = 0",
+                             t.job),
+                     1, "%s: one uncharged usage record", cases[i].content);
+        if (cases[i].text)
+            cr_expect_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                                 "token_source = 'estimated' AND completion_tokens > 0",
+                                 t.job),
+                         1, "%s: a count never silently zero", cases[i].content);
+        cr_expect_eq(quota_used(&t), 0, "%s: costs no quota", cases[i].content);
+        events_free(ev);
+        free(ev);
+    }
 }
 
 Test(llm_worker, an_unknown_conversation_ends_as_internal_and_is_refunded)

@@ -46,6 +46,10 @@ typedef struct bg_config {
     char *llm_api_key;             /**< BG_LLM_API_KEY (secret) */
     char *llm_model;               /**< BG_LLM_MODEL */
     char *llm_fallback_base_url;   /**< BG_LLM_FALLBACK_BASE_URL */
+    int64_t llm_connect_timeout_ms;     /**< BG_LLM_CONNECT_TIMEOUT_MS */
+    int64_t llm_first_token_timeout_ms; /**< BG_LLM_FIRST_TOKEN_TIMEOUT_MS */
+    int64_t llm_idle_timeout_ms;        /**< BG_LLM_IDLE_TIMEOUT_MS */
+    int64_t llm_total_timeout_ms;       /**< BG_LLM_TOTAL_TIMEOUT_MS */
     char *telegram_api_url;        /**< BG_TELEGRAM_API_URL */
     char *telegram_bot_token;      /**< BG_TELEGRAM_BOT_TOKEN (secret) */
     char *telegram_webhook_secret; /**< BG_TELEGRAM_WEBHOOK_SECRET (secret) */
