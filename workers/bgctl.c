@@ -24,6 +24,8 @@ static const struct {
     {"quota", ctl_quota_main,
      "quota rebuild (--user ID|--all) | show (--user ID|--email E)   Redis quota state"},
     {"plan", ctl_plan_main, "plan grant (--email E|--user ID) --plan P --days N [--id UUID]"},
+    {"telegram", ctl_telegram_main,
+     "telegram bind|set-webhook|delete-webhook|webhook-info [--bot ID] …   Telegram bots"},
 };
 
 static void usage(FILE *out)

@@ -24,5 +24,7 @@ int ctl_config_main(int argc, char **argv, const bg_config_t *cfg);
 int ctl_quota_main(int argc, char **argv, const bg_config_t *cfg);
 /** bgctl plan grant (--email E|--user ID) --plan P --days N [--id UUID] */
 int ctl_plan_main(int argc, char **argv, const bg_config_t *cfg);
+/** bgctl telegram bind|set-webhook|delete-webhook|webhook-info (ctl_telegram.c) */
+int ctl_telegram_main(int argc, char **argv, const bg_config_t *cfg);
 
 #endif

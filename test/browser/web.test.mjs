@@ -272,9 +272,10 @@ describe('web client in Chromium', { skip, timeout: T(600000) }, () => {
         assert.equal(await page.locator('#plans-table tbody tr').count() >= 4, true);
         await page.locator('#quota-remaining').waitFor();
         assert.match(await page.locator('#quota-remaining').innerText(), /\d+ of \d+/);
-        // billing is not wired to Paddle yet: subscribing says so instead of failing silently
+        // this stack has no Paddle account configured: subscribing shows the server's own
+        // localized reason (503 billing_unavailable) instead of failing silently
         await page.locator('tr[data-plan="monthly"] button').click();
-        await page.locator('#plans-notice').getByText(catalogue('en')['web.plans.not_available']).waitFor();
+        await page.locator('#plans-notice').getByText(catalogue('en')['error.billing_unavailable']).waitFor();
         await shot(page, 'plans-en');
         await page.getByRole('link', { name: 'Profile' }).click();
         await page.locator('#profile-email').getByText(email).waitFor();

@@ -339,6 +339,11 @@ static const row_t matrix[] = {
     {"DELETE", "/admin/users/{id}", "/admin/users/{victim}", NULL, ADMIN_ONLY(204)},
     {"GET", "/billing/account", "/billing/account", NULL, SIGNED_IN(200)},
     {"GET", "/billing/plans", "/billing/plans", NULL, ANYONE(200)},
+    {"GET", "/billing/history", "/billing/history", NULL, SIGNED_IN(200)},
+    /* this stack has no BG_PADDLE_API_KEY: signed-in callers get 503 billing_unavailable */
+    {"POST", "/billing/subscribe", "/billing/subscribe", "{\"plan\":\"monthly\"}", SIGNED_IN(503)},
+    {"POST", "/billing/cancel", "/billing/cancel", NULL, SIGNED_IN(503)},
+    {"POST", "/billing/resume", "/billing/resume", NULL, SIGNED_IN(503)},
     {"GET", "/admin/plans", "/admin/plans", NULL, ADMIN_ONLY(200)},
     {"PUT", "/admin/plans/{id}", "/admin/plans/weekly", "{\"name\":\"Weekly {uniq}\"}",
      ADMIN_ONLY(200)},
@@ -403,14 +408,28 @@ static const row_t matrix[] = {
     {"POST", "/v1/chat/completions", "/v1/chat/completions",
      "{\"model\":\"assistant\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
      ANYONE(401)},
+    /*
+     * Telegram's webhook takes no user token: it is proven by the bot's secret header, which no
+     * caller here sends, so everyone gets the 401 of a missing secret (test/e2e/test_telegram.c
+     * covers the secret itself).
+     */
+    {"POST", "/webhooks/telegram/{bot}", "/webhooks/telegram/123456", "{\"update_id\":1}",
+     ANYONE(401)},
+    /*
+     * Paddle's webhook takes no user token: it is proven by the Paddle-Signature header, which no
+     * caller here sends, so everyone gets 401 invalid_signature (test/e2e/test_billing_paddle.c
+     * covers signed, forged and stale notifications).
+     */
+    {"POST", "/webhooks/paddle", "/webhooks/paddle", "{}", ANYONE(401)},
     /* last: it ends the caller's session (the access token names it) */
     {"POST", "/auth/logout", "/auth/logout", "{}", ANYONE(204)},
 };
 
 /* Path families this file has callers and expectations for. */
-static const char *const known_prefixes[] = {"/healthz", "/readyz", "/metrics", "/openapi.json",
-                                             "/auth/",   "/orgs",   "/admin/",  "/billing/",
-                                             "/agents",  "/chat/",  "/v1/"};
+static const char *const known_prefixes[] = {
+    "/healthz",        "/readyz",   "/metrics", "/openapi.json", "/auth/", "/orgs",
+    "/admin/",         "/billing/", "/agents",  "/chat/",        "/v1/",   "/webhooks/telegram/",
+    "/webhooks/paddle"};
 
 /* What the placeholders stand for during a run of the matrix. */
 typedef struct st_world {
@@ -628,6 +647,9 @@ Test(authz, every_route_answers_every_caller_as_the_matrix_says, .timeout = 240)
             /* /v1 errors are OpenAI's, whose 401 code is invalid_api_key */
             bool openai = strncmp(row->pattern, "/v1/", 4) == 0;
             const char *code = !openai ? code_for(want) : want == 401 ? "invalid_api_key" : NULL;
+            /* a Paddle notification proves itself by its signature, not by a user */
+            if (strcmp(row->pattern, "/webhooks/paddle") == 0 && want == 401)
+                code = "invalid_signature";
             bool ok = got == want && (code == NULL || has_code(r.body, code));
             cr_expect(ok, "%s %s as %s: %ld (expected %ld%s%s): %.300s", row->method, row->pattern,
                       caller_names[c], got, want, code != NULL ? " " : "", code != NULL ? code : "",

@@ -42,26 +42,26 @@ typedef struct bg_config {
     int64_t login_ip_per_min;   /**< BG_LOGIN_IP_PER_MIN */
     int64_t login_failures_max; /**< BG_LOGIN_FAILURES_MAX (per account per 15 minutes) */
     /* providers */
-    char *llm_base_url;            /**< BG_LLM_BASE_URL */
-    char *llm_api_key;             /**< BG_LLM_API_KEY (secret) */
-    char *llm_model;               /**< BG_LLM_MODEL */
-    char *llm_fallback_base_url;   /**< BG_LLM_FALLBACK_BASE_URL */
+    char *llm_base_url;                 /**< BG_LLM_BASE_URL */
+    char *llm_api_key;                  /**< BG_LLM_API_KEY (secret) */
+    char *llm_model;                    /**< BG_LLM_MODEL */
+    char *llm_fallback_base_url;        /**< BG_LLM_FALLBACK_BASE_URL */
     int64_t llm_connect_timeout_ms;     /**< BG_LLM_CONNECT_TIMEOUT_MS */
     int64_t llm_first_token_timeout_ms; /**< BG_LLM_FIRST_TOKEN_TIMEOUT_MS */
     int64_t llm_idle_timeout_ms;        /**< BG_LLM_IDLE_TIMEOUT_MS */
     int64_t llm_total_timeout_ms;       /**< BG_LLM_TOTAL_TIMEOUT_MS */
-    char *telegram_api_url;        /**< BG_TELEGRAM_API_URL */
-    char *telegram_bot_token;      /**< BG_TELEGRAM_BOT_TOKEN (secret) */
-    char *telegram_webhook_secret; /**< BG_TELEGRAM_WEBHOOK_SECRET (secret) */
-    char *paddle_api_url;          /**< BG_PADDLE_API_URL */
-    char *paddle_api_key;          /**< BG_PADDLE_API_KEY (secret) */
-    char *paddle_webhook_secrets;  /**< BG_PADDLE_WEBHOOK_SECRETS (secret) */
-    char *paddle_price_daily;      /**< BG_PADDLE_PRICE_DAILY */
-    char *paddle_price_weekly;     /**< BG_PADDLE_PRICE_WEEKLY */
-    char *paddle_price_monthly;    /**< BG_PADDLE_PRICE_MONTHLY */
-    char *paddle_price_yearly;     /**< BG_PADDLE_PRICE_YEARLY */
-    char *smtp_url;                /**< BG_SMTP_URL (secret: may carry credentials) */
-    char *mail_from;               /**< BG_MAIL_FROM */
+    char *telegram_api_url;             /**< BG_TELEGRAM_API_URL */
+    char *telegram_bot_token;           /**< BG_TELEGRAM_BOT_TOKEN (secret) */
+    char *telegram_webhook_secret;      /**< BG_TELEGRAM_WEBHOOK_SECRET (secret) */
+    char *paddle_api_url;               /**< BG_PADDLE_API_URL */
+    char *paddle_api_key;               /**< BG_PADDLE_API_KEY (secret) */
+    char *paddle_webhook_secrets;       /**< BG_PADDLE_WEBHOOK_SECRETS (secret) */
+    char *paddle_price_daily;           /**< BG_PADDLE_PRICE_DAILY */
+    char *paddle_price_weekly;          /**< BG_PADDLE_PRICE_WEEKLY */
+    char *paddle_price_monthly;         /**< BG_PADDLE_PRICE_MONTHLY */
+    char *paddle_price_yearly;          /**< BG_PADDLE_PRICE_YEARLY */
+    char *smtp_url;                     /**< BG_SMTP_URL (secret: may carry credentials) */
+    char *mail_from;                    /**< BG_MAIL_FROM */
     /* web and i18n */
     char *cors_origins;      /**< BG_CORS_ORIGINS */
     char *supported_locales; /**< BG_SUPPORTED_LOCALES */

@@ -1,0 +1,103 @@
+/*
+ * Billing with Paddle: the webhook inbox and applying its events to subscriptions and the ledger
+ * (docs/billing.md has the rules in prose).
+ *
+ * Inbox. The edge verifies a notification's signature, then bg_billing_inbox_put() stores it in
+ * webhook_inbox, unique on (provider, event_id): a redelivery stores nothing. The edge enqueues a
+ * billing job whenever the event is not processed yet (new, or stored by an earlier delivery whose
+ * enqueue or processing did not finish), so a lost job is recovered by Paddle's own retry.
+ *
+ * Applying. bg_billing_apply() applies one stored event in one Postgres transaction that locks the
+ * inbox row and then the user's row, so two workers never apply events of one user at once.
+ * Deliveries arrive at least once and out of order; the effects are the same whatever the order:
+ *   - a subscription row (keyed by paddle_subscription_id) takes status, plan, flags from the
+ *     newest snapshot by occurred_at (last_event_at) and its billing period from the newest
+ *     snapshot that carried one (paddle_period_at). An older snapshot changes nothing and is kept
+ *     in the inbox with outcome 'stale';
+ *   - money and credits are ledger transactions keyed by what they are about, not by the event
+ *     that told us: "paddle:payment:<txn>" and "paddle:credits:<txn>" (transaction.paid and
+ *     transaction.completed of one transaction post once), "paddle:trial:<sub>:<period start>";
+ *   - payment rows are upserted on (provider, provider_payment_id).
+ * The user is custom_data.user_id (set at checkout), else the owner of the Paddle subscription or
+ * customer already known. A plan is the one whose paddle_price_id is one of the items' prices.
+ */
+#ifndef BG_BILLING_H
+#define BG_BILLING_H
+
+#include <libpq-fe.h>
+
+#include "bg/buf.h"
+#include "bg/common.h"
+
+/** Largest notification body stored (Paddle's are a few tens of KiB). */
+#define BG_BILLING_BODY_MAX (512 * 1024)
+/** Size of an event id buffer (webhook_inbox.event_id: 1..200 characters, plus NUL). */
+#define BG_BILLING_EVENT_ID_SIZE 201
+/** Most history items one page holds. */
+#define BG_BILLING_HISTORY_MAX 100
+
+/** What storing a notification did. */
+typedef struct bg_billing_inbox_result {
+    bool inserted; /**< first delivery of this event */
+    bool pending;  /**< not processed yet: enqueue a billing job */
+    char event_id[BG_BILLING_EVENT_ID_SIZE];
+} bg_billing_inbox_result_t;
+
+/**
+ * Stores a Paddle notification (body: len bytes of JSON) unless its event_id is stored already.
+ * Returns 0; BG_ERR_INVALID for a body that is not a JSON object with string event_id and
+ * event_type and an RFC 3339 occurred_at; BG_ERR_TOO_LARGE past BG_BILLING_BODY_MAX; or a database
+ * error.
+ */
+BG_MUSTCHECK int bg_billing_inbox_put(PGconn *c, const char *body, size_t len,
+                                      bg_billing_inbox_result_t *out);
+
+/** What applying an event did. */
+typedef struct bg_billing_result {
+    char outcome[12]; /**< "applied", "stale", "recorded", "ignored" */
+    char event_type[101];
+    char user_id[37]; /**< whose admission state to compile again, "" when none */
+    bool already;     /**< processed before; nothing was done now */
+    char error[200];  /**< why it failed, for the job's last error and the inbox row */
+} bg_billing_result_t;
+
+/**
+ * Applies the stored Paddle event event_id (see above) and marks it processed, in one
+ * transaction; an event processed before changes nothing (out->already). Returns 0;
+ * BG_ERR_NOT_FOUND when no such event is stored; BG_ERR_RETRY when its user is not known yet (a
+ * later event may tell); BG_ERR_INVALID when it can never apply (no plan has its price id; a value
+ * the database refuses), with out->error; or a database error. The caller compiles out->user_id's
+ * admission state again after a 0.
+ */
+BG_MUSTCHECK int bg_billing_apply(PGconn *c, const char *event_id, bg_billing_result_t *out);
+
+/** Records a failed attempt (attempts + 1, error) on the inbox row. Returns 0 or a database error.
+ */
+BG_MUSTCHECK int bg_billing_note_failure(PGconn *c, const char *event_id, const char *error);
+
+/** What a user may do about their Paddle subscription. */
+typedef struct bg_billing_checkout {
+    char price_id[101];        /**< the plan's Paddle price id, "" when none */
+    bool purchasable;          /**< active and for sale */
+    char customer_id[64];      /**< the user's Paddle customer, "" when none */
+    char subscription_id[64];  /**< the user's live Paddle subscription, "" when none */
+    bool cancel_at_period_end; /**< that subscription is scheduled to end */
+} bg_billing_checkout_t;
+
+/**
+ * Reads what a checkout of plan_id (may be NULL: skip the plan) by user_id needs. Returns 0,
+ * BG_ERR_NOT_FOUND for an unknown plan, or a database error.
+ */
+BG_MUSTCHECK int bg_billing_checkout_info(PGconn *c, const char *user_id, const char *plan_id,
+                                          bg_billing_checkout_t *out);
+
+/**
+ * Writes the user's billing history page as {"data":[…],"next_cursor":…} into out: payments,
+ * refunds and request credits from the ledger, newest first, at most limit (1..
+ * BG_BILLING_HISTORY_MAX) after cursor (NULL: the first page; else the previous page's
+ * next_cursor). Returns 0, BG_ERR_INVALID for a malformed cursor, or a database error.
+ */
+BG_MUSTCHECK int bg_billing_history(PGconn *c, const char *user_id, const char *cursor, int limit,
+                                    bg_buf_t *out);
+
+#endif

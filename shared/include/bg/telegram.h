@@ -1,0 +1,224 @@
+/*
+ * The Telegram channel's shared pieces (docs/telegram.md): parsing a webhook Update into the few
+ * facts the bot acts on, the webhook secret check, splitting long replies, a blocking Bot API
+ * client (libcurl), and the Postgres side of bots, Telegram identities and chats.
+ *
+ * Who uses what: the edge parses an update only to deduplicate and route it (update_id, the chat)
+ * and checks the secret; the telegram worker parses it fully, maps the sender to a platform user,
+ * keeps the chat's conversation and talks to the Bot API; bgctl manages webhooks with the client.
+ *
+ * A bot is addressed by its slug, the numeric id before ':' in its token, which is also the last
+ * segment of its webhook path (/webhooks/telegram/{bot}). Its token is a credential: nothing here
+ * logs it, and the client keeps its copy wiped on free. Only the SHA-256 of a webhook secret is
+ * stored; the presented secret is hashed and the hashes compared in constant time.
+ */
+#ifndef BG_TELEGRAM_H
+#define BG_TELEGRAM_H
+
+#include <libpq-fe.h>
+
+#include "bg/buf.h"
+#include "bg/common.h"
+
+/** Longest text of one message, in UTF-16 code units as Telegram counts them. */
+#define BG_TG_TEXT_MAX 4096
+/** Longest slug (a bot's numeric id) plus its NUL. */
+#define BG_TG_SLUG_SIZE 24
+/** Longest token we accept plus its NUL (real ones are about 46 characters). */
+#define BG_TG_TOKEN_SIZE 128
+/** Longest text of an incoming message we keep (Telegram's own limit is 4096). */
+#define BG_TG_IN_TEXT_MAX 16384
+
+/** What an update carries. */
+typedef enum bg_tg_kind {
+    BG_TG_OTHER = 0,    /**< a kind the bot does not handle (inline query, chat member, …) */
+    BG_TG_MESSAGE,      /**< message */
+    BG_TG_EDITED,       /**< edited_message */
+    BG_TG_CALLBACK,     /**< callback_query */
+    BG_TG_CHANNEL_POST, /**< channel_post or edited_channel_post */
+} bg_tg_kind_t;
+
+/** What a message holds. */
+typedef enum bg_tg_content {
+    BG_TG_NONE = 0, /**< nothing the bot handles (sticker, location, service message, …) */
+    BG_TG_TEXT,     /**< plain text */
+    BG_TG_COMMAND,  /**< text starting with a bot command (/start, /help@bot …) */
+    BG_TG_PHOTO,
+    BG_TG_DOCUMENT,
+    BG_TG_VOICE,
+    BG_TG_AUDIO,
+    BG_TG_VIDEO,
+} bg_tg_content_t;
+
+/** The facts of one update the bot acts on. Embedded; bg_tg_update_dispose frees text. */
+typedef struct bg_tg_update {
+    int64_t update_id;
+    bg_tg_kind_t kind;
+    bool has_chat; /**< a chat is known (a callback on an inline message has none) */
+    int64_t chat_id;
+    char chat_type[16]; /**< private | group | supergroup | channel */
+    bool has_from;
+    int64_t from_id;
+    bool from_is_bot;
+    char first_name[256];
+    char username[64];
+    char language_code[16]; /**< "" when absent or null */
+    int64_t message_id;     /**< the message (or the callback's message); 0 when none */
+    int64_t thread_id;      /**< message_thread_id; 0 when none */
+    bg_tg_content_t content;
+    char *text;                /**< owned; the text or caption, NUL-terminated; NULL when none */
+    char command[33];          /**< BG_TG_COMMAND: the command without '/' and "@bot", lower case */
+    char callback_id[128];     /**< BG_TG_CALLBACK: the query's id */
+    char callback_data[65];    /**< BG_TG_CALLBACK: its data ("" when none) */
+    bool message_inaccessible; /**< BG_TG_CALLBACK: its message has date 0 */
+} bg_tg_update_t;
+
+/**
+ * Parses one Update (len bytes of JSON, borrowed) into out. Unknown fields and kinds are tolerated
+ * (kind BG_TG_OTHER). Returns 0, or BG_ERR_INVALID (with *err_desc, static) for text that is not
+ * a JSON object or lacks a non-negative integer update_id, BG_ERR_TOO_LARGE / BG_ERR_DEPTH as
+ * bg_json_parse. out is zeroed first and needs bg_tg_update_dispose after 0.
+ */
+BG_MUSTCHECK int bg_tg_update_parse(const char *json, size_t len, bg_tg_update_t *out,
+                                    const char **err_desc);
+
+/** Frees what bg_tg_update_parse allocated; accepts a zeroed update. */
+void bg_tg_update_dispose(bg_tg_update_t *u);
+
+/**
+ * Writes the slug of a token ("123456:ABC…" → "123456") into out (BG_TG_SLUG_SIZE). Returns 0, or
+ * BG_ERR_INVALID when the token is not digits, ':' and a non-empty secret part.
+ */
+BG_MUSTCHECK int bg_tg_token_slug(const char *token, char out[BG_TG_SLUG_SIZE]);
+
+/** Returns true when slug looks like a bot id (1..20 digits). */
+bool bg_tg_slug_is_valid(const char *s, size_t len);
+
+/**
+ * Returns true when a webhook secret (len bytes as presented, borrowed) hashes to secret_hash (64
+ * hex digits). Constant time in the secret's content.
+ */
+bool bg_tg_secret_matches(const char *secret, size_t len, const char *secret_hash);
+
+/** Returns true when s is a valid webhook secret: 1..256 characters of A-Z a-z 0-9 _ -. */
+bool bg_tg_secret_is_valid(const char *s);
+
+/**
+ * Returns the length in bytes of the first piece of text (len bytes of UTF-8) to send as one
+ * message of at most max_units UTF-16 code units: all of it when it fits, else cut at the last
+ * paragraph break, line break, sentence end or space in the second half of what fits, or at the
+ * last whole character. Never 0 for non-empty text; never splits a UTF-8 sequence.
+ */
+size_t bg_tg_split(const char *text, size_t len, size_t max_units);
+
+/** Counts the UTF-16 code units of len bytes of UTF-8 (4-byte sequences count 2). */
+size_t bg_tg_utf16_len(const char *text, size_t len);
+
+/* ---- the Bot API client ---- */
+
+typedef struct bg_tg_client bg_tg_client_t;
+
+/**
+ * Creates a client for the bot with token (copied; wiped on free) at api_url
+ * (BG_TELEGRAM_API_URL, copied); each call gives up after timeout_ms. Returns 0 and an owned
+ * client, or BG_ERR_INVALID for a bad token or URL.
+ */
+BG_MUSTCHECK int bg_tg_client_new(const char *api_url, const char *token, int64_t timeout_ms,
+                                  bg_tg_client_t **out);
+
+/** Frees the client; accepts NULL. */
+void bg_tg_client_free(bg_tg_client_t *c);
+
+/** What one Bot API call answered. */
+typedef struct bg_tg_result {
+    long http_status;      /**< the HTTP status */
+    bool ok;               /**< "ok": true */
+    int64_t error_code;    /**< the body's error_code (else the HTTP status) when not ok */
+    char description[256]; /**< the body's description when not ok */
+    int64_t retry_after_s; /**< parameters.retry_after, 0 when absent */
+    int64_t message_id;    /**< result.message_id when the result is a Message, else 0 */
+    int64_t chat_id;       /**< result.chat.id when the result is a Message, else 0 */
+} bg_tg_result_t;
+
+/**
+ * POSTs body (a JSON object text, borrowed) to <api_url>/bot<token>/<method> once. Returns 0 when
+ * Telegram answered (ok or not: see out), BG_ERR_TIMEOUT or BG_ERR_UNAVAILABLE when it did not,
+ * BG_ERR_PROTOCOL for an answer that is not the Bot API's JSON (out->http_status is set).
+ */
+BG_MUSTCHECK int bg_tg_client_call(bg_tg_client_t *c, const char *method, const char *body,
+                                   bg_tg_result_t *out);
+
+/**
+ * As bg_tg_client_call; when Telegram answered ok, also appends its "result" as JSON text to
+ * result_json (may be NULL).
+ */
+BG_MUSTCHECK int bg_tg_client_call_ex(bg_tg_client_t *c, const char *method, const char *body,
+                                      bg_tg_result_t *out, bg_buf_t *result_json);
+
+/** Returns true when an error answer of editMessageText means the text is already shown. */
+bool bg_tg_is_not_modified(const bg_tg_result_t *r);
+
+/* ---- bots, identities, chats (Postgres) ---- */
+
+/** A bot served by this deployment. */
+typedef struct bg_tg_bot {
+    char id[37];                  /**< telegram_bots.id */
+    char slug[BG_TG_SLUG_SIZE];   /**< the bot's numeric id */
+    char agent_id[37];            /**< the agent it serves */
+    char token[BG_TG_TOKEN_SIZE]; /**< secret: never log it */
+    char secret_hash[65];         /**< SHA-256 hex of the webhook secret */
+    bool active;
+} bg_tg_bot_t;
+
+/** Loads the bot of slug (active or not). BG_ERR_NOT_FOUND when there is none. */
+BG_MUSTCHECK int bg_tg_bot_get(PGconn *c, const char *slug, bg_tg_bot_t *out);
+
+/**
+ * Binds the bot of token (its slug is derived) to agent_id with webhook secret secret (hashed),
+ * creating or updating the row and making it active. Fills out (may be NULL). BG_ERR_INVALID for a
+ * bad token or secret, BG_ERR_NOT_FOUND for an unknown agent.
+ */
+BG_MUSTCHECK int bg_tg_bot_bind(PGconn *c, const char *token, const char *secret,
+                                const char *agent_id, bg_tg_bot_t *out);
+
+/** A Telegram user as a platform user. */
+typedef struct bg_tg_identity {
+    char user_id[37];
+    char name[256];
+    char locale[16]; /**< the user's locale */
+    bool created;    /**< provisioned by this call */
+} bg_tg_identity_t;
+
+/**
+ * Maps the sender of u (u->has_from) to its platform user, provisioning an unknown one in one
+ * transaction: a user without email or password named after the Telegram name, with the locale of
+ * language_code when supported (else default_locale), a personal organization, a billing account
+ * and the trial subscription (like bg_acct_register), and the telegram_accounts row. Concurrent
+ * first contacts of one Telegram user make one user. Returns 0 or a database error.
+ */
+BG_MUSTCHECK int bg_tg_identity_resolve(PGconn *c, const bg_tg_update_t *u,
+                                        const char *default_locale, bg_tg_identity_t *out);
+
+/**
+ * Returns in conv_id (37 bytes) the conversation chat_id of bot continues, creating it (channel
+ * "telegram", with the bot's agent) when there is none, when it was deleted, or when fresh is true
+ * (/new). Records the chat (and clears its blocked mark: the user wrote again). Returns 0,
+ * BG_ERR_NOT_FOUND when the agent is not open to Telegram, or a database error.
+ */
+BG_MUSTCHECK int bg_tg_chat_conversation(PGconn *c, const bg_tg_bot_t *bot, const bg_tg_update_t *u,
+                                         const char *user_id, bool fresh, char conv_id[37]);
+
+/**
+ * Records the chat of u (u->has_chat) with its type and sender, and clears its blocked mark: the
+ * user wrote again. Returns 0 or a database error.
+ */
+BG_MUSTCHECK int bg_tg_chat_record(PGconn *c, const bg_tg_bot_t *bot, const bg_tg_update_t *u);
+
+/** Marks the chat as blocked (Telegram answered 403). Returns 0 or a database error. */
+BG_MUSTCHECK int bg_tg_chat_block(PGconn *c, const char *bot_id, int64_t chat_id);
+
+/** Sets *blocked to whether the chat is marked blocked. Returns 0 or a database error. */
+BG_MUSTCHECK int bg_tg_chat_is_blocked(PGconn *c, const char *bot_id, int64_t chat_id,
+                                       bool *blocked);
+
+#endif

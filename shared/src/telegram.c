@@ -1,0 +1,743 @@
+/*
+ * The Telegram channel's shared pieces; see bg/telegram.h for who uses what and docs/telegram.md
+ * for the channel as a whole.
+ *
+ * Parsing reads only what the bot acts on and tolerates everything else: Telegram adds fields and
+ * update kinds with every Bot API version, and an update we cannot use must still be acknowledged,
+ * never refused (a refused webhook is redelivered for a day). Ids are int64: chat ids of
+ * supergroups pass 32 bits.
+ *
+ * The Bot API client is a blocking libcurl easy handle per client, reused across calls so the
+ * connection stays open: the telegram worker holds one per handler thread and bot. It makes one
+ * attempt per call; pacing, 429 and 5xx retries are the caller's, which knows whether it may wait
+ * (a worker) or must not (bgctl prints the error).
+ *
+ * Provisioning a Telegram user mirrors bg_acct_register (personal organization, billing account,
+ * trial) without an email or password, which the users table allows for accounts made on another
+ * channel; a transaction-level advisory lock on the Telegram user id makes two first messages
+ * arriving at once produce one account.
+ */
+#include <curl/curl.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bg/accounts.h"
+#include "bg/buf.h"
+#include "bg/chat.h"
+#include "bg/crypto.h"
+#include "bg/err.h"
+#include "bg/i18n.h"
+#include "bg/json.h"
+#include "bg/log.h"
+#include "bg/pg.h"
+#include "bg/telegram.h"
+
+/* An answer of the Bot API bigger than this is not one (results of the methods we call are small).
+ */
+#define RESPONSE_MAX (1024 * 1024)
+
+/* ---- parsing ---- */
+
+static void copy_str(const bg_json_t *obj, const char *key, char *out, size_t outlen)
+{
+    const bg_json_t *v = obj != NULL ? bg_json_find(obj, key) : NULL;
+    size_t len = 0;
+    const char *s = v != NULL && bg_json_type(v) == BG_JSON_STRING ? bg_json_str(v, &len) : NULL;
+    out[0] = '\0';
+    if (s == NULL || outlen == 0)
+        return;
+    if (len >= outlen) {
+        /* cut at a character boundary */
+        len = outlen - 1;
+        while (len > 0 && ((unsigned char)s[len] & 0xC0) == 0x80)
+            len--;
+    }
+    memcpy(out, s, len);
+    out[len] = '\0';
+}
+
+static bool get_i64(const bg_json_t *obj, const char *key, int64_t *out)
+{
+    const bg_json_t *v = obj != NULL ? bg_json_find(obj, key) : NULL;
+    return v != NULL && bg_json_type(v) == BG_JSON_NUMBER && bg_json_int(v, out);
+}
+
+static const bg_json_t *get_obj(const bg_json_t *obj, const char *key)
+{
+    const bg_json_t *v = obj != NULL ? bg_json_find(obj, key) : NULL;
+    return v != NULL && bg_json_type(v) == BG_JSON_OBJECT ? v : NULL;
+}
+
+static void read_from(const bg_json_t *from, bg_tg_update_t *u)
+{
+    if (from == NULL || !get_i64(from, "id", &u->from_id))
+        return;
+    u->has_from = true;
+    const bg_json_t *b = bg_json_find(from, "is_bot");
+    bool is_bot = false;
+    u->from_is_bot = b != NULL && bg_json_bool(b, &is_bot) && is_bot;
+    copy_str(from, "first_name", u->first_name, sizeof(u->first_name));
+    copy_str(from, "username", u->username, sizeof(u->username));
+    copy_str(from, "language_code", u->language_code, sizeof(u->language_code));
+}
+
+static void read_chat(const bg_json_t *msg, bg_tg_update_t *u)
+{
+    const bg_json_t *chat = get_obj(msg, "chat");
+    if (chat != NULL && get_i64(chat, "id", &u->chat_id)) {
+        u->has_chat = true;
+        copy_str(chat, "type", u->chat_type, sizeof(u->chat_type));
+    }
+    (void)get_i64(msg, "message_id", &u->message_id);
+}
+
+/* "/Start@MyBot args" → "start"; returns false when text does not start with a command. */
+static bool read_command(const char *text, char *out, size_t outlen)
+{
+    if (text[0] != '/')
+        return false;
+    size_t i = 1, n = 0;
+    while (text[i] != '\0' && text[i] != ' ' && text[i] != '@' && text[i] != '\n') {
+        char ch = text[i++];
+        if (ch >= 'A' && ch <= 'Z')
+            ch = (char)(ch - 'A' + 'a');
+        bool ok = (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_';
+        if (!ok || n + 1 >= outlen)
+            return false;
+        out[n++] = ch;
+    }
+    out[n] = '\0';
+    return n > 0;
+}
+
+static void read_message(const bg_json_t *msg, bg_tg_update_t *u)
+{
+    read_chat(msg, u);
+    read_from(get_obj(msg, "from"), u);
+    (void)get_i64(msg, "message_thread_id", &u->thread_id);
+    const bg_json_t *t = bg_json_find(msg, "text");
+    if (t == NULL || bg_json_type(t) != BG_JSON_STRING)
+        t = bg_json_find(msg, "caption");
+    if (t != NULL && bg_json_type(t) == BG_JSON_STRING) {
+        size_t len = 0;
+        const char *s = bg_json_str(t, &len);
+        if (len > BG_TG_IN_TEXT_MAX)
+            len = bg_tg_split(s, len, BG_TG_IN_TEXT_MAX);
+        u->text = bg_strndup(s, len);
+    }
+    static const struct {
+        const char *key;
+        bg_tg_content_t content;
+    } media[] = {{"photo", BG_TG_PHOTO}, {"document", BG_TG_DOCUMENT}, {"voice", BG_TG_VOICE},
+                 {"audio", BG_TG_AUDIO}, {"video", BG_TG_VIDEO},       {"video_note", BG_TG_VIDEO}};
+    for (size_t i = 0; i < BG_ARRAY_SIZE(media); i++) {
+        if (bg_json_find(msg, media[i].key) != NULL) {
+            u->content = media[i].content;
+            return;
+        }
+    }
+    const bg_json_t *text = bg_json_find(msg, "text");
+    if (text != NULL && u->text != NULL && u->text[0] != '\0') {
+        u->content =
+            read_command(u->text, u->command, sizeof(u->command)) ? BG_TG_COMMAND : BG_TG_TEXT;
+    }
+}
+
+static void read_callback(const bg_json_t *cq, bg_tg_update_t *u)
+{
+    copy_str(cq, "id", u->callback_id, sizeof(u->callback_id));
+    copy_str(cq, "data", u->callback_data, sizeof(u->callback_data));
+    read_from(get_obj(cq, "from"), u);
+    const bg_json_t *msg = get_obj(cq, "message");
+    if (msg != NULL) {
+        read_chat(msg, u);
+        int64_t date = 0;
+        u->message_inaccessible = !get_i64(msg, "date", &date) || date == 0;
+    }
+}
+
+int bg_tg_update_parse(const char *json, size_t len, bg_tg_update_t *out, const char **err_desc)
+{
+    memset(out, 0, sizeof(*out));
+    bg_json_doc_t *doc = NULL;
+    const char *desc = NULL;
+    int rc = bg_json_parse(json, len, NULL, &doc, &desc, NULL);
+    if (rc != 0) {
+        *err_desc = desc;
+        return rc;
+    }
+    const bg_json_t *root = bg_json_root(doc);
+    if (bg_json_type(root) != BG_JSON_OBJECT) {
+        *err_desc = "an update is a JSON object";
+        rc = BG_ERR_INVALID;
+        goto done;
+    }
+    if (!get_i64(root, "update_id", &out->update_id) || out->update_id < 0) {
+        *err_desc = "update_id: missing or not a non-negative integer";
+        rc = BG_ERR_INVALID;
+        goto done;
+    }
+    const bg_json_t *v;
+    if ((v = get_obj(root, "message")) != NULL) {
+        out->kind = BG_TG_MESSAGE;
+        read_message(v, out);
+    } else if ((v = get_obj(root, "edited_message")) != NULL) {
+        out->kind = BG_TG_EDITED;
+        read_message(v, out);
+    } else if ((v = get_obj(root, "callback_query")) != NULL) {
+        out->kind = BG_TG_CALLBACK;
+        read_callback(v, out);
+    } else if ((v = get_obj(root, "channel_post")) != NULL ||
+               (v = get_obj(root, "edited_channel_post")) != NULL) {
+        out->kind = BG_TG_CHANNEL_POST;
+        read_chat(v, out);
+    }
+done:
+    bg_json_doc_free(doc);
+    if (rc != 0)
+        bg_tg_update_dispose(out);
+    return rc;
+}
+
+void bg_tg_update_dispose(bg_tg_update_t *u)
+{
+    free(u->text);
+    u->text = NULL;
+}
+
+/* ---- tokens, secrets, text ---- */
+
+bool bg_tg_slug_is_valid(const char *s, size_t len)
+{
+    if (len == 0 || len >= BG_TG_SLUG_SIZE - 3)
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+    return true;
+}
+
+int bg_tg_token_slug(const char *token, char out[BG_TG_SLUG_SIZE])
+{
+    out[0] = '\0';
+    if (token == NULL)
+        return BG_ERR_INVALID;
+    const char *colon = strchr(token, ':');
+    if (colon == NULL || colon[1] == '\0' || strlen(token) >= BG_TG_TOKEN_SIZE)
+        return BG_ERR_INVALID;
+    size_t n = (size_t)(colon - token);
+    if (!bg_tg_slug_is_valid(token, n))
+        return BG_ERR_INVALID;
+    for (const char *p = colon + 1; *p != '\0'; p++) {
+        bool ok = (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
+                  (*p >= '0' && *p <= '9') || *p == '_' || *p == '-';
+        if (!ok)
+            return BG_ERR_INVALID;
+    }
+    memcpy(out, token, n);
+    out[n] = '\0';
+    return 0;
+}
+
+bool bg_tg_secret_is_valid(const char *s)
+{
+    size_t n = s != NULL ? strlen(s) : 0;
+    if (n < 1 || n > 256)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        bool ok = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') ||
+                  (ch >= '0' && ch <= '9') || ch == '_' || ch == '-';
+        if (!ok)
+            return false;
+    }
+    return true;
+}
+
+bool bg_tg_secret_matches(const char *secret, size_t len, const char *secret_hash)
+{
+    if (secret == NULL || secret_hash == NULL || strlen(secret_hash) != 64)
+        return false;
+    /* hashing first makes the comparison's length fixed, whatever was presented */
+    char got[BG_CRYPTO_SHA256_HEX_LEN];
+    bg_crypto_sha256_hex(secret, len, got);
+    return bg_crypto_equal(got, secret_hash, 64);
+}
+
+/* Bytes of the UTF-8 sequence starting with lead (1 for a stray continuation byte). */
+static size_t seq_len(unsigned char lead)
+{
+    if (lead >= 0xF0)
+        return 4;
+    if (lead >= 0xE0)
+        return 3;
+    if (lead >= 0xC0)
+        return 2;
+    return 1;
+}
+
+size_t bg_tg_utf16_len(const char *text, size_t len)
+{
+    size_t units = 0;
+    for (size_t i = 0; i < len;) {
+        size_t n = seq_len((unsigned char)text[i]);
+        units += n == 4 ? 2 : 1;
+        i += n;
+    }
+    return units;
+}
+
+size_t bg_tg_split(const char *text, size_t len, size_t max_units)
+{
+    /* how many bytes fit */
+    size_t fit = 0, units = 0;
+    while (fit < len) {
+        size_t n = seq_len((unsigned char)text[fit]);
+        size_t u = n == 4 ? 2 : 1;
+        if (units + u > max_units || fit + n > len)
+            break;
+        units += u;
+        fit += n;
+    }
+    if (fit >= len)
+        return len;
+    if (fit == 0) /* max_units below one character: send one anyway */
+        return seq_len((unsigned char)text[0]) <= len ? seq_len((unsigned char)text[0]) : len;
+    /* the best boundary in the second half of what fits */
+    size_t half = fit / 2;
+    static const char *const seps[] = {"\n\n", "\n", ". ", "! ", "? ", " "};
+    for (size_t s = 0; s < BG_ARRAY_SIZE(seps); s++) {
+        size_t sl = strlen(seps[s]);
+        for (size_t i = fit; i >= half + sl && i >= sl; i--) {
+            if (memcmp(text + i - sl, seps[s], sl) == 0)
+                return i;
+        }
+    }
+    return fit;
+}
+
+/* ---- the Bot API client ---- */
+
+struct bg_tg_client {
+    CURL *easy;
+    char *base; /* owned: <api_url>/bot<token>/ (secret: wiped on free) */
+    size_t base_len;
+    int64_t timeout_ms;
+};
+
+static size_t on_body(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    bg_buf_t *b = ud;
+    size_t n = size * nmemb;
+    return bg_buf_append(b, ptr, n) == 0 ? n : 0;
+}
+
+int bg_tg_client_new(const char *api_url, const char *token, int64_t timeout_ms,
+                     bg_tg_client_t **out)
+{
+    *out = NULL;
+    char slug[BG_TG_SLUG_SIZE];
+    if (api_url == NULL || api_url[0] == '\0' || bg_tg_token_slug(token, slug) != 0)
+        return BG_ERR_INVALID;
+    static bool curl_ready;
+    if (!curl_ready) {
+        /* thread-safe since curl 7.84 (Debian 12 has 7.88) */
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+            return BG_ERR_UNAVAILABLE;
+        curl_ready = true;
+    }
+    bg_tg_client_t *c = bg_calloc(1, sizeof(*c));
+    size_t ul = strlen(api_url);
+    while (ul > 0 && api_url[ul - 1] == '/')
+        ul--;
+    c->base = bg_asprintf("%.*s/bot%s/", (int)ul, api_url, token);
+    c->base_len = strlen(c->base);
+    c->timeout_ms = timeout_ms > 0 ? timeout_ms : 30000;
+    c->easy = curl_easy_init();
+    if (c->easy == NULL) {
+        bg_tg_client_free(c);
+        return BG_ERR_UNAVAILABLE;
+    }
+    *out = c;
+    return 0;
+}
+
+void bg_tg_client_free(bg_tg_client_t *c)
+{
+    if (c == NULL)
+        return;
+    if (c->easy != NULL)
+        curl_easy_cleanup(c->easy);
+    if (c->base != NULL) {
+        bg_crypto_wipe(c->base, c->base_len);
+        free(c->base);
+    }
+    free(c);
+}
+
+static void read_result(const char *body, size_t len, bg_tg_result_t *out, int *rc,
+                        bg_buf_t *result_json)
+{
+    bg_json_doc_t *doc = NULL;
+    const char *desc = NULL;
+    if (bg_json_parse(body, len, NULL, &doc, &desc, NULL) != 0) {
+        *rc = BG_ERR_PROTOCOL;
+        return;
+    }
+    const bg_json_t *root = bg_json_root(doc);
+    const bg_json_t *okv = bg_json_type(root) == BG_JSON_OBJECT ? bg_json_find(root, "ok") : NULL;
+    bool ok = false;
+    if (okv == NULL || !bg_json_bool(okv, &ok)) {
+        *rc = BG_ERR_PROTOCOL;
+        goto done;
+    }
+    out->ok = ok;
+    if (ok) {
+        const bg_json_t *any = bg_json_find(root, "result");
+        if (any != NULL && result_json != NULL) {
+            bg_json_writer_t w;
+            bg_json_writer_init(&w, result_json);
+            bg_json_write_value(&w, any);
+            if (bg_json_write_finish(&w) != 0)
+                *rc = BG_ERR_TOO_LARGE;
+        }
+        const bg_json_t *res = get_obj(root, "result");
+        if (res != NULL) {
+            (void)get_i64(res, "message_id", &out->message_id);
+            const bg_json_t *chat = get_obj(res, "chat");
+            (void)get_i64(chat, "id", &out->chat_id);
+        }
+    } else {
+        if (!get_i64(root, "error_code", &out->error_code))
+            out->error_code = out->http_status;
+        copy_str(root, "description", out->description, sizeof(out->description));
+        (void)get_i64(get_obj(root, "parameters"), "retry_after", &out->retry_after_s);
+        if (out->retry_after_s < 0)
+            out->retry_after_s = 0;
+    }
+done:
+    bg_json_doc_free(doc);
+}
+
+int bg_tg_client_call(bg_tg_client_t *c, const char *method, const char *body, bg_tg_result_t *out)
+{
+    return bg_tg_client_call_ex(c, method, body, out, NULL);
+}
+
+int bg_tg_client_call_ex(bg_tg_client_t *c, const char *method, const char *body,
+                         bg_tg_result_t *out, bg_buf_t *result_json)
+{
+    memset(out, 0, sizeof(*out));
+    bg_buf_t url, resp;
+    bg_buf_init(&url, 4096);
+    bg_buf_init(&resp, RESPONSE_MAX);
+    int rc = 0;
+    if (bg_buf_append(&url, c->base, c->base_len) != 0 || bg_buf_puts(&url, method) != 0) {
+        rc = BG_ERR_TOO_LARGE;
+        goto done;
+    }
+    struct curl_slist *headers = curl_slist_append(NULL, "Content-Type: application/json");
+    curl_easy_reset(c->easy);
+    (void)curl_easy_setopt(c->easy, CURLOPT_URL, url.base);
+    (void)curl_easy_setopt(c->easy, CURLOPT_POST, 1L);
+    (void)curl_easy_setopt(c->easy, CURLOPT_POSTFIELDS, body);
+    (void)curl_easy_setopt(c->easy, CURLOPT_POSTFIELDSIZE, (long)strlen(body));
+    (void)curl_easy_setopt(c->easy, CURLOPT_HTTPHEADER, headers);
+    (void)curl_easy_setopt(c->easy, CURLOPT_WRITEFUNCTION, on_body);
+    (void)curl_easy_setopt(c->easy, CURLOPT_WRITEDATA, &resp);
+    (void)curl_easy_setopt(c->easy, CURLOPT_TIMEOUT_MS, (long)c->timeout_ms);
+    (void)curl_easy_setopt(c->easy, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
+    (void)curl_easy_setopt(c->easy, CURLOPT_NOSIGNAL, 1L);
+    CURLcode cc = curl_easy_perform(c->easy);
+    curl_slist_free_all(headers);
+    if (cc != CURLE_OK) {
+        /* the URL holds the token: name the method only */
+        bg_debug("telegram %s: %s", method, curl_easy_strerror(cc));
+        rc = cc == CURLE_OPERATION_TIMEDOUT ? BG_ERR_TIMEOUT : BG_ERR_UNAVAILABLE;
+        goto done;
+    }
+    (void)curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &out->http_status);
+    read_result(resp.base != NULL ? resp.base : "", resp.len, out, &rc, result_json);
+    if (rc != 0 && out->http_status >= 500) {
+        /* a proxy's 502 page: a server error like any other */
+        out->ok = false;
+        out->error_code = out->http_status;
+        rc = 0;
+    }
+done:
+    bg_crypto_wipe(url.base, url.len);
+    bg_buf_dispose(&url);
+    bg_buf_dispose(&resp);
+    return rc;
+}
+
+bool bg_tg_is_not_modified(const bg_tg_result_t *r)
+{
+    return !r->ok && r->error_code == 400 &&
+           strstr(r->description, "message is not modified") != NULL;
+}
+
+/* ---- Postgres ---- */
+
+static const char *val(PGresult *res, int row, int col)
+{
+    return PQgetisnull(res, row, col) ? "" : PQgetvalue(res, row, col);
+}
+
+int bg_tg_bot_get(PGconn *c, const char *slug, bg_tg_bot_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    const char *p[] = {slug};
+    PGresult *res = NULL;
+    int rc = bg_pg_exec(c,
+                        "SELECT id, slug, agent_id, token, webhook_secret_hash, status = 'active' "
+                        "FROM telegram_bots WHERE slug = $1",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) != 1) {
+        PQclear(res);
+        return BG_ERR_NOT_FOUND;
+    }
+    bg_strlcpy(out->id, val(res, 0, 0), sizeof(out->id));
+    bg_strlcpy(out->slug, val(res, 0, 1), sizeof(out->slug));
+    bg_strlcpy(out->agent_id, val(res, 0, 2), sizeof(out->agent_id));
+    bg_strlcpy(out->token, val(res, 0, 3), sizeof(out->token));
+    bg_strlcpy(out->secret_hash, val(res, 0, 4), sizeof(out->secret_hash));
+    out->active = strcmp(val(res, 0, 5), "t") == 0;
+    PQclear(res);
+    return 0;
+}
+
+int bg_tg_bot_bind(PGconn *c, const char *token, const char *secret, const char *agent_id,
+                   bg_tg_bot_t *out)
+{
+    char slug[BG_TG_SLUG_SIZE];
+    if (bg_tg_token_slug(token, slug) != 0 || !bg_tg_secret_is_valid(secret) || agent_id == NULL)
+        return BG_ERR_INVALID;
+    char hash[BG_CRYPTO_SHA256_HEX_LEN];
+    bg_crypto_sha256_hex(secret, strlen(secret), hash);
+    const char *p[] = {slug, agent_id, token, hash};
+    PGresult *res = NULL;
+    int rc =
+        bg_pg_exec(c,
+                   "INSERT INTO telegram_bots (slug, telegram_bot_id, agent_id, token, "
+                   "webhook_secret_hash) "
+                   "SELECT $1::text, $1::text::bigint, a.id, $3, $4 FROM agents a "
+                   "WHERE a.id = $2::uuid AND a.deleted_at IS NULL "
+                   "ON CONFLICT (slug) DO UPDATE SET agent_id = EXCLUDED.agent_id, "
+                   "token = EXCLUDED.token, webhook_secret_hash = EXCLUDED.webhook_secret_hash, "
+                   "status = 'active' RETURNING id",
+                   4, p, &res);
+    if (rc != 0)
+        return rc;
+    int n = PQntuples(res);
+    PQclear(res);
+    if (n != 1)
+        return BG_ERR_NOT_FOUND;
+    return out != NULL ? bg_tg_bot_get(c, slug, out) : 0;
+}
+
+static int identity_load(PGconn *c, const char *tg_id, bg_tg_identity_t *out, bool *found)
+{
+    const char *p[] = {tg_id};
+    PGresult *res = NULL;
+    int rc = bg_pg_exec(c,
+                        "SELECT u.id, u.name, u.locale FROM telegram_accounts t "
+                        "JOIN users u ON u.id = t.user_id "
+                        "WHERE t.telegram_user_id = $1::bigint AND u.deleted_at IS NULL",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    *found = PQntuples(res) == 1;
+    if (*found) {
+        bg_strlcpy(out->user_id, val(res, 0, 0), sizeof(out->user_id));
+        bg_strlcpy(out->name, val(res, 0, 1), sizeof(out->name));
+        bg_strlcpy(out->locale, val(res, 0, 2), sizeof(out->locale));
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* The supported locale of a Telegram language_code ("pt-br" → "pt" when supported), or NULL. */
+static const char *locale_of(const char *code)
+{
+    if (code == NULL || code[0] == '\0')
+        return NULL;
+    char base[16];
+    size_t n = 0;
+    while (code[n] != '\0' && code[n] != '-' && code[n] != '_' && n + 1 < sizeof(base)) {
+        base[n] = code[n];
+        n++;
+    }
+    base[n] = '\0';
+    if (bg_i18n_is_supported(base))
+        return bg_i18n_negotiate(base, NULL);
+    return NULL;
+}
+
+int bg_tg_identity_resolve(PGconn *c, const bg_tg_update_t *u, const char *default_locale,
+                           bg_tg_identity_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!u->has_from)
+        return BG_ERR_INVALID;
+    char tg_id[24];
+    snprintf(tg_id, sizeof(tg_id), "%" PRId64, u->from_id);
+    bool found = false;
+    int rc = identity_load(c, tg_id, out, &found);
+    if (rc != 0 || found)
+        return rc;
+
+    const char *loc = locale_of(u->language_code);
+    if (loc == NULL)
+        loc = default_locale != NULL ? default_locale : "en";
+    char days[16];
+    snprintf(days, sizeof(days), "%d", BG_ACCT_TRIAL_DAYS);
+    PGresult *res = NULL;
+    rc = bg_pg_begin(c);
+    if (rc != 0)
+        return rc;
+    /* two first messages at once: the second waits here, then finds the first one's user */
+    const char *lp[] = {tg_id};
+    rc = bg_pg_run(c, "SELECT pg_advisory_xact_lock(7364, hashtext($1))", 1, lp);
+    if (rc != 0)
+        goto err_rollback;
+    rc = identity_load(c, tg_id, out, &found);
+    if (rc != 0)
+        goto err_rollback;
+    if (found)
+        return bg_pg_commit(c);
+
+    const char *name = u->first_name[0] != '\0' ? u->first_name : u->username;
+    const char *display = name[0] != '\0' ? name : "Telegram user";
+    const char *p[] = {tg_id,  name, loc, days, u->username, u->first_name, u->language_code,
+                       display};
+    rc = bg_pg_exec(
+        c,
+        "WITH u AS (INSERT INTO users (name, locale) VALUES (left($2, 200), $3) RETURNING id), "
+        "o AS (INSERT INTO organizations (name, personal, owner_id) "
+        "  SELECT left($8, 188) || '''s workspace', true, id FROM u RETURNING id, owner_id), "
+        "m AS (INSERT INTO memberships (organization_id, user_id, role) "
+        "  SELECT id, owner_id, 'owner' FROM o), "
+        "b AS (INSERT INTO billing_accounts (user_id, trial_used_at) SELECT id, now() FROM u "
+        "  RETURNING id, user_id), "
+        "s AS (INSERT INTO subscriptions (billing_account_id, user_id, plan_id, status, "
+        "  current_period_start, current_period_end, trial_ends_at) "
+        "  SELECT b.id, b.user_id, 'trial', 'trialing', now(), "
+        "  now() + make_interval(days => $4::int), now() + make_interval(days => $4::int) FROM b), "
+        "t AS (INSERT INTO telegram_accounts (telegram_user_id, user_id, username, first_name, "
+        "  language_code) SELECT $1::bigint, id, nullif($5, ''), nullif($6, ''), nullif($7, '') "
+        "  FROM u) "
+        "SELECT id FROM u",
+        8, p, &res);
+    if (rc != 0)
+        goto err_rollback;
+    bg_strlcpy(out->user_id, val(res, 0, 0), sizeof(out->user_id));
+    PQclear(res);
+    res = NULL;
+    bg_strlcpy(out->name, name, sizeof(out->name));
+    bg_strlcpy(out->locale, loc, sizeof(out->locale));
+    out->created = true;
+    bg_actor_t actor = {.kind = "system", .id = NULL, .request_id = NULL, .ip = NULL};
+    char details[160];
+    snprintf(details, sizeof(details),
+             "{\"channel\":\"telegram\",\"locale\":\"%s\",\"plan\":\"trial\"}", loc);
+    rc = bg_acct_audit(c, &actor, "user.register", "user", out->user_id, details);
+    if (rc != 0)
+        goto err_rollback;
+    return bg_pg_commit(c);
+
+err_rollback:
+    PQclear(res);
+    bg_pg_rollback(c);
+    return rc;
+}
+
+int bg_tg_chat_conversation(PGconn *c, const bg_tg_bot_t *bot, const bg_tg_update_t *u,
+                            const char *user_id, bool fresh, char conv_id[37])
+{
+    conv_id[0] = '\0';
+    char chat[24], from[24];
+    snprintf(chat, sizeof(chat), "%" PRId64, u->chat_id);
+    snprintf(from, sizeof(from), "%" PRId64, u->from_id);
+    const char *type = u->chat_type[0] != '\0' ? u->chat_type : "private";
+    const char *p[] = {bot->id, chat, type, u->has_from ? from : NULL};
+    PGresult *res = NULL;
+    /* the chat row, and the conversation it continues when that one is still live */
+    int rc = bg_pg_exec(c,
+                        "WITH r AS (INSERT INTO telegram_chats (bot_id, chat_id, type, "
+                        "  telegram_user_id) VALUES ($1::uuid, $2::bigint, $3, $4::bigint) "
+                        "  ON CONFLICT (bot_id, chat_id) DO UPDATE SET blocked_at = NULL, "
+                        "  telegram_user_id = coalesce(EXCLUDED.telegram_user_id, "
+                        "  telegram_chats.telegram_user_id) RETURNING conversation_id) "
+                        "SELECT cv.id FROM r JOIN conversations cv ON cv.id = r.conversation_id "
+                        "AND cv.deleted_at IS NULL",
+                        4, p, &res);
+    if (rc != 0)
+        return rc;
+    if (!fresh && PQntuples(res) == 1) {
+        bg_strlcpy(conv_id, val(res, 0, 0), 37);
+        PQclear(res);
+        return 0;
+    }
+    PQclear(res);
+    bg_chat_conversation_t conv;
+    rc = bg_chat_create(c, user_id, bot->agent_id, "telegram", NULL, NULL, NULL, &conv);
+    if (rc != 0)
+        return rc;
+    const char *q[] = {bot->id, chat, conv.id};
+    rc = bg_pg_run(c,
+                   "UPDATE telegram_chats SET conversation_id = $3::uuid "
+                   "WHERE bot_id = $1::uuid AND chat_id = $2::bigint",
+                   3, q);
+    if (rc == 0)
+        bg_strlcpy(conv_id, conv.id, 37);
+    return rc;
+}
+
+int bg_tg_chat_record(PGconn *c, const bg_tg_bot_t *bot, const bg_tg_update_t *u)
+{
+    char chat[24], from[24];
+    snprintf(chat, sizeof(chat), "%" PRId64, u->chat_id);
+    snprintf(from, sizeof(from), "%" PRId64, u->from_id);
+    const char *type = u->chat_type[0] != '\0' ? u->chat_type : "private";
+    const char *p[] = {bot->id, chat, type, u->has_from ? from : NULL};
+    return bg_pg_run(c,
+                     "INSERT INTO telegram_chats (bot_id, chat_id, type, telegram_user_id) "
+                     "VALUES ($1::uuid, $2::bigint, $3, $4::bigint) "
+                     "ON CONFLICT (bot_id, chat_id) DO UPDATE SET blocked_at = NULL, "
+                     "telegram_user_id = coalesce(EXCLUDED.telegram_user_id, "
+                     "telegram_chats.telegram_user_id)",
+                     4, p);
+}
+
+int bg_tg_chat_block(PGconn *c, const char *bot_id, int64_t chat_id)
+{
+    char chat[24];
+    snprintf(chat, sizeof(chat), "%" PRId64, chat_id);
+    const char *p[] = {bot_id, chat};
+    return bg_pg_run(c,
+                     "UPDATE telegram_chats SET blocked_at = now() "
+                     "WHERE bot_id = $1::uuid AND chat_id = $2::bigint",
+                     2, p);
+}
+
+int bg_tg_chat_is_blocked(PGconn *c, const char *bot_id, int64_t chat_id, bool *blocked)
+{
+    *blocked = false;
+    char chat[24];
+    snprintf(chat, sizeof(chat), "%" PRId64, chat_id);
+    const char *p[] = {bot_id, chat};
+    PGresult *res = NULL;
+    int rc = bg_pg_exec(c,
+                        "SELECT 1 FROM telegram_chats WHERE bot_id = $1::uuid "
+                        "AND chat_id = $2::bigint AND blocked_at IS NOT NULL",
+                        2, p, &res);
+    if (rc != 0)
+        return rc;
+    *blocked = PQntuples(res) == 1;
+    PQclear(res);
+    return 0;
+}

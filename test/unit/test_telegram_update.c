@@ -1,0 +1,187 @@
+/*
+ * The Telegram channel's pure pieces (bg/telegram.h): every fixture of real Bot API payloads
+ * (test/fixtures/telegram/, copied from library test suites) parses into what the bot acts on;
+ * long replies split on sensible boundaries without breaking a character or passing 4,096 UTF-16
+ * units; tokens give their slug; webhook secrets match only themselves.
+ */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bg/crypto.h"
+#include "bg/err.h"
+#include "bg/telegram.h"
+
+#define FIXTURES BGT_SOURCE_DIR "/test/fixtures/telegram/"
+
+static char *slurp(const char *name, size_t *len)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s%s", FIXTURES, name);
+    FILE *f = fopen(path, "rb");
+    cr_assert_not_null(f, "cannot open %s", path);
+    char *buf = malloc(1 << 20);
+    cr_assert_not_null(buf);
+    *len = fread(buf, 1, (1 << 20) - 1, f);
+    buf[*len] = '\0';
+    (void)fclose(f);
+    return buf;
+}
+
+static void parse(const char *name, bg_tg_update_t *u)
+{
+    size_t len;
+    char *text = slurp(name, &len);
+    const char *desc = NULL;
+    int rc = bg_tg_update_parse(text, len, u, &desc);
+    free(text);
+    cr_assert_eq(rc, 0, "%s: %s (%s)", name, bg_strerror(rc), desc != NULL ? desc : "");
+}
+
+Test(telegram_update, text_message)
+{
+    bg_tg_update_t u;
+    parse("update_text.json", &u);
+    cr_expect_eq(u.update_id, 892252934);
+    cr_expect_eq(u.kind, BG_TG_MESSAGE);
+    cr_expect_eq(u.content, BG_TG_TEXT);
+    cr_expect(u.has_chat && u.chat_id == 218485655);
+    cr_expect_str_eq(u.chat_type, "private");
+    cr_expect(u.has_from && u.from_id == 218485655);
+    cr_expect_str_eq(u.first_name, "Waffle");
+    cr_expect_str_eq(u.language_code, "en");
+    cr_expect_str_eq(u.text, "hello there");
+    bg_tg_update_dispose(&u);
+}
+
+Test(telegram_update, group_command_with_64_bit_chat)
+{
+    bg_tg_update_t u;
+    parse("update_group_command.json", &u);
+    cr_expect_eq(u.content, BG_TG_COMMAND);
+    cr_expect_str_eq(u.command, "report");
+    cr_expect_eq(u.chat_id, -1001293752024LL);
+    cr_expect_str_eq(u.chat_type, "supergroup");
+    cr_expect_eq(u.from_id, 5964236329LL);
+    cr_expect_eq(u.thread_id, 134545);
+    bg_tg_update_dispose(&u);
+}
+
+Test(telegram_update, media_and_edits)
+{
+    bg_tg_update_t u;
+    parse("update_photo.json", &u);
+    cr_expect_eq(u.content, BG_TG_PHOTO);
+    cr_expect_str_eq(u.language_code, "", "language_code null reads as absent");
+    bg_tg_update_dispose(&u);
+    parse("update_document.json", &u);
+    cr_expect_eq(u.content, BG_TG_DOCUMENT);
+    cr_expect_str_eq(u.text, "Read my document", "the caption is the text");
+    bg_tg_update_dispose(&u);
+    parse("update_voice.json", &u);
+    cr_expect_eq(u.content, BG_TG_VOICE);
+    cr_expect_str_eq(u.language_code, "ru");
+    bg_tg_update_dispose(&u);
+    parse("update_edited.json", &u);
+    cr_expect_eq(u.kind, BG_TG_EDITED);
+    bg_tg_update_dispose(&u);
+}
+
+Test(telegram_update, callback_queries)
+{
+    bg_tg_update_t u;
+    parse("update_callback_inline.json", &u);
+    cr_expect_eq(u.kind, BG_TG_CALLBACK);
+    cr_expect_str_eq(u.callback_id, "id");
+    cr_expect_str_eq(u.callback_data, "some_data");
+    cr_expect_not(u.has_chat, "an inline message has no chat");
+    bg_tg_update_dispose(&u);
+    parse("update_callback_inaccessible.json", &u);
+    cr_expect_str_eq(u.callback_id, "12345");
+    cr_expect(u.has_chat && u.chat_id == 9999999999LL);
+    cr_expect(u.message_inaccessible, "date 0 marks an inaccessible message");
+    bg_tg_update_dispose(&u);
+}
+
+Test(telegram_update, refuses_what_is_not_an_update)
+{
+    bg_tg_update_t u;
+    const char *desc = NULL;
+    cr_expect_eq(bg_tg_update_parse("[]", 2, &u, &desc), BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_update_parse("{\"message\":{}}", 14, &u, &desc), BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_update_parse("{\"update_id\":-1}", 16, &u, &desc), BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_update_parse("{\"update_id\":1", 14, &u, &desc), BG_ERR_INVALID);
+    const char *other = "{\"update_id\":7,\"inline_query\":{\"id\":\"1\"},\"future_field\":[1]}";
+    cr_assert_eq(bg_tg_update_parse(other, strlen(other), &u, &desc), 0);
+    cr_expect_eq(u.kind, BG_TG_OTHER, "unknown kinds are tolerated");
+    bg_tg_update_dispose(&u);
+    const char *cmd = "{\"update_id\":8,\"message\":{\"message_id\":1,\"chat\":{\"id\":5,\"type\":"
+                      "\"private\"},\"from\":{\"id\":5,\"is_bot\":false,\"first_name\":\"A\"},"
+                      "\"text\":\"/Start@MyBot hello\"}}";
+    cr_assert_eq(bg_tg_update_parse(cmd, strlen(cmd), &u, &desc), 0);
+    cr_expect_eq(u.content, BG_TG_COMMAND);
+    cr_expect_str_eq(u.command, "start");
+    bg_tg_update_dispose(&u);
+}
+
+Test(telegram_split, short_text_is_one_piece)
+{
+    cr_expect_eq(bg_tg_split("hello", 5, BG_TG_TEXT_MAX), 5);
+}
+
+Test(telegram_split, cuts_at_paragraphs_then_spaces)
+{
+    char text[10000];
+    memset(text, 'a', sizeof(text));
+    memcpy(text + 3000, "\n\n", 2);
+    memcpy(text + 3500, " ", 1);
+    size_t n = bg_tg_split(text, sizeof(text), BG_TG_TEXT_MAX);
+    cr_expect_eq(n, 3002, "cut after the paragraph break, got %zu", n);
+    text[3000] = 'a';
+    text[3001] = 'a';
+    n = bg_tg_split(text, sizeof(text), BG_TG_TEXT_MAX);
+    cr_expect_eq(n, 3501, "cut after the space, got %zu", n);
+    text[3500] = 'a';
+    n = bg_tg_split(text, sizeof(text), BG_TG_TEXT_MAX);
+    cr_expect_eq(n, 4096, "no boundary: a hard cut at the limit, got %zu", n);
+}
+
+Test(telegram_split, counts_utf16_units_and_keeps_characters_whole)
+{
+    /* "я" is 2 bytes and 1 unit; an emoji is 4 bytes and 2 units */
+    char text[20000];
+    size_t len = 0;
+    for (int i = 0; i < 5000; i++) {
+        memcpy(text + len, "я", 2);
+        len += 2;
+    }
+    size_t n = bg_tg_split(text, len, BG_TG_TEXT_MAX);
+    cr_expect_eq(n, 8192, "4096 Cyrillic letters fit, got %zu bytes", n);
+    len = 0;
+    for (int i = 0; i < 3000; i++) {
+        memcpy(text + len, "\xF0\x9F\x98\x80", 4);
+        len += 4;
+    }
+    n = bg_tg_split(text, len, BG_TG_TEXT_MAX);
+    cr_expect_eq(n, 8192, "2048 emoji are 4096 units, got %zu bytes", n);
+    cr_expect_eq(bg_tg_utf16_len(text, n), 4096);
+}
+
+Test(telegram_token, slug_and_secret)
+{
+    char slug[BG_TG_SLUG_SIZE];
+    cr_expect_eq(bg_tg_token_slug("123456:ABC-DEF_ghi", slug), 0);
+    cr_expect_str_eq(slug, "123456");
+    cr_expect_eq(bg_tg_token_slug("123456", slug), BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_token_slug("12a:xyz", slug), BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_token_slug("123:", slug), BG_ERR_INVALID);
+    cr_expect(bg_tg_secret_is_valid("s3cret_-X"));
+    cr_expect_not(bg_tg_secret_is_valid("with space"));
+    cr_expect_not(bg_tg_secret_is_valid(""));
+    char hash[BG_CRYPTO_SHA256_HEX_LEN];
+    bg_crypto_sha256_hex("s3cret", 6, hash);
+    cr_expect(bg_tg_secret_matches("s3cret", 6, hash));
+    cr_expect_not(bg_tg_secret_matches("s3cre", 5, hash));
+    cr_expect_not(bg_tg_secret_matches("s3cret!", 7, hash));
+}
