@@ -137,7 +137,7 @@ static int handle(int fd, const char *method, const char *path, bool auth_ok, co
     }
     char sub[128];
     if (strncmp(path, "/subscriptions/", 15) == 0 && strlen(path) < 100) {
-        snprintf(sub, sizeof(sub), "%s", path + 15);
+        snprintf(sub, sizeof(sub), "%.127s", path + 15);
         char *slash = strchr(sub, '/');
         bool cancel = slash != NULL && strcmp(slash, "/cancel") == 0;
         if (slash != NULL)
