@@ -264,7 +264,8 @@ Test(llm_cache, an_agent_change_reaches_jobs_after_the_ttl)
     char pid[BG_AGENT_ID_SIZE], aid[BG_AGENT_ID_SIZE];
     create_prompt("v1", pid);
     create_agent("follower", pid, 0, 0.3, aid);
-    bg_llm_defs_t *d = bg_llm_defs_new(400, 16, 16);
+    /* 2 s: the two loads below must fall within it even on a loaded machine under ASan */
+    bg_llm_defs_t *d = bg_llm_defs_new(2000, 16, 16);
 
     expect(d, conn, aid, 0.3, 1, "v1");
     set_temperature(aid, 0.7);
@@ -275,9 +276,9 @@ Test(llm_cache, an_agent_change_reaches_jobs_after_the_ttl)
     bg_llm_defs_stats(d, &st);
     cr_assert_eq(st.misses, 1);
     cr_assert_eq(st.hits, 1, "the second load did not read Postgres");
-    cr_assert_lt(bgt_now_ms() - changed, 400, "the check above ran within the TTL");
+    cr_assert_lt(bgt_now_ms() - changed, 2000, "the check above ran within the TTL");
 
-    sleep_ms(450);
+    sleep_ms(2100);
     expect(d, conn, aid, 0.7, 2, "v2");
     bg_llm_defs_stats(d, &st);
     cr_assert_eq(st.misses, 2);
@@ -400,8 +401,9 @@ Test(llm_cache, threads_get_the_right_agent_and_prompt)
     create_prompt("beta", p2);
     create_agent("alpha", p1, 0, 0.1, a1);
     create_agent("beta", p2, 0, 0.2, a2);
-    /* a short TTL and one prompt slot: hits, misses, expiry and eviction all race */
-    bg_llm_defs_t *d = bg_llm_defs_new(5, 2, 1);
+    /* a short TTL, periodic clears and one prompt slot: hits, misses, expiry and eviction all
+     * race (a TTL long enough that a slow, loaded machine still sees hits between clears) */
+    bg_llm_defs_t *d = bg_llm_defs_new(200, 2, 1);
     enum { N = 6 };
     worker_t w[N];
     pthread_t th[N];
