@@ -625,6 +625,13 @@ async function subscribe(planId, action) {
     document.getElementById('plans-notice')?.focus();
 }
 
+/* A history entry's amount: money in minor units of its currency, or request credits. */
+function historyAmount(x) {
+    if (typeof x.amount !== 'number') return null;
+    if (/^[A-Z]{3}$/.test(x.unit ?? '')) return [' ', formatMoney(Math.abs(x.amount), x.unit)];
+    return [' ', formatNumber(Math.abs(x.amount)), ' ', t('plans.requests').toLowerCase()];
+}
+
 function usageChart(quota) {
     const limit = Number(quota?.limit) || 0;
     const remaining = Math.max(0, Number(quota?.remaining) || 0);
@@ -688,8 +695,8 @@ function viewPlans() {
         h('h2', { id: 'history-h' }, t('plans.history')),
         state.history === 'unavailable' || state.history === null ? h('p', { class: 'muted' }, t('plans.history_unavailable'))
             : state.history.length === 0 ? h('p', { class: 'muted' }, t('plans.history_empty'))
-                : h('ul', {}, state.history.map((x) => h('li', {}, formatDate(x.created_at ?? x.at), ' — ', x.description ?? x.type ?? '',
-                    x.amount !== undefined ? [' ', formatMoney(x.amount, x.currency)] : null)))));
+                : h('ul', { id: 'history-list' }, state.history.map((x) => h('li', {}, formatDate(x.occurred_at ?? x.created_at), ' — ', x.description || x.type || '',
+                    historyAmount(x))))));
     return h('section', { class: 'page' }, parts);
 }
 

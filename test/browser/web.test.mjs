@@ -276,6 +276,8 @@ describe('web client in Chromium', { skip, timeout: T(600000) }, () => {
         // localized reason (503 billing_unavailable) instead of failing silently
         await page.locator('tr[data-plan="monthly"] button').click();
         await page.locator('#plans-notice').getByText(catalogue('en')['error.billing_unavailable']).waitFor();
+        // the payment history comes from GET /billing/history (the ledger): a new user has none
+        await page.getByText(catalogue('en')['web.plans.history_empty']).waitFor();
         await shot(page, 'plans-en');
         await page.getByRole('link', { name: 'Profile' }).click();
         await page.locator('#profile-email').getByText(email).waitFor();
