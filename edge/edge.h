@@ -155,6 +155,7 @@ extern const edge_route_t edge_routes_chat[];
 extern const edge_route_t edge_routes_stream[];
 extern const edge_route_t edge_routes_agents[];
 extern const edge_route_t edge_routes_openai[];
+extern const edge_route_t edge_routes_usage[];
 /** Paddle checkout, cancel, resume and the billing history (routes_billing_paddle.c). */
 extern const edge_route_t edge_routes_checkout[];
 /** POST /webhooks/paddle (routes_webhooks_paddle.c). */

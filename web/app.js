@@ -27,6 +27,7 @@ const state = {
     account: null,
     plans: null,
     history: null, // 'unavailable' or the list
+    usage: null, // GET /billing/usage of the current window, when it could be read
     plansNotice: null,
     keys: null,
     newKey: null,
@@ -595,6 +596,7 @@ async function loadPlans() {
     ]);
     state.account = account;
     state.plans = plans.data ?? [];
+    state.usage = await api.get('/billing/usage').catch(() => null);
     try {
         state.history = (await api.get('/billing/history')).data ?? [];
     } catch (err) {
@@ -630,6 +632,24 @@ function historyAmount(x) {
     if (typeof x.amount !== 'number') return null;
     if (/^[A-Z]{3}$/.test(x.unit ?? '')) return [' ', formatMoney(Math.abs(x.amount), x.unit)];
     return [' ', formatNumber(Math.abs(x.amount)), ' ', t('plans.requests').toLowerCase()];
+}
+
+/* Requests per day of the current window (GET /billing/usage), as bars, with the channels. */
+function usageByDay(usage) {
+    const days = usage?.by_day ?? [];
+    if (days.length === 0) return null;
+    const max = Math.max(1, ...days.map((d) => Number(d.requests) || 0));
+    const bars = days.map((d) => {
+        const fill = h('span', { class: 'fill' });
+        fill.style.height = `${Math.round(((Number(d.requests) || 0) / max) * 100)}%`; // CSSOM (CSP)
+        const label = t('plans.day_requests', { date: formatDate(`${d.date}T00:00:00Z`, false), count: formatNumber(d.requests) });
+        return h('li', { title: label, 'aria-label': label }, fill);
+    });
+    const channels = (usage.by_channel ?? []).map((c) =>
+        h('li', {}, `${has(`plans.channel_${c.channel}`) ? t(`plans.channel_${c.channel}`) : c.channel}: ${formatNumber(c.requests)}`));
+    return h('figure', { class: 'usage-days', id: 'usage-by-day' },
+        h('ol', { class: 'days', 'aria-label': t('plans.usage_by_day') }, bars),
+        h('figcaption', {}, t('plans.usage_by_day'), channels.length ? h('ul', { class: 'channels' }, channels) : null));
 }
 
 function usageChart(quota) {
@@ -671,7 +691,8 @@ function viewPlans() {
                 q.reset_at ? [h('dt', {}, t('plans.resets')), h('dd', { id: 'quota-reset' }, formatDate(q.reset_at))] : null),
             h('h3', {}, t('plans.usage')),
             usageChart(q),
-            current ? h('button', { type: 'button', class: 'danger', id: 'cancel-plan', onclick: () => subscribe(current, 'cancel') }, t('plans.cancel')) : null));
+            usageByDay(state.usage),
+            current && a.status !== 'trialing' ? h('button', { type: 'button', class: 'danger', id: 'cancel-plan', onclick: () => subscribe(current, 'cancel') }, t('plans.cancel')) : null));
     }
     const plans = state.plans ?? [];
     parts.push(h('section', { class: 'card', 'aria-labelledby': 'plans-h' },

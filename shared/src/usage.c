@@ -16,6 +16,7 @@
 #include "bg/err.h"
 #include "bg/id.h"
 #include "bg/jobs.h"
+#include "bg/pg.h"
 
 #define INT32_COLUMN_MAX 2147483647LL
 /* 9999-12-31: beyond it the timestamp is garbage, not a time */
@@ -267,4 +268,52 @@ int bg_usage_emit(bg_redis_t *r, int shards, const bg_usage_event_t *ev)
                          .fields = fields,
                          .maxlen = BG_USAGE_STREAM_MAXLEN};
     return bg_jobs_enqueue(r, &job, NULL, 0);
+}
+
+/* ---- summaries ---- */
+
+int bg_usage_summary(PGconn *c, const char *user_id, int64_t from_ms, int64_t to_ms, bg_buf_t *out)
+{
+    if (!bg_id_uuid_is_valid(user_id) || from_ms < 0 || to_ms < from_ms)
+        return BG_ERR_INVALID;
+    char from[24], to[24];
+    snprintf(from, sizeof(from), "%lld", (long long)from_ms);
+    snprintf(to, sizeof(to), "%lld", (long long)to_ms);
+    const char *p[] = {user_id, from, to};
+    PGresult *res;
+    /* one statement, one snapshot: totals and the three breakdowns always agree */
+    int rc = bg_pg_exec(
+        c,
+        "WITH r AS (SELECT (created_at AT TIME ZONE 'UTC')::date AS day, agent_id, channel, "
+        "requests_charged, prompt_tokens + completion_tokens AS tokens, prompt_tokens, "
+        "completion_tokens, cache_hit FROM usage_records WHERE user_id = $1::uuid "
+        "AND created_at >= to_timestamp($2::bigint / 1000.0) "
+        "AND created_at < to_timestamp($3::bigint / 1000.0)) "
+        "SELECT json_build_object("
+        "'totals', (SELECT json_build_object('requests', count(*), 'requests_charged', "
+        "coalesce(sum(requests_charged), 0), 'prompt_tokens', coalesce(sum(prompt_tokens), 0), "
+        "'completion_tokens', coalesce(sum(completion_tokens), 0), 'cache_hits', "
+        "count(*) FILTER (WHERE cache_hit)) FROM r), "
+        "'by_day', coalesce((SELECT json_agg(x ORDER BY x.date) FROM (SELECT to_char(day, "
+        "'YYYY-MM-DD') AS date, count(*) AS requests, sum(requests_charged) AS requests_charged, "
+        "sum(tokens) AS tokens FROM r GROUP BY day) x), '[]'), "
+        "'by_agent', coalesce((SELECT json_agg(x ORDER BY x.requests DESC, x.name) FROM (SELECT "
+        "r.agent_id, coalesce(a.name, '') AS name, coalesce(a.slug, '') AS slug, count(*) AS "
+        "requests, sum(r.requests_charged) AS requests_charged, sum(r.tokens) AS tokens FROM r "
+        "LEFT JOIN agents a ON a.id = r.agent_id GROUP BY r.agent_id, a.name, a.slug) x), '[]'), "
+        "'by_channel', coalesce((SELECT json_agg(x ORDER BY x.channel) FROM (SELECT channel, "
+        "count(*) AS requests, sum(requests_charged) AS requests_charged, sum(tokens) AS tokens "
+        "FROM r GROUP BY channel) x), '[]'))::text",
+        3, p, &res);
+    if (rc != 0)
+        return rc;
+    const char *json = PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : NULL;
+    size_t len = json != NULL ? strlen(json) : 0;
+    /* drop the object's braces: the caller puts these members beside its own */
+    if (len < 2 || json[0] != '{' || json[len - 1] != '}')
+        rc = BG_ERR_PROTOCOL;
+    else
+        rc = bg_buf_append(out, json + 1, len - 2);
+    PQclear(res);
+    return rc;
 }

@@ -276,6 +276,9 @@ describe('web client in Chromium', { skip, timeout: T(600000) }, () => {
         // localized reason (503 billing_unavailable) instead of failing silently
         await page.locator('tr[data-plan="monthly"] button').click();
         await page.locator('#plans-notice').getByText(catalogue('en')['error.billing_unavailable']).waitFor();
+        // the turns of the chat tests above show up in the usage by day (GET /billing/usage)
+        await page.locator('#usage-by-day .days li').first().waitFor();
+        assert.match(await page.locator('#usage-by-day figcaption').innerText(), /Web: \d+/);
         // the payment history comes from GET /billing/history (the ledger): a new user has none
         await page.getByText(catalogue('en')['web.plans.history_empty']).waitFor();
         await shot(page, 'plans-en');

@@ -338,6 +338,7 @@ static const row_t matrix[] = {
      ADMIN_ONLY(200)},
     {"DELETE", "/admin/users/{id}", "/admin/users/{victim}", NULL, ADMIN_ONLY(204)},
     {"GET", "/billing/account", "/billing/account", NULL, SIGNED_IN(200)},
+    {"GET", "/billing/usage", "/billing/usage", NULL, SIGNED_IN(200)},
     {"GET", "/billing/plans", "/billing/plans", NULL, ANYONE(200)},
     {"GET", "/billing/history", "/billing/history", NULL, SIGNED_IN(200)},
     /* this stack has no BG_PADDLE_API_KEY: signed-in callers get 503 billing_unavailable */

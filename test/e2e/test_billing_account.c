@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <libpq-fe.h>
+
 #include "bg/common.h"
 #include "bg/json.h"
 #include "bg/timeutil.h"
@@ -260,5 +262,94 @@ Test(billing_account, needs_a_signed_in_user)
     bgt_resp_t r;
     long st = call("GET", "/billing/account", NULL, NULL, &r);
     cr_expect_eq(st, 401, "%ld %s", st, r.body);
+    bgt_resp_free(&r);
+}
+
+/* Runs sql on the test's database (params: NULL-terminated). */
+static void sql(const char *text, const char *const params[])
+{
+    PGconn *c = PQconnectdb(S.db.url);
+    cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
+    int n = 0;
+    while (params != NULL && params[n] != NULL)
+        n++;
+    PGresult *res = PQexecParams(c, text, n, NULL, params, NULL, NULL, 0);
+    cr_assert(PQresultStatus(res) == PGRES_COMMAND_OK || PQresultStatus(res) == PGRES_TUPLES_OK,
+              "%s: %s", text, PQerrorMessage(c));
+    PQclear(res);
+    PQfinish(c);
+}
+
+/* The object of array key whose member match_key is match (a JSON text, "" when none). */
+static int64_t row_int(const char *text, const char *key, const char *match_key, const char *match,
+                       const char *field)
+{
+    bg_json_doc_t *doc;
+    const bg_json_t *arr = json_at(text, &doc, (const char *const[]){key, NULL});
+    int64_t n = -1;
+    for (size_t i = 0; arr != NULL && i < bg_json_len(arr); i++) {
+        const bg_json_t *o = bg_json_at(arr, i);
+        size_t len = 0;
+        const char *s = bg_json_str(bg_json_find(o, match_key), &len);
+        if (s != NULL && strlen(match) == len && memcmp(s, match, len) == 0 &&
+            !bg_json_int(bg_json_find(o, field), &n))
+            n = -1;
+    }
+    bg_json_doc_free(doc);
+    return n;
+}
+
+Test(billing_account, usage_is_summed_by_day_agent_and_channel_per_window)
+{
+    char token[2048], uid[64];
+    register_user("usage@billing.example", token, sizeof(token));
+    bgt_resp_t r;
+    cr_assert_eq(call("GET", "/auth/profile", token, NULL, &r), 200);
+    get_str(r.body, (const char *const[]){"id", NULL}, uid, sizeof(uid));
+    bgt_resp_free(&r);
+
+    /* this trial day (its window is the day from registration, a moment ago): two web turns and
+     * a failed API call, made just now; before it: one Telegram turn */
+    const char *const p[] = {uid, NULL};
+    sql("INSERT INTO usage_records (request_id, user_id, agent_id, channel, model, prompt_tokens, "
+        "completion_tokens, token_source, status, error_class, requests_charged, created_at) "
+        "SELECT v.rid, $1::uuid, a.id, v.ch, 'demo-1', v.pt, v.ct, v.src, v.st, v.ec, v.chg, "
+        "now() - v.ago FROM agents a, (VALUES "
+        "('u-1', 'web', 10, 5, 'provider', 'ok', NULL, 1, interval '0'), "
+        "('u-2', 'web', 7, 3, 'provider', 'ok', NULL, 1, interval '-1 second'), "
+        "('u-3', 'api', 4, 0, 'estimated', 'error', 'provider_error', 0, interval '-2 seconds'), "
+        "('u-4', 'telegram', 1, 1, 'provider', 'ok', NULL, 1, interval '2 hours')) "
+        "AS v(rid, ch, pt, ct, src, st, ec, chg, ago) WHERE a.slug = 'assistant' "
+        "AND a.organization_id IS NULL",
+        p);
+
+    cr_assert_eq(call("GET", "/billing/usage", token, NULL, &r), 200, "%s", r.body);
+    const char *const req[] = {"totals", "requests", NULL};
+    cr_expect_eq(get_int(r.body, req), 3, "%s", r.body);
+    cr_expect_eq(get_int(r.body, (const char *const[]){"totals", "requests_charged", NULL}), 2);
+    cr_expect_eq(get_int(r.body, (const char *const[]){"totals", "prompt_tokens", NULL}), 21);
+    cr_expect_eq(get_int(r.body, (const char *const[]){"totals", "completion_tokens", NULL}), 8);
+    cr_expect_eq(row_int(r.body, "by_channel", "channel", "web", "requests"), 2, "%s", r.body);
+    cr_expect_eq(row_int(r.body, "by_channel", "channel", "api", "requests_charged"), 0);
+    cr_expect_eq(row_int(r.body, "by_channel", "channel", "telegram", "requests"), -1,
+                 "the earlier turn is not in this window: %s", r.body);
+    cr_expect_eq(row_int(r.body, "by_agent", "slug", "assistant", "tokens"), 29, "%s", r.body);
+    char which[16];
+    get_str(r.body, (const char *const[]){"period", "which", NULL}, which, sizeof(which));
+    cr_expect_str_eq(which, "current");
+    int64_t start = time_of(r.body, (const char *const[]){"period", "start", NULL});
+    int64_t end = time_of(r.body, (const char *const[]){"period", "end", NULL});
+    cr_expect_eq(end - start, 86400000, "the trial's window is a day");
+    bgt_resp_free(&r);
+
+    cr_assert_eq(call("GET", "/billing/usage?period=previous", token, NULL, &r), 200);
+    cr_expect_eq(get_int(r.body, req), 1, "%s", r.body);
+    cr_expect_eq(row_int(r.body, "by_channel", "channel", "telegram", "tokens"), 2, "%s", r.body);
+    cr_expect_eq(time_of(r.body, (const char *const[]){"period", "end", NULL}), start);
+    bgt_resp_free(&r);
+
+    cr_expect_eq(call("GET", "/billing/usage?period=forever", token, NULL, &r), 422);
+    bgt_resp_free(&r);
+    cr_expect_eq(call("GET", "/billing/usage", NULL, NULL, &r), 401);
     bgt_resp_free(&r);
 }

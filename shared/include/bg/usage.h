@@ -35,7 +35,10 @@
 #ifndef BG_USAGE_H
 #define BG_USAGE_H
 
+#include <libpq-fe.h>
+
 #include "bg/admission.h"
+#include "bg/buf.h"
 #include "bg/common.h"
 #include "bg/redis.h"
 
@@ -100,5 +103,17 @@ const char *bg_usage_event_error_class(const bg_usage_event_t *ev);
  * error of bg_jobs_enqueue (Redis down: the caller retries, the llm job stays unacknowledged).
  */
 BG_MUSTCHECK int bg_usage_emit(bg_redis_t *r, int shards, const bg_usage_event_t *ev);
+
+/**
+ * A user's usage in [from_ms, to_ms) from usage_records, appended to out as the JSON members
+ * "totals" {requests, requests_charged, prompt_tokens, completion_tokens, cache_hits}, "by_day"
+ * [{date (UTC), requests, requests_charged, tokens}] by date, "by_agent" [{agent_id, name, slug,
+ * requests, requests_charged, tokens}] most used first, and "by_channel" [{channel, requests,
+ * requests_charged, tokens}] (no braces: the caller wraps them). One statement on the connection
+ * c (blocking libpq). Returns 0, BG_ERR_INVALID for a malformed user id or range, or a database
+ * error.
+ */
+BG_MUSTCHECK int bg_usage_summary(PGconn *c, const char *user_id, int64_t from_ms, int64_t to_ms,
+                                  bg_buf_t *out);
 
 #endif
