@@ -148,8 +148,7 @@ static void ev_cleanup(void *data)
     uv_close((uv_handle_t *)&p->poll, on_poll_closed);
 }
 
-/* Attaches ac to loop; returns 0 or BG_ERR_IO. */
-static int attach(redisAsyncContext *ac, uv_loop_t *loop)
+int bg_redis_async_attach(redisAsyncContext *ac, uv_loop_t *loop)
 {
     uv_events_t *p = bg_calloc(1, sizeof(*p));
     if (uv_poll_init(loop, &p->poll, ac->c.fd) != 0) {
@@ -504,7 +503,7 @@ static void start_connect(bg_redis_async_t *c)
         schedule_reconnect(c);
         return;
     }
-    if (attach(ac, c->loop) != 0) {
+    if (bg_redis_async_attach(ac, c->loop) != 0) {
         connect_failed(c, "cannot attach to the event loop");
         redisAsyncFree(ac);
         schedule_reconnect(c);

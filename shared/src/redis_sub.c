@@ -15,8 +15,8 @@
  * subscriber through ac->data, which is cleared before the subscriber lets a context go, so late
  * callbacks of an old context find nobody listening. Replies are hiredis' to free.
  *
- * The event hooks are a copy of redis_async.c's (they are static there), for the same reason: on a
- * socket error libuv reports only an error status, and hiredis must be made to read to notice.
+ * The context is driven from the loop by the command client's event hooks
+ * (bg_redis_async_attach).
  */
 #include <hiredis/async.h>
 #include <stdlib.h>
@@ -25,6 +25,7 @@
 #include "bg/err.h"
 #include "bg/log.h"
 #include "bg/redis.h"
+#include "bg/redis_async.h"
 #include "bg/redis_sub.h"
 
 #define BACKOFF_BASE_MS 50
@@ -56,87 +57,6 @@ struct bg_redis_sub {
 
 static void start_connect(bg_redis_sub_t *s);
 static void schedule_reconnect(bg_redis_sub_t *s);
-
-/* ---- event hooks (hiredis <-> libuv), as in redis_async.c ---- */
-
-typedef struct st_uv_events {
-    redisAsyncContext *ac; /* NULL once hiredis cleaned up */
-    uv_poll_t poll;
-    int events;
-} uv_events_t;
-
-static void on_poll(uv_poll_t *h, int status, int events)
-{
-    uv_events_t *p = h->data;
-    int ev = status < 0 ? (p->events != 0 ? p->events : UV_READABLE) : events;
-    if (p->ac != NULL && (ev & UV_READABLE))
-        redisAsyncHandleRead(p->ac);
-    if (p->ac != NULL && (ev & UV_WRITABLE))
-        redisAsyncHandleWrite(p->ac);
-}
-
-static void set_events(uv_events_t *p, int events)
-{
-    p->events = events;
-    if (events != 0)
-        uv_poll_start(&p->poll, events, on_poll);
-    else
-        uv_poll_stop(&p->poll);
-}
-
-static void ev_add_read(void *data)
-{
-    uv_events_t *p = data;
-    set_events(p, p->events | UV_READABLE);
-}
-
-static void ev_del_read(void *data)
-{
-    uv_events_t *p = data;
-    set_events(p, p->events & ~UV_READABLE);
-}
-
-static void ev_add_write(void *data)
-{
-    uv_events_t *p = data;
-    set_events(p, p->events | UV_WRITABLE);
-}
-
-static void ev_del_write(void *data)
-{
-    uv_events_t *p = data;
-    set_events(p, p->events & ~UV_WRITABLE);
-}
-
-static void on_poll_closed(uv_handle_t *h)
-{
-    free(h->data);
-}
-
-static void ev_cleanup(void *data)
-{
-    uv_events_t *p = data;
-    p->ac = NULL;
-    uv_close((uv_handle_t *)&p->poll, on_poll_closed);
-}
-
-static int attach(redisAsyncContext *ac, uv_loop_t *loop)
-{
-    uv_events_t *p = bg_calloc(1, sizeof(*p));
-    if (uv_poll_init(loop, &p->poll, ac->c.fd) != 0) {
-        free(p);
-        return BG_ERR_IO;
-    }
-    p->ac = ac;
-    p->poll.data = p;
-    ac->ev.data = p;
-    ac->ev.addRead = ev_add_read;
-    ac->ev.delRead = ev_del_read;
-    ac->ev.addWrite = ev_add_write;
-    ac->ev.delWrite = ev_del_write;
-    ac->ev.cleanup = ev_cleanup;
-    return 0;
-}
 
 /* ---- connection ---- */
 
@@ -319,7 +239,7 @@ static void start_connect(bg_redis_sub_t *s)
         schedule_reconnect(s);
         return;
     }
-    if (attach(ac, s->loop) != 0) {
+    if (bg_redis_async_attach(ac, s->loop) != 0) {
         failed(s, "cannot attach to the event loop");
         redisAsyncFree(ac);
         schedule_reconnect(s);

@@ -28,6 +28,15 @@
 
 typedef struct bg_redis_async bg_redis_async_t;
 
+struct redisAsyncContext;
+
+/**
+ * Drives a hiredis asynchronous context from a libuv loop (a uv_poll on its socket, freed when
+ * hiredis cleans the context up). Shared by this client and the pub/sub subscriber
+ * (bg/redis_sub.h). Returns 0 or BG_ERR_IO.
+ */
+BG_MUSTCHECK int bg_redis_async_attach(struct redisAsyncContext *ac, uv_loop_t *loop);
+
 /**
  * Callback of one command. err is 0 or a negative bg_err (see above); reply is borrowed, non-NULL
  * exactly when err is 0, and must not be freed.
