@@ -387,6 +387,24 @@ void edge_admit(edge_req_t *er, const bg_admission_req_t *req, edge_admit_cb cb,
  */
 void edge_admission_headers(edge_req_t *er, const bg_admission_decision_t *d);
 
+/* ---- conversations' owners and agents (conv_cache.c) ---- */
+
+#define EDGE_CONV_ID_SIZE 37 /* uuid text + NUL */
+
+typedef enum {
+    EDGE_CONV_UNKNOWN, /* not remembered (or lapsed): ask Postgres */
+    EDGE_CONV_OWNED,   /* the user's: agent_id is filled */
+    EDGE_CONV_FOREIGN, /* another user's: a 404 like a missing one */
+} edge_conv_t;
+
+/** What this process remembers of conv_id for user_id (any thread). */
+edge_conv_t edge_conv_lookup(const char *conv_id, const char *user_id,
+                             char agent_id[EDGE_CONV_ID_SIZE]);
+/** Remembers a live conversation's owner and agent for a minute. */
+void edge_conv_remember(const char *conv_id, const char *user_id, const char *agent_id);
+/** Forgets conv_id (deleted through this process). */
+void edge_conv_forget(const char *conv_id);
+
 /* ---- job output relay (sse_relay.c) ---- */
 
 /** Per-stream buffer cap: a client this far behind is disconnected (it can resume). */

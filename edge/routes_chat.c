@@ -269,6 +269,8 @@ static void create_done(edge_req_t *er, void *arg)
     }
     if (failed(er, op, "title"))
         return;
+    /* its first turn, usually a moment away, then needs no Postgres on this edge */
+    edge_conv_remember(op->conv.id, op->user_id, op->conv.agent_id);
     conv_done(er, op, 201);
 }
 
@@ -392,6 +394,8 @@ static void delete_work(void *arg)
     PGconn *c = db(op);
     if (c != NULL)
         op->rc = bg_chat_delete(c, op->user_id, op->conv_id);
+    if (op->rc == 0)
+        edge_conv_forget(op->conv_id);
 }
 
 static void delete_done(edge_req_t *er, void *arg)

@@ -11,10 +11,12 @@
  * key in the caller's shard, or with another user's, is a 404 like any foreign resource: a caller
  * cannot tell another user's job from one that does not exist.
  *
- * Order of a turn. The message is stored before admission (on the pool, in one statement that
- * also checks the conversation's ownership: bg_chat_post_user), so the job can name it; a denied
- * turn leaves the user's message without a reply, as a failed provider call would. Admission itself
- * is edge_admit() (admit.c): Redis down means 503 with Retry-After, since admission fails closed.
+ * Order of a turn. The edge checks that the conversation is a live one of the caller's and learns
+ * its agent: from what this process remembers (conv_cache.c) or, the first time, from Postgres on
+ * the pool (bg_chat_get). Then admission (edge_admit(), admit.c: Redis down means 503 with
+ * Retry-After, since admission fails closed) enqueues the job with the user's message in it, and
+ * the llm worker stores the message (bg_chat_post_user, once per job) before it calls the model.
+ * So an admitted turn costs the edge no Postgres work at all, and a denied turn writes nothing.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -52,8 +54,8 @@ typedef struct st_turn_op {
     bool respond_async;
     int shard;
     int rc;
-    bg_chat_posted_t posted;
-    char message_id[24];
+    bg_chat_conversation_t conv;
+    char agent_id[EDGE_CONV_ID_SIZE];
     const char *fields[2 * TURN_FIELDS]; /* the job's, pointing into this op */
     bg_admission_req_t admission;
 } turn_op_t;
@@ -74,16 +76,17 @@ static void job_key(char *out, size_t outlen, int shard, const char *kind, const
 
 /* ---- POST /chat/conversations/{id}/messages ---- */
 
-static void store_work(void *arg)
+static void lookup_work(void *arg)
 {
     turn_op_t *op = arg;
     PGconn *c = edge_pg(op->cfg, NULL, &op->rc);
     if (c == NULL)
         return;
-    /* one round trip: ownership, the user, the insert and the conversation's agent */
-    op->rc = bg_chat_post_user(c, op->user_id, op->conv_id, op->content, op->job_id, op->request_id,
-                               &op->posted);
-    snprintf(op->message_id, sizeof(op->message_id), "%lld", (long long)op->posted.message_id);
+    op->rc = bg_chat_get(c, op->user_id, op->conv_id, &op->conv);
+    if (op->rc == 0) {
+        (void)bg_strlcpy(op->agent_id, op->conv.agent_id, sizeof(op->agent_id));
+        edge_conv_remember(op->conv_id, op->user_id, op->agent_id);
+    }
 }
 
 static void respond_admitted(edge_req_t *er, turn_op_t *op)
@@ -149,15 +152,15 @@ static void admit(edge_req_t *er, turn_op_t *op)
     op->fields[2] = "conversation_id";
     op->fields[3] = op->conv_id;
     op->fields[4] = "agent_id";
-    op->fields[5] = op->posted.agent_id;
-    op->fields[6] = "message_id";
-    op->fields[7] = op->message_id;
-    op->fields[8] = "channel";
-    op->fields[9] = "web";
-    op->fields[10] = "locale";
-    op->fields[11] = op->locale;
-    op->fields[12] = "user_name";
-    op->fields[13] = op->posted.user_name;
+    op->fields[5] = op->agent_id;
+    op->fields[6] = "content";
+    op->fields[7] = op->content;
+    op->fields[8] = "request_id";
+    op->fields[9] = op->request_id;
+    op->fields[10] = "channel";
+    op->fields[11] = "web";
+    op->fields[12] = "locale";
+    op->fields[13] = op->locale;
     op->fields[14] = "max_tokens";
     op->fields[15] = "0";
     op->fields[16] = "temperature";
@@ -175,7 +178,7 @@ static void admit(edge_req_t *er, turn_op_t *op)
     edge_admit(er, &op->admission, admitted, op);
 }
 
-static void store_done(edge_req_t *er, void *arg)
+static void lookup_done(edge_req_t *er, void *arg)
 {
     turn_op_t *op = arg;
     if (er->req == NULL)
@@ -223,7 +226,17 @@ static void messages_post(edge_req_t *er)
     bg_strlcpy(op->locale, er->locale, sizeof(op->locale));
     op->respond_async = prefers_async(er);
     op->shard = bg_shard_of(op->user_id, op->cfg->shards);
-    edge_run(er, store_work, store_done);
+    switch (edge_conv_lookup(op->conv_id, op->user_id, op->agent_id)) {
+    case EDGE_CONV_OWNED:
+        admit(er, op);
+        return;
+    case EDGE_CONV_FOREIGN:
+        edge_error(er, "not_found", NULL, NULL, 0);
+        return;
+    case EDGE_CONV_UNKNOWN:
+        break;
+    }
+    edge_run(er, lookup_work, lookup_done);
 }
 
 /* ---- /chat/jobs/{id}/… ---- */

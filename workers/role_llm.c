@@ -108,6 +108,9 @@ typedef struct st_llm_job {
     const char *channel;
     const char *locale;
     const char *user_name;
+    const char *content;    /* web: the user's message, stored by this worker (post_user()) */
+    const char *request_id; /* web: the edge's request that admitted the turn */
+    bg_chat_posted_t posted;
     int64_t message_id;
     int64_t max_tokens;   /* 0: the agent's */
     double temperature;   /* < 0: the agent's */
@@ -278,6 +281,8 @@ static int parse_job(wk_job_t *job, const llm_role_t *l, llm_job_t *j)
     j->agent_id = field_or_empty(job, "agent_id");
     j->locale = field_or_empty(job, "locale");
     j->user_name = field_or_empty(job, "user_name");
+    j->content = field_or_empty(job, "content");
+    j->request_id = field_or_empty(job, "request_id");
     j->api = strcmp(j->channel, "api") == 0;
     j->messages = field_or_empty(job, "messages");
     j->start_ms = bg_timeutil_mono_ms();
@@ -931,9 +936,44 @@ out:
     return rc;
 }
 
+/*
+ * A web turn whose job carries the user's message (the edge enqueues it without touching
+ * Postgres): stores it once per job (a redelivered job finds the message of its first run) and
+ * takes the conversation's agent and the user's name from that one statement. Returns 0 with
+ * *ended false to go on; with *ended true the job is over, as build_web.
+ */
+static int post_user(llm_job_t *j, const llm_role_t *l, PGconn *c, bool *ended)
+{
+    *ended = true;
+    int rc = bg_chat_post_user(c, j->user_id, j->conversation_id, j->content, j->job_id,
+                               j->request_id[0] != '\0' ? j->request_id : NULL, &j->posted);
+    if (rc == BG_ERR_NOT_FOUND)
+        /* deleted (through another edge, which remembered it a little longer), or its user gone */
+        return fail_job(j, l, "not_found", "the conversation is gone");
+    if (rc == BG_ERR_INVALID || rc == BG_ERR_CONFLICT)
+        return fail_internal(j, l, "the database refused the user's message");
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
+        return BG_ERR_UNAVAILABLE;
+    }
+    j->message_id = j->posted.message_id;
+    j->agent_id = j->posted.agent_id;
+    if (j->user_name[0] == '\0')
+        j->user_name = j->posted.user_name;
+    *ended = false;
+    return 0;
+}
+
 /* Loads what the prompt needs, renders it, answers from the cache or streams, and concludes. */
 static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c)
 {
+    if (!j->api && j->message_id == 0 && j->content[0] != '\0' &&
+        bg_id_uuid_is_valid(j->conversation_id)) {
+        bool ended = false;
+        int rc = post_user(j, l, c, &ended);
+        if (ended)
+            return rc;
+    }
     if (!bg_id_uuid_is_valid(j->agent_id))
         return fail_internal(j, l, "malformed agent id");
     if (!j->api && (!bg_id_uuid_is_valid(j->conversation_id) || j->message_id <= 0))

@@ -512,20 +512,25 @@ int bg_chat_post_user(PGconn *c, const char *user_id, const char *conversation_i
     if (!content_ok(content, false))
         return BG_ERR_INVALID;
     /* the UPDATE takes the conversation's row lock, which serialises the count as
-     * bg_chat_append_user's SELECT … FOR UPDATE does; a missing row or user writes nothing */
+     * bg_chat_append_user's SELECT … FOR UPDATE does; a missing row or user writes nothing, and
+     * a job whose message is stored already (a redelivered job) finds it and writes nothing */
     const char *p[] = {conversation_id, user_id, content, job_id, request_id};
     PGresult *res;
     int rc = bg_pg_exec(c,
                         "WITH u AS (SELECT name FROM users WHERE id = $2::uuid "
                         "AND deleted_at IS NULL AND status = 'active'), "
+                        "prior AS (SELECT m.id, k.agent_id FROM messages m JOIN conversations k "
+                        "ON k.id = m.conversation_id WHERE m.job_id = $4 AND m.role = 'user' "
+                        "AND k.id = $1::uuid AND k.user_id = $2::uuid AND k.deleted_at IS NULL), "
                         "conv AS (UPDATE conversations SET message_count = message_count + 1, "
                         "last_message_at = now() WHERE id = $1::uuid AND user_id = $2::uuid "
                         "AND deleted_at IS NULL AND EXISTS (SELECT 1 FROM u) "
-                        "RETURNING id, agent_id), "
+                        "AND NOT EXISTS (SELECT 1 FROM prior) RETURNING id, agent_id), "
                         "m AS (INSERT INTO messages (conversation_id, role, content, status, "
                         "job_id, request_id) SELECT id, 'user', $3, 'complete', $4, $5 FROM conv "
                         "RETURNING id) "
-                        "SELECT m.id, conv.agent_id, u.name FROM m, conv, u",
+                        "SELECT m.id, conv.agent_id, u.name FROM m, conv, u "
+                        "UNION ALL SELECT prior.id, prior.agent_id, u.name FROM prior, u",
                         5, p, &res);
     if (rc != 0)
         return rc;

@@ -549,10 +549,20 @@ Test(chat, a_posted_turn_is_checked_stored_and_counted_in_one_statement)
                  BG_ERR_NOT_FOUND);
     q("UPDATE users SET status = 'active' WHERE id = $1", uid, NULL, NULL, 0);
     cr_expect_eq(bg_chat_post_user(conn, uid, c.id, "", "job-posted-4", NULL, &p), BG_ERR_INVALID);
-    cr_expect_eq(bg_chat_post_user(conn, uid, c.id, "Again", "job-posted-1", NULL, &p),
-                 BG_ERR_CONFLICT, "a job id starts one turn");
+    /* a job delivered again finds the message of its first run: one message, counted once */
+    int64_t first = 0;
+    cr_assert_eq(bg_chat_post_user(conn, uid, c.id, "Hello there", "job-posted-1", NULL, &p), 0);
+    first = p.message_id;
+    cr_assert_eq(bg_chat_post_user(conn, uid, c.id, "Hello there", "job-posted-1", NULL, &p), 0,
+                 "a job id starts one turn, however often it is delivered");
+    cr_expect_eq(p.message_id, first);
+    cr_expect_str_eq(p.agent_id, agent);
+    bg_chat_conversation_t other_conv;
+    start(uid, agent, "Elsewhere", &other_conv);
+    cr_expect_eq(bg_chat_post_user(conn, uid, other_conv.id, "Again", "job-posted-1", NULL, &p),
+                 BG_ERR_CONFLICT, "a job id names one turn, in one conversation");
     cr_assert_eq(bg_chat_get(conn, uid, c.id, &after), 0);
-    cr_expect_eq(after.message_count, 1, "no refused post was counted");
+    cr_expect_eq(after.message_count, 1, "no refused or repeated post was counted");
     cr_assert_eq(bg_chat_delete(conn, uid, c.id), 0);
     cr_expect_eq(bg_chat_post_user(conn, uid, c.id, "Gone?", "job-posted-5", NULL, &p),
                  BG_ERR_NOT_FOUND);

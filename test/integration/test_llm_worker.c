@@ -224,9 +224,11 @@ static void admit(const turn_t *t, const char *const *fields, size_t nfields)
     cr_assert_eq(d.verdict, BG_ADMISSION_OK, "%s", bg_admission_verdict_name(d.verdict));
 }
 
-/* Stores the user's message on a new conversation with agent_id (NULL: the default agent) and
- * admits its job, as the edge does. */
-static void submit_to(turn_t *t, const char *agent_id, const char *content)
+/* Opens a conversation of a new user with agent_id (NULL: the default agent) and admits the job
+ * of a turn saying content. stored false: as the edge does it, the job carries the message and
+ * the worker stores it; stored true: as the Telegram channel does it, the message is stored
+ * first and the job names it. */
+static void submit_turn(turn_t *t, const char *agent_id, const char *content, bool stored)
 {
     make_user(t->uid);
     if (agent_id != NULL) {
@@ -242,11 +244,18 @@ static void submit_to(turn_t *t, const char *agent_id, const char *content)
     cr_assert_eq(rc, 0, "create: %s", bg_strerror(rc));
     snprintf(t->conv, sizeof(t->conv), "%s", conv.id);
     bg_id_uuid_v7_str(t->job);
+    t->shard = bg_shard_of(t->uid, SHARDS);
+    if (!stored) {
+        const char *fields[] = {
+            "user_id", t->uid,  "conversation_id", t->conv,       "agent_id",    t->agent,
+            "content", content, "request_id",      "req-of-turn", "channel",     "web",
+            "locale",  "en",    "max_tokens",      "0",           "temperature", ""};
+        admit(t, fields, BG_ARRAY_SIZE(fields) / 2);
+        return;
+    }
     int64_t mid = 0;
     rc = bg_chat_append_user(conn, t->uid, t->conv, content, t->job, NULL, &mid);
     cr_assert_eq(rc, 0, "append: %s", bg_strerror(rc));
-    t->shard = bg_shard_of(t->uid, SHARDS);
-
     char mids[24];
     snprintf(mids, sizeof(mids), "%lld", (long long)mid);
     const char *fields[] = {
@@ -254,6 +263,11 @@ static void submit_to(turn_t *t, const char *agent_id, const char *content)
         "message_id", mids,   "channel",         "web",   "locale",      "en",
         "user_name",  "Ada",  "max_tokens",      "0",     "temperature", ""};
     admit(t, fields, BG_ARRAY_SIZE(fields) / 2);
+}
+
+static void submit_to(turn_t *t, const char *agent_id, const char *content)
+{
+    submit_turn(t, agent_id, content, false);
 }
 
 static void submit(turn_t *t, const char *content)
@@ -639,7 +653,7 @@ Test(llm_worker, an_unknown_conversation_ends_as_internal_and_is_refunded)
 {
     start_worker("w1", 5000);
     turn_t t;
-    submit(&t, "Hello");
+    submit_turn(&t, NULL, "Hello", true);
     /* the conversation vanishes between admission and the worker */
     const char *p[] = {t.conv};
     char v[8];
@@ -654,6 +668,56 @@ Test(llm_worker, an_unknown_conversation_ends_as_internal_and_is_refunded)
                          "requests_charged = 0",
                          t.job),
                  1);
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, a_turn_stores_the_users_message_once_before_the_reply)
+{
+    start_worker("w1", 5000);
+    turn_t t;
+    submit(&t, "Remember this line.");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
+    const char *p[] = {t.job};
+    char v[256];
+    pg_value("SELECT content || '|' || coalesce(request_id, '') FROM messages WHERE job_id = $1 "
+             "AND role = 'user'",
+             1, p, v, sizeof(v));
+    cr_assert_str_eq(v, "Remember this line.|req-of-turn");
+    /* the conversation reads: the user's message, then the reply, counted once each */
+    const char *pc[] = {t.conv};
+    pg_value("SELECT string_agg(role, ',' ORDER BY id) || '|' || (SELECT message_count FROM "
+             "conversations WHERE id = $1::uuid) FROM messages WHERE conversation_id = $1::uuid",
+             1, pc, v, sizeof(v));
+    cr_assert_str_eq(v, "user,assistant|2");
+    events_free(ev);
+    free(ev);
+}
+
+Test(llm_worker, a_turn_whose_conversation_was_deleted_meanwhile_is_not_found_and_refunded)
+{
+    turn_t t;
+    submit(&t, "Anyone there?");
+    /* deleted through another edge after this one admitted the turn */
+    const char *p[] = {t.conv};
+    char v[8];
+    pg_value("UPDATE conversations SET deleted_at = now() WHERE id = $1 RETURNING 1", 1, p, v,
+             sizeof(v));
+    start_worker("w1", 5000);
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "error");
+    cr_assert(strstr(ev->data[ev->n - 1], "\"not_found\"") != NULL, "%s", ev->data[ev->n - 1]);
+    wait_billed(&t);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1 AND "
+                         "requests_charged = 0",
+                         t.job),
+                 1, "refunded");
+    cr_assert_eq(pg_int1("SELECT count(*) FROM messages WHERE job_id = $1", t.job), 0,
+                 "nothing stored in a deleted conversation");
+    cr_assert_eq(quota_used(&t), 0);
     events_free(ev);
     free(ev);
 }
@@ -688,6 +752,9 @@ Test(llm_worker, a_worker_killed_mid_reply_is_replaced_and_the_reply_exists_once
     cr_assert_eq(
         pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = 'assistant'", t.job),
         1);
+    cr_assert_eq(
+        pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = 'user'", t.job), 1,
+        "the user's message, stored by the first worker, is not stored again by the second");
     cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1", t.job), 1);
     cr_assert_eq(quota_used(&t), 1);
     free(shown);

@@ -150,8 +150,10 @@ typedef struct bg_chat_posted {
  * A chat turn's Postgres work in ONE statement (one round trip, one commit): checks that the
  * conversation is a live one of user_id and that the user is active, appends the user message
  * (as bg_chat_append_user), counts it, and returns the conversation's agent and the user's name.
+ * Once per job: when job_id's user message is in this conversation already (the job was delivered
+ * again), nothing is written and out describes that message.
  * BG_ERR_NOT_FOUND when the conversation is not the user's (or is gone) or the user is disabled or
- * deleted; BG_ERR_INVALID for content out of bounds; BG_ERR_CONFLICT for a job id in use.
+ * deleted; BG_ERR_INVALID for content out of bounds; BG_ERR_CONFLICT for a job id in use elsewhere.
  */
 BG_MUSTCHECK int bg_chat_post_user(PGconn *c, const char *user_id, const char *conversation_id,
                                    const char *content, const char *job_id, const char *request_id,
