@@ -14,9 +14,10 @@
 #  3. resets INFO commandstats and measures with h2load: BENCH_REQUESTS (50000) POSTs over
 #     BENCH_CLIENTS (32) connections x BENCH_STREAMS (10) streams, BENCH_THREADS (2) h2load threads,
 #     after BENCH_WARMUP (5000). Each request verifies the token, asks Redis about the session,
-#     stores the user's message in Postgres on the pool (the conversation's ownership checked in
-#     the same round trip), runs lua/admit.lua once (EVALSHA: reservation + XADD of the job), and
-#     records the job's owner (SET). Nothing consumes the jobs: the llm stream is trimmed by
+#     finds the conversation's owner and agent in the edge's memory (edge/conv_cache.c; the first
+#     turn looked them up in Postgres), runs lua/admit.lua once (EVALSHA: reservation + XADD of the
+#     job, which carries the user's message for the worker to store, and the job owner's key for
+#     /chat/jobs/{id}/...). Nothing consumes the jobs: the llm stream is trimmed by
 #     MAXLEN ~ BG_STREAM_MAXLEN.
 # Prints on stdout:
 #   admission_http rps=<requests/s> p50_ms=… p99_ms=… ratio_to_baseline=<rps / edge_baseline rps>

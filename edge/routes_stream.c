@@ -6,8 +6,9 @@
  * resumes, from Last-Event-ID) the output of one of the caller's jobs on any edge;
  * POST /chat/jobs/{id}/cancel asks the worker to stop it.
  *
- * Who owns a job: when a turn is admitted the edge writes bg:{s<N>}:job:<job id> = <user id>
- * (an hour, as long as the output stream lives), N being the caller's shard. A job id with no such
+ * Who owns a job: the admission script that admits a turn also writes
+ * bg:{s<N>}:job:<job id> = <user id> (an hour, as long as the output stream lives; N being the
+ * caller's shard), so an admitted turn is one Redis round trip. A job id with no such
  * key in the caller's shard, or with another user's, is a 404 like any foreign resource: a caller
  * cannot tell another user's job from one that does not exist.
  *
@@ -38,8 +39,8 @@
 #define CONTENT_MAX 32000
 /* A lost job gives its quota back after this (the worker settles long before). */
 #define RESERVATION_TTL_MS (15 * 60 * 1000)
-/* How long a job's owner key and its cancel mark live: as long as its output stream. */
-#define JOB_TTL_S "3600"
+/* How long a job's cancel mark lives: as long as its output stream (and its owner's key). */
+#define JOB_TTL_S BG_ADMISSION_OWNER_TTL_S_STR
 /* Fields of a turn's job. */
 #define TURN_FIELDS 9
 
@@ -112,19 +113,6 @@ static void respond_admitted(edge_req_t *er, turn_op_t *op)
     edge_respond_writer(er, 202, &w, &out);
 }
 
-static void owner_written(void *ud, int err, const redisReply *reply)
-{
-    edge_req_t *er = ud;
-    turn_op_t *op = er->data;
-    if (err != 0 || reply->type == REDIS_REPLY_ERROR)
-        /* the job runs and this response relays it; only resuming elsewhere would 404 */
-        bg_warn("job %s: cannot record its owner (%s)", op->job_id,
-                err != 0 ? bg_strerror(err) : reply->str);
-    if (er->req != NULL)
-        respond_admitted(er, op);
-    edge_req_unref(er);
-}
-
 static void admitted(edge_req_t *er, void *arg, const bg_admission_decision_t *d)
 {
     turn_op_t *op = arg;
@@ -134,15 +122,7 @@ static void admitted(edge_req_t *er, void *arg, const bg_admission_decision_t *d
                    (int)bg_admission_retry_after_s(d));
         return;
     }
-    char key[BG_REDIS_KEY_MAX];
-    job_key(key, sizeof(key), op->shard, "job", op->job_id);
-    const char *argv[] = {"SET", key, op->user_id, "EX", JOB_TTL_S};
-    edge_req_ref(er);
-    if (bg_redis_async_argv(er->thread->redis, owner_written, er, 5, argv, NULL) != 0) {
-        edge_req_unref(er);
-        bg_warn("job %s: cannot record its owner", op->job_id);
-        respond_admitted(er, op);
-    }
+    respond_admitted(er, op);
 }
 
 static void admit(edge_req_t *er, turn_op_t *op)
@@ -174,6 +154,7 @@ static void admit(edge_req_t *er, turn_op_t *op)
         .fields = op->fields,
         .reservation_ttl_ms = RESERVATION_TTL_MS,
         .stream_maxlen = op->cfg->stream_maxlen,
+        .record_owner = true,
     };
     edge_admit(er, &op->admission, admitted, op);
 }
@@ -338,7 +319,10 @@ static void job_route(edge_req_t *er, bool cancel)
     }
     op->shard = bg_shard_of(er->auth.user_id, er->thread->server->cfg->shards);
     char key[BG_REDIS_KEY_MAX];
-    job_key(key, sizeof(key), op->shard, "job", op->job_id);
+    if (bg_admission_key_owner(key, sizeof(key), op->shard, op->job_id) != 0) {
+        edge_error(er, "not_found", NULL, NULL, 0);
+        return;
+    }
     const char *argv[] = {"GET", key};
     edge_req_ref(er);
     if (bg_redis_async_argv(er->thread->redis, owner_read, er, 2, argv, NULL) != 0) {

@@ -10,9 +10,11 @@
 -- KEYS[5] user rate   bg:{sN}:gcra:<uid>
 -- KEYS[6] key rate    bg:{sN}:gcra:key:<key id> (a same-slot dummy, never touched, without a key)
 -- KEYS[7] job stream  bg:{sN}:q:<role>
+-- KEYS[8] job owner   bg:{sN}:job:<job id> (written only when ARGV[8] is not "")
 -- ARGV[1] job id  ARGV[2] feature needed ("" none)  ARGV[3] max tokens (0 none)
 -- ARGV[4] key rpm (0 no key limit)  ARGV[5] key burst  ARGV[6] reservation ttl ms
--- ARGV[7] stream maxlen  ARGV[8..] field, value, ... of the job
+-- ARGV[7] stream maxlen  ARGV[8] the job's owner to record ("" none)  ARGV[9] its ttl in seconds
+-- ARGV[10..] field, value, ... of the job
 --
 -- Returns {decision, q_limit, q_remaining, q_reset_ms, rl_limit, rl_remaining, rl_reset_ms,
 -- retry_after_ms, entry_id}: q_reset_ms is a unix time (the end of the quota window, never after
@@ -36,15 +38,17 @@
 -- quota, 12 with both rate limits and a token quota (it was 9 and 15): no token sum while the tmax
 -- bound settles it, HSETNX as the duplicate check and first write, the score bounds built once as
 -- strings instead of numbers that Redis formats with %.17g on every call.
-local adm, quota, res, resd, gcra_user, gcra_key, stream =
-    KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local adm, quota, res, resd, gcra_user, gcra_key, stream, owner_key =
+    KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local job_id, feature = ARGV[1], ARGV[2]
 local floor, ceil, max, min, tonumber = math.floor, math.ceil, math.max, math.min, tonumber
 local max_tok = floor(tonumber(ARGV[3]) or -1)
 local key_rpm = ARGV[4] == '0' and 0 or floor(tonumber(ARGV[4]) or -1)
 local ttl = floor(tonumber(ARGV[6]) or 0)
 local maxlen = floor(tonumber(ARGV[7]) or 0)
-if job_id == '' or max_tok < 0 or key_rpm < 0 or ttl <= 0 or maxlen <= 0 or #ARGV % 2 ~= 1 then
+local owner, owner_ttl = ARGV[8], ARGV[9]
+if job_id == '' or max_tok < 0 or key_rpm < 0 or ttl <= 0 or maxlen <= 0 or #ARGV % 2 ~= 1 or
+    (owner ~= '' and not tonumber(owner_ttl)) then
     return redis.error_reply('ERR admit: bad arguments')
 end
 
@@ -220,13 +224,17 @@ if redis.call('HSETNX', resd, job_id, sformat('%d|%d', win, reserve_tok)) == 0 t
     return redis.error_reply('ERR admit: job id already reserved')
 end
 local entry_id = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'job_id', job_id,
-    unpack(ARGV, 8))
+    unpack(ARGV, 10))
 if type(entry_id) == 'table' and entry_id.err then
     redis.call('HDEL', resd, job_id)
     return entry_id
 end
 
 redis.call('ZADD', res, now_ms + ttl, job_id)
+-- who may read the job's output and cancel it (/chat/jobs/<id>/...), in the same step
+if owner ~= '' then
+    redis.call('SET', owner_key, owner, 'EX', owner_ttl)
+end
 if fresh then
     -- a new window (renewal, a new day): what was used before no longer counts
     if new_tmax then

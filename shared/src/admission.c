@@ -17,8 +17,8 @@
 #include "bg/log.h"
 #include "bg/timeutil.h"
 
-#define ADMIT_KEYS 7
-#define ADMIT_FIXED_ARGS 7
+#define ADMIT_KEYS 8
+#define ADMIT_FIXED_ARGS 9
 #define SETTLE_KEYS 4
 #define REPLY_ELEMENTS 9
 
@@ -98,6 +98,13 @@ int bg_admission_keys(bg_admission_keys_t *out, int shards, const char *user_id,
     return rc;
 }
 
+int bg_admission_key_owner(char *out, size_t outlen, int shard, const char *job_id)
+{
+    if (out == NULL || outlen == 0 || shard < 0 || !bg_str_present(job_id))
+        return BG_ERR_INVALID;
+    return key_of(out, outlen, shard, "job:", job_id);
+}
+
 int bg_admission_key_marker(char *out, size_t outlen, int shard, const char *job_id)
 {
     if (out == NULL || outlen == 0 || shard < 0 || !bg_str_present(job_id))
@@ -110,6 +117,7 @@ int bg_admission_key_marker(char *out, size_t outlen, int shard, const char *job
 typedef struct st_admit_call {
     bg_admission_keys_t keys;
     char stream[BG_REDIS_KEY_MAX];
+    char owner[BG_REDIS_KEY_MAX];
     const char *keyv[ADMIT_KEYS];
     char max_tokens[24];
     char key_rpm[24];
@@ -145,6 +153,10 @@ static int build_admit(admit_call_t *call, int shards, const bg_admission_req_t 
     call->keyv[4] = call->keys.gcra_user;
     call->keyv[5] = call->keys.gcra_key;
     call->keyv[6] = call->stream;
+    if (bg_admission_key_owner(call->owner, sizeof(call->owner), call->keys.shard, req->job_id) !=
+        0)
+        return BG_ERR_INVALID;
+    call->keyv[7] = call->owner;
 
     fmt_i64(call->max_tokens, sizeof(call->max_tokens), req->max_tokens);
     /* a key limit only exists with a key */
@@ -160,6 +172,8 @@ static int build_admit(admit_call_t *call, int shards, const bg_admission_req_t 
     call->argv[n++] = call->key_burst;
     call->argv[n++] = call->ttl;
     call->argv[n++] = call->maxlen;
+    call->argv[n++] = req->record_owner ? req->user_id : "";
+    call->argv[n++] = BG_ADMISSION_OWNER_TTL_S_STR;
     for (size_t i = 0; i < 2 * req->nfields; i++) {
         if (req->fields[i] == NULL)
             return BG_ERR_INVALID;

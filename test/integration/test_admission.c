@@ -208,7 +208,9 @@ static int admit(bg_redis_t *r, const char *uid, const char *job, const ask_t *a
                               .nfields = 2,
                               .fields = job_fields,
                               .reservation_ttl_ms = a->ttl_ms > 0 ? a->ttl_ms : 60000,
-                              .stream_maxlen = 100000};
+                              .stream_maxlen = 100000,
+                              /* as the chat route: a denial must not write this either */
+                              .record_owner = true};
     return bg_admission_admit(r, SHARDS, &req, d);
 }
 
@@ -335,6 +337,17 @@ Test(admission, admits_reserves_and_enqueues_the_job)
     for (size_t i = 0; i < 6; i++)
         cr_assert_str_eq(e->element[1]->element[i]->str, fields[i]);
     freeReplyObject(reply);
+
+    /* the job's owner, recorded in the same step for /chat/jobs/{id}/stream and cancel */
+    char owner[BG_REDIS_KEY_MAX];
+    cr_assert_eq(bg_admission_key_owner(owner, sizeof(owner), k.shard, "job-1"), 0);
+    cr_assert_eq(bg_redis_command(r, &reply, "GET %s", owner), 0);
+    cr_assert_eq(reply->type, REDIS_REPLY_STRING);
+    cr_assert_str_eq(reply->str, "u-1");
+    freeReplyObject(reply);
+    long long owner_ttl = get_int(r, "TTL %s", owner, "");
+    cr_assert(owner_ttl > BG_ADMISSION_OWNER_TTL_S - 10 && owner_ttl <= BG_ADMISSION_OWNER_TTL_S,
+              "ttl %lld", owner_ttl);
 
     d = expect(r, "u-1", "job-2", NULL, BG_ADMISSION_OK);
     cr_assert_eq(d.q_remaining, 98, "the first reservation is held");

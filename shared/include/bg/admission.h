@@ -50,6 +50,16 @@ typedef struct bg_admission_keys {
     char gcra_key[BG_REDIS_KEY_MAX];
 } bg_admission_keys_t;
 
+/** How long an admitted job's owner is recorded: as long as its output stream lives. */
+#define BG_ADMISSION_OWNER_TTL_S 3600
+#define BG_ADMISSION_OWNER_TTL_S_STR "3600"
+
+/**
+ * The key naming a job's owner, bg:{s<shard>}:job:<job id> (the owner's shard): its value is the
+ * owner's user id while the job's output lives. Returns 0 or BG_ERR_INVALID.
+ */
+BG_MUSTCHECK int bg_admission_key_owner(char *out, size_t outlen, int shard, const char *job_id);
+
 /**
  * Fills out with the keys of user_id (non-empty) in its shard among shards (≥ 1); api_key_id is
  * NULL when the request came without an API key (else non-empty). Returns 0, or BG_ERR_INVALID
@@ -131,6 +141,9 @@ typedef struct bg_admission_req {
     const char *const *fields;  /**< 2 * nfields strings: name, value, …; job_id is added */
     int64_t reservation_ttl_ms; /**< > 0: after this the reservation lapses (a lost job) */
     int64_t stream_maxlen;      /**< approximate trim length of the stream (BG_STREAM_MAXLEN) */
+    /** also record, in the same step, user_id as the job's owner (bg_admission_key_owner) for
+     * BG_ADMISSION_OWNER_TTL_S: who may read the job's output and cancel it */
+    bool record_owner;
 } bg_admission_req_t;
 
 /**
