@@ -647,37 +647,34 @@ int bg_chat_history(PGconn *c, const char *conversation_id, int64_t upto_id, siz
         return BG_ERR_NOT_FOUND;
     if (max_messages < 1 || max_messages > BG_CHAT_HISTORY_MAX || upto_id < 0)
         return BG_ERR_INVALID;
-    const char *pc[] = {conversation_id};
-    PGresult *res;
-    int rc = bg_pg_exec(c, "SELECT 1 FROM conversations WHERE id = $1::uuid AND deleted_at IS NULL",
-                        1, pc, &res);
-    if (rc != 0)
-        return rc;
-    bool found = PQntuples(res) == 1;
-    PQclear(res);
-    if (!found)
-        return BG_ERR_NOT_FOUND;
-
     char upto[24], lim[24], budget[24];
     snprintf(upto, sizeof(upto), "%lld", (long long)upto_id);
     snprintf(lim, sizeof(lim), "%zu", max_messages);
     snprintf(budget, sizeof(budget), "%zu", max_bytes);
     const char *p[] = {conversation_id, upto, lim, budget};
     /*
-     * The newest rows first, with a running sum of their sizes from the newest back: the rows
-     * within the budget are then exactly a contiguous run ending at the newest.
+     * One round trip: the live conversation (no row: not found) joined with its newest rows, with
+     * a running sum of their sizes from the newest back: the rows within the budget are then
+     * exactly a contiguous run ending at the newest. An empty history is one row of NULLs.
      */
-    rc = bg_pg_exec(c,
-                    "SELECT " MSG_COLS " FROM (SELECT s.*, sum(octet_length(s.content)) OVER "
-                    "(ORDER BY s.id DESC ROWS UNBOUNDED PRECEDING) AS running FROM (SELECT "
-                    "" MSG_INNER " FROM messages m WHERE m.conversation_id = $1::uuid "
-                    "AND m.status = 'complete' AND ($2::bigint = 0 OR m.id <= $2::bigint) "
-                    "ORDER BY m.id DESC LIMIT $3::bigint) s) t "
-                    "WHERE $4::bigint = 0 OR t.running <= $4::bigint ORDER BY t.id ASC",
-                    4, p, &res);
+    PGresult *res;
+    int rc = bg_pg_exec(
+        c,
+        "SELECT " MSG_COLS " FROM conversations k LEFT JOIN LATERAL (SELECT * FROM (SELECT s.*, "
+        "sum(octet_length(s.content)) OVER (ORDER BY s.id DESC ROWS UNBOUNDED PRECEDING) AS "
+        "running FROM (SELECT " MSG_INNER " FROM messages m WHERE m.conversation_id = k.id "
+        "AND m.status = 'complete' AND ($2::bigint = 0 OR m.id <= $2::bigint) "
+        "ORDER BY m.id DESC LIMIT $3::bigint) s) w WHERE $4::bigint = 0 OR w.running <= "
+        "$4::bigint) "
+        "t ON true WHERE k.id = $1::uuid AND k.deleted_at IS NULL ORDER BY t.id ASC",
+        4, p, &res);
     if (rc != 0)
         return rc;
-    read_messages(res, PQntuples(res), out);
+    int rows = PQntuples(res);
+    if (rows == 0)
+        rc = BG_ERR_NOT_FOUND;
+    else if (!(rows == 1 && PQgetisnull(res, 0, 0)))
+        read_messages(res, rows, out);
     PQclear(res);
-    return 0;
+    return rc;
 }

@@ -468,6 +468,10 @@ Test(chat, history_is_bounded_by_count_bytes_and_id)
     assistant(agent);
     bg_chat_conversation_t c;
     start(uid, agent, NULL, &c);
+    bg_chat_message_list_t none;
+    cr_assert_eq(bg_chat_history(conn, c.id, 0, 100, 0, &none), 0, "a new conversation is found");
+    cr_assert_eq(none.count, 0, "and has no history");
+    bg_chat_message_list_dispose(&none);
     int64_t ids[10];
     for (int i = 0; i < 10; i++) {
         char text[16];
