@@ -27,6 +27,7 @@
 
 #include "bg/accounts.h"
 #include "bg/agents.h"
+#include "bg/channel.h"
 #include "bg/err.h"
 #include "bg/i18n.h"
 #include "bg/id.h"
@@ -37,14 +38,10 @@
 #include "edge.h"
 #include "openai.h"
 
-/* A lost job gives its quota back after this (the worker settles long before). */
-#define RESERVATION_TTL_MS (15 * 60 * 1000)
 /* Bodies of a completion request: up to a few hundred thousand characters of conversation. */
 #define COMPLETION_BODY_MAX (2u * 1024u * 1024u)
 /* A non-streaming reply is collected up to this (the worker cuts replies well below it). */
 #define REPLY_COLLECT_MAX (4u * 1024u * 1024u)
-/* Fields of an API job. */
-#define API_FIELDS 8
 /* The plans that include the API (named in the feature_not_in_plan message). */
 #define API_PLANS "monthly, yearly"
 
@@ -61,10 +58,8 @@ typedef struct st_oai_op {
     bg_agent_list_t agents; /* owned */
     edge_oai_request_t req; /* owned */
     char job_id[BG_UUID_STR_LEN + 1];
-    char max_tokens[24];
-    char temperature[32];
-    const char *fields[2 * API_FIELDS];
-    bg_admission_req_t admission;
+    bg_turn_t turn;
+    bg_turn_job_t job; /* the job and its admission, pointing into this op */
     int shard;
 } oai_op_t;
 
@@ -389,29 +384,25 @@ static void completion_resolved(edge_req_t *er, void *arg)
         return;
     bg_id_uuid_v7_str(op->job_id);
     op->shard = bg_shard_of(op->user.id, op->cfg->shards);
-    snprintf(op->max_tokens, sizeof(op->max_tokens), "%lld", (long long)op->req.max_tokens);
-    if (op->req.temperature >= 0)
-        snprintf(op->temperature, sizeof(op->temperature), "%.4g", op->req.temperature);
-    const char *f[2 * API_FIELDS] = {
-        "user_id",     op->user.id,     "agent_id",   op->agent->id,
-        "channel",     "api",           "locale",     er->locale,
-        "user_name",   op->user.name,   "max_tokens", op->max_tokens,
-        "temperature", op->temperature, "messages",   op->req.messages.base,
-    };
-    memcpy(op->fields, f, sizeof(f));
-    op->admission = (bg_admission_req_t){
+    op->turn = (bg_turn_t){
+        .channel = "api",
         .user_id = op->user.id,
-        .api_key_id = op->api_key.id,
-        .feature = "api_access",
-        .max_tokens = op->req.max_tokens,
-        .role = "llm",
+        .user_name = op->user.name,
+        .locale = er->locale,
         .job_id = op->job_id,
-        .nfields = API_FIELDS,
-        .fields = op->fields,
-        .reservation_ttl_ms = RESERVATION_TTL_MS,
-        .stream_maxlen = op->cfg->stream_maxlen,
+        .agent_id = op->agent->id,
+        .messages = op->req.messages.base,
+        .max_tokens = op->req.max_tokens,
+        .temperature = op->req.temperature,
+        .feature = "api_access",
+        .api_key_id = op->api_key.id,
     };
-    edge_admit(er, &op->admission, admitted, op);
+    int rc = bg_turn_prepare(&op->turn, op->cfg->stream_maxlen, &op->job);
+    if (rc != 0) {
+        edge_fail(er, rc);
+        return;
+    }
+    edge_admit(er, &op->job.admission, admitted, op);
 }
 
 /* Answers a refused body in OpenAI's words: 400 naming the parameter (413 when too large). */

@@ -25,6 +25,7 @@
 
 #include "bg/accounts.h"
 #include "bg/admission.h"
+#include "bg/channel.h"
 #include "bg/chat.h"
 #include "bg/err.h"
 #include "bg/id.h"
@@ -37,13 +38,8 @@
 #include "edge.h"
 
 #define CONTENT_MAX 32000
-/* A lost job gives its quota back after this (the worker settles long before). */
-#define RESERVATION_TTL_MS (15 * 60 * 1000)
 /* How long a job's cancel mark lives: as long as its output stream (and its owner's key). */
 #define JOB_TTL_S BG_ADMISSION_OWNER_TTL_S_STR
-/* Fields of a turn's job. */
-#define TURN_FIELDS 9
-
 typedef struct st_turn_op {
     const bg_config_t *cfg;
     char user_id[64];
@@ -57,8 +53,8 @@ typedef struct st_turn_op {
     int rc;
     bg_chat_conversation_t conv;
     char agent_id[EDGE_CONV_ID_SIZE];
-    const char *fields[2 * TURN_FIELDS]; /* the job's, pointing into this op */
-    bg_admission_req_t admission;
+    bg_turn_t turn;
+    bg_turn_job_t job; /* the job and its admission, pointing into this op */
 } turn_op_t;
 
 static void turn_free(void *p)
@@ -127,36 +123,24 @@ static void admitted(edge_req_t *er, void *arg, const bg_admission_decision_t *d
 
 static void admit(edge_req_t *er, turn_op_t *op)
 {
-    op->fields[0] = "user_id";
-    op->fields[1] = op->user_id;
-    op->fields[2] = "conversation_id";
-    op->fields[3] = op->conv_id;
-    op->fields[4] = "agent_id";
-    op->fields[5] = op->agent_id;
-    op->fields[6] = "content";
-    op->fields[7] = op->content;
-    op->fields[8] = "request_id";
-    op->fields[9] = op->request_id;
-    op->fields[10] = "channel";
-    op->fields[11] = "web";
-    op->fields[12] = "locale";
-    op->fields[13] = op->locale;
-    op->fields[14] = "max_tokens";
-    op->fields[15] = "0";
-    op->fields[16] = "temperature";
-    op->fields[17] = "";
-    op->admission = (bg_admission_req_t){
+    op->turn = (bg_turn_t){
+        .channel = "web",
         .user_id = op->user_id,
-        .feature = "",
-        .role = "llm",
+        .locale = op->locale,
         .job_id = op->job_id,
-        .nfields = TURN_FIELDS,
-        .fields = op->fields,
-        .reservation_ttl_ms = RESERVATION_TTL_MS,
-        .stream_maxlen = op->cfg->stream_maxlen,
+        .request_id = op->request_id,
+        .agent_id = op->agent_id,
+        .conversation_id = op->conv_id,
+        .content = op->content, /* the worker stores it */
+        .temperature = -1,
         .record_owner = true,
     };
-    edge_admit(er, &op->admission, admitted, op);
+    int rc = bg_turn_prepare(&op->turn, op->cfg->stream_maxlen, &op->job);
+    if (rc != 0) {
+        edge_fail(er, rc);
+        return;
+    }
+    edge_admit(er, &op->job.admission, admitted, op);
 }
 
 static void lookup_done(edge_req_t *er, void *arg)
