@@ -156,9 +156,9 @@ static void error_code_of(const char *data, size_t len, char *code)
         return;
     const bg_json_t *root = bg_json_root(doc), *err = NULL;
     const char *c = NULL;
-    if (bg_json_get_object(root, "error", &err) == 0 && bg_json_get_str(err, "code", &c) == 0)
-        (void)bg_strlcpy(code, c, BG_ERR_CODE_SIZE);
-    else if (bg_json_get_str(root, "code", &c) == 0)
+    bool nested =
+        bg_json_get_object(root, "error", &err) == 0 && bg_json_get_str(err, "code", &c) == 0;
+    if (nested || bg_json_get_str(root, "code", &c) == 0)
         (void)bg_strlcpy(code, c, BG_ERR_CODE_SIZE);
     bg_json_doc_free(doc);
 }
