@@ -110,6 +110,7 @@ typedef struct st_llm_job {
     const char *user_name;
     const char *content;    /* web: the user's message, stored by this worker (post_user()) */
     const char *request_id; /* web: the edge's request that admitted the turn */
+    const char *image_url;  /* an image with the user's message (a data: URL), "" none */
     bg_chat_posted_t posted;
     int64_t message_id;
     int64_t max_tokens;   /* 0: the agent's */
@@ -283,6 +284,7 @@ static int parse_job(wk_job_t *job, const llm_role_t *l, llm_job_t *j)
     j->user_name = field_or_empty(job, "user_name");
     j->content = field_or_empty(job, "content");
     j->request_id = field_or_empty(job, "request_id");
+    j->image_url = field_or_empty(job, "image_url");
     j->api = strcmp(j->channel, "api") == 0;
     j->messages = field_or_empty(job, "messages");
     j->start_ms = bg_timeutil_mono_ms();
@@ -853,6 +855,74 @@ out:
     return rc;
 }
 
+/*
+ * Gives the turn's image to the model: the last message of the rendered array (the user's) gets
+ * OpenAI's content parts, its text and then the image ({"type":"image_url","image_url":{"url"}}).
+ * Only channels whose agent accepts images put one in a job (Telegram: agents.accepts_images), so
+ * a model that refuses it answers with an error like any provider failure. Returns as build_web.
+ */
+static int attach_image(llm_job_t *j, const llm_role_t *l, bg_buf_t *messages, bool *ended)
+{
+    *ended = true;
+    static const bg_json_limits_t limits = {.max_bytes = BG_PROMPT_OUTPUT_MAX,
+                                            .max_depth = 4,
+                                            .max_string = BG_PROMPT_OUTPUT_MAX,
+                                            .max_members = BG_CHAT_HISTORY_MAX + 16,
+                                            .max_values = (BG_CHAT_HISTORY_MAX + 16) * 8};
+    bg_json_doc_t *doc = NULL;
+    if (bg_json_parse(messages->base, messages->len, &limits, &doc, NULL, NULL) != 0 ||
+        !bg_json_is_array(bg_json_root(doc)) || bg_json_len(bg_json_root(doc)) == 0) {
+        bg_json_doc_free(doc);
+        return fail_internal(j, l, "the rendered prompt does not parse");
+    }
+    const bg_json_t *all = bg_json_root(doc);
+    size_t n = bg_json_len(all);
+    const bg_json_t *last = bg_json_at(all, n - 1);
+    const char *role = NULL, *text = NULL;
+    size_t text_len = 0;
+    if (bg_json_get_str(last, "role", &role) != 0 || strcmp(role, "user") != 0 ||
+        bg_json_get_strn(last, "content", &text, &text_len) != 0) {
+        bg_json_doc_free(doc);
+        return fail_internal(j, l, "the rendered prompt does not end with the user's turn");
+    }
+    bg_buf_t out;
+    bg_buf_init(&out, messages->len + strlen(j->image_url) + 256);
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, &out);
+    bg_json_write_begin_array(&w);
+    for (size_t i = 0; i + 1 < n; i++)
+        bg_json_write_value(&w, bg_json_at(all, i));
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "role", "user");
+    bg_json_write_key(&w, "content");
+    bg_json_write_begin_array(&w);
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "type", "text");
+    bg_json_write_key(&w, "text");
+    bg_json_write_strn(&w, text, text_len);
+    bg_json_write_end_object(&w);
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "type", "image_url");
+    bg_json_write_key(&w, "image_url");
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "url", j->image_url);
+    bg_json_write_end_object(&w);
+    bg_json_write_end_object(&w);
+    bg_json_write_end_array(&w);
+    bg_json_write_end_object(&w);
+    bg_json_write_end_array(&w);
+    int rc = bg_json_write_finish(&w);
+    bg_json_doc_free(doc);
+    if (rc != 0) {
+        bg_buf_dispose(&out);
+        return fail_internal(j, l, "the prompt with its image is too large");
+    }
+    bg_buf_dispose(messages);
+    *messages = out;
+    *ended = false;
+    return 0;
+}
+
 static const char *provider_role(const char *role)
 {
     if (strcmp(role, "developer") == 0)
@@ -1014,6 +1084,8 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
     bool ended = false;
     rc = j->api ? build_api(j, l, bg_llm_prompt_def(pref), &builtins, &messages, &ended)
                 : build_web(j, l, c, agent, bg_llm_prompt_def(pref), &builtins, &messages, &ended);
+    if (!ended && !j->api && j->image_url[0] != '\0')
+        rc = attach_image(j, l, &messages, &ended);
     if (ended)
         goto out;
     size_t messages_len = messages.len;

@@ -270,6 +270,29 @@ static void submit_to(turn_t *t, const char *agent_id, const char *content)
     submit_turn(t, agent_id, content, false);
 }
 
+/* As the Telegram channel sends a photo: the message stored first, the image in the job. */
+static void submit_image(turn_t *t, const char *agent_id, const char *caption, const char *image)
+{
+    make_user(t->uid);
+    snprintf(t->agent, sizeof(t->agent), "%s", agent_id);
+    bg_chat_conversation_t conv;
+    int rc = bg_chat_create(conn, t->uid, t->agent, "web", NULL, NULL, NULL, &conv);
+    cr_assert_eq(rc, 0, "create: %s", bg_strerror(rc));
+    snprintf(t->conv, sizeof(t->conv), "%s", conv.id);
+    bg_id_uuid_v7_str(t->job);
+    t->shard = bg_shard_of(t->uid, SHARDS);
+    int64_t mid = 0;
+    rc = bg_chat_append_user(conn, t->uid, t->conv, caption, t->job, NULL, &mid);
+    cr_assert_eq(rc, 0, "append: %s", bg_strerror(rc));
+    char mids[24];
+    snprintf(mids, sizeof(mids), "%lld", (long long)mid);
+    const char *fields[] = {
+        "user_id",    t->uid, "conversation_id", t->conv,    "agent_id",  t->agent,
+        "message_id", mids,   "channel",         "telegram", "locale",    "en",
+        "max_tokens", "0",    "temperature",     "",         "image_url", image};
+    admit(t, fields, BG_ARRAY_SIZE(fields) / 2);
+}
+
 static void submit(turn_t *t, const char *content)
 {
     submit_to(t, NULL, content);
@@ -1121,6 +1144,51 @@ Test(llm_worker, sampled_turns_and_agents_without_caching_are_never_replayed)
     free(ev2);
     free(ev3);
     free(ev4);
+}
+
+/* ---- images ---- */
+
+Test(llm_worker, a_photo_reaches_a_vision_model_as_an_image_part)
+{
+    char vision[BG_AGENT_ID_SIZE], plain[BG_AGENT_ID_SIZE];
+    const agent_opts_t v = {
+        .definition = "{\"system\":\"Describe.\"}", .temperature = -1, .model = "demo-vision-1"};
+    create_agent("seer", &v, vision);
+    const agent_opts_t p = {
+        .definition = "{\"system\":\"Describe.\"}", .temperature = -1, .model = "demo-1"};
+    create_agent("blind", &p, plain);
+    start_worker("w1", 5000);
+    /* a 1x1 PNG */
+    const char *png =
+        "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4"
+        "2mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+
+    turn_t t;
+    submit_image(&t, vision, "What is on this photo?", png);
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
+    char *shown = shown_text(ev);
+    cr_assert(strncmp(shown, "Echo: What is on this photo?", 28) == 0, "%s", shown);
+    /* the image was counted by the provider: its tokens are in the prompt's */
+    bg_json_doc_t *doc = last_data(ev);
+    const bg_json_t *usage = NULL;
+    int64_t pt = 0;
+    cr_assert_eq(bg_json_get_object(bg_json_root(doc), "usage", &usage), 0);
+    cr_assert_eq(bg_json_get_int(usage, "prompt_tokens", &pt), 0);
+    cr_assert_geq(pt, 85, "an image costs the demo provider 85 tokens (%lld)", (long long)pt);
+    bg_json_doc_free(doc);
+    free(shown);
+
+    /* a model without vision refuses the image: an error, nothing charged */
+    turn_t u;
+    submit_image(&u, plain, "And this one?", png);
+    wait_over(&u, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "error", "%s", ev->data[ev->n - 1]);
+    wait_billed(&u);
+    cr_assert_eq(quota_used(&u), 0);
+    events_free(ev);
+    free(ev);
 }
 
 /* ---- the agent cache ---- */
