@@ -14,12 +14,17 @@
  * remaining = limit − used − held, where used counts only when the quota hash belongs to the
  * current window (the script resets it lazily on the next admission) and held counts reservations
  * whose expiry is still ahead, as lua/admit.lua does.
+ *
+ * scheduled_change (a cancellation or a downgrade at the period end) is the one field Redis does
+ * not have: it is read from the subscription row on the pool after the Redis reads (or with the
+ * compile). When Postgres cannot answer it is left out (null) rather than failing the account.
  */
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bg/admission.h"
+#include "bg/billing.h"
 #include "bg/err.h"
 #include "bg/json.h"
 #include "bg/log.h"
@@ -43,6 +48,7 @@ typedef struct st_account_op {
     int64_t held;
     /* compile on the pool */
     int rc;
+    bg_billing_scheduled_t sched; /* a change scheduled for the period end (Postgres) */
 } account_op_t;
 
 static void op_free(void *p)
@@ -230,6 +236,19 @@ static void respond_account(edge_req_t *er, const account_op_t *op)
     bg_json_write_field_int(&w, "concurrency", live ? s->limits.conc : 0);
     bg_json_write_field_int(&w, "max_tokens_per_request", live ? s->limits.tok_cap : 0);
     bg_json_write_end_object(&w);
+    bg_json_write_key(&w, "scheduled_change");
+    if (live && op->sched.action[0] != '\0') {
+        bg_json_write_begin_object(&w);
+        bg_json_write_field_str(&w, "action", op->sched.action);
+        if (op->sched.plan[0] != '\0')
+            bg_json_write_field_str(&w, "plan", op->sched.plan);
+        else
+            bg_json_write_field_null(&w, "plan");
+        bg_json_write_field_str(&w, "effective_at", op->sched.effective_at);
+        bg_json_write_end_object(&w);
+    } else {
+        bg_json_write_null(&w);
+    }
     bg_json_write_end_object(&w);
     if (bg_json_write_finish(&w) != 0)
         edge_error(er, "internal", NULL, NULL, 0);
@@ -249,6 +268,26 @@ static void compile_work(void *arg)
         return;
     }
     op->rc = bg_policy_compile_user(c, op->user_id, bg_timeutil_wall_ms(), &op->state);
+    if (op->rc == 0 && bg_billing_scheduled(c, op->user_id, &op->sched) != 0)
+        memset(&op->sched, 0, sizeof(op->sched));
+}
+
+/*
+ * The scheduled change (a cancellation or a plan change at the period end) lives in Postgres only:
+ * one read on the pool. Postgres down leaves it out (null) rather than failing the account.
+ */
+static void sched_work(void *arg)
+{
+    account_op_t *op = arg;
+    PGconn *c = bg_pg_thread_conn(op->cfg->database_url);
+    if (c == NULL || bg_billing_scheduled(c, op->user_id, &op->sched) != 0)
+        memset(&op->sched, 0, sizeof(op->sched));
+}
+
+static void sched_done(edge_req_t *er, void *arg)
+{
+    if (er->req != NULL)
+        respond_account(er, arg);
 }
 
 static void state_written(void *ud, int err, const redisReply *reply)
@@ -297,7 +336,8 @@ static void reads_complete(edge_req_t *er, account_op_t *op)
         return;
     }
     if (op->have_adm) {
-        respond_account(er, op);
+        if (edge_blocking(er, sched_work, sched_done, op) != 0)
+            respond_account(er, op);
         return;
     }
     memset(&op->state, 0, sizeof(op->state));

@@ -26,6 +26,8 @@ static const struct {
     {"plan", ctl_plan_main, "plan grant (--email E|--user ID) --plan P --days N [--id UUID]"},
     {"telegram", ctl_telegram_main,
      "telegram bind|set-webhook|delete-webhook|webhook-info [--bot ID] …   Telegram bots"},
+    {"billing", ctl_billing_main,
+     "billing reconcile [--since T]   repair what Paddle's webhooks missed from its API"},
 };
 
 static void usage(FILE *out)

@@ -26,5 +26,7 @@ int ctl_quota_main(int argc, char **argv, const bg_config_t *cfg);
 int ctl_plan_main(int argc, char **argv, const bg_config_t *cfg);
 /** bgctl telegram bind|set-webhook|delete-webhook|webhook-info (ctl_telegram.c) */
 int ctl_telegram_main(int argc, char **argv, const bg_config_t *cfg);
+/** bgctl billing reconcile [--since T] (ctl_billing.c) */
+int ctl_billing_main(int argc, char **argv, const bg_config_t *cfg);
 
 #endif

@@ -6,9 +6,12 @@
  * (a malformed timestamp) is a 22xxx error, which bg_pg_exec turns into BG_ERR_INVALID and the job
  * into a dead letter with its reason.
  *
- * Order independence comes from two clocks on the subscription row and from ledger keys that name
- * the thing paid for (see bg/billing.h). An event therefore commutes with every other event of its
- * subscription, which test/integration/test_billing_replay.c checks by applying a recorded
+ * Order independence comes from two clocks on the subscription row, from ledger keys that name
+ * the thing paid for (see bg/billing.h), and from values derived from sets rather than copied
+ * from the latest event: the plan a period grants (the dearest per day of the plans its snapshots
+ * named, subscription_period_plans), an invoice's status (from its payments and refunds), a
+ * payment's status (the furthest one seen). An event therefore commutes with every other event of
+ * its subscription, which test/integration/test_billing_replay.c checks by applying a recorded
  * sequence, every event twice, in 100 seeded random orders.
  */
 #include "bg/billing.h"
@@ -289,6 +292,51 @@ static bool plain(const char *s)
     return true;
 }
 
+/*
+ * Records the snapshot's plan for its billing period, then sets the plan the subscription grants:
+ * the dearest per day among the plans of its current period (an upgrade counts at once, a
+ * downgrade from the next period), and, while it is live, the newest snapshot's plan as the
+ * scheduled one when it differs. Sets *changed when the granted or scheduled plan moved.
+ */
+static int settle_plan(PGconn *c, const event_t *e, bool *changed)
+{
+    const char *p[] = {e->sub_id, e->inbox_id, e->plan_id};
+    int rc = 0;
+    if (e->has_period)
+        rc = bg_pg_run(c,
+                       "INSERT INTO subscription_period_plans (subscription_id, period_start, "
+                       "plan_id) SELECT s.id, (d -> 'current_billing_period' ->> 'starts_at')"
+                       "::timestamptz, $3 FROM subscriptions s, webhook_inbox i, LATERAL (SELECT "
+                       "i.payload -> 'data' AS d) x WHERE s.paddle_subscription_id = $1 "
+                       "AND i.id = $2::bigint ON CONFLICT DO NOTHING",
+                       3, p);
+    if (rc != 0)
+        return rc;
+    PGresult *res;
+    rc = bg_pg_exec(
+        c,
+        "WITH g0 AS (SELECT s2.id, s2.plan_id AS old_plan, s2.scheduled_plan_id AS old_next, "
+        "  coalesce((SELECT pp.plan_id FROM subscription_period_plans pp JOIN plans p "
+        "    ON p.id = pp.plan_id WHERE pp.subscription_id = s2.id "
+        "    AND pp.period_start = s2.current_period_start "
+        "    ORDER BY p.price_minor::numeric / extract(epoch FROM p.period) DESC, p.id LIMIT 1), "
+        "    np.id, s2.plan_id) AS plan, np.id AS newest, s2.status "
+        "  FROM subscriptions s2 LEFT JOIN plans np ON np.paddle_price_id = s2.paddle_price_id "
+        "  WHERE s2.paddle_subscription_id = $1), "
+        "g AS (SELECT id, old_plan, old_next, plan, CASE WHEN status <> 'canceled' "
+        "  AND newest IS NOT NULL AND newest <> plan THEN newest END AS next FROM g0) "
+        "UPDATE subscriptions s SET plan_id = g.plan, scheduled_plan_id = g.next, "
+        "scheduled_change_at = CASE WHEN g.next IS NOT NULL THEN s.current_period_end END "
+        "FROM g WHERE s.id = g.id "
+        "RETURNING g.old_plan IS DISTINCT FROM g.plan OR g.old_next IS DISTINCT FROM g.next",
+        1, p, &res);
+    if (rc != 0)
+        return rc;
+    *changed = PQntuples(res) > 0 && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+    PQclear(res);
+    return 0;
+}
+
 static int apply_subscription(PGconn *c, event_t *e, bg_billing_result_t *out)
 {
     if (e->plan_id[0] == '\0') {
@@ -397,6 +445,11 @@ static int apply_subscription(PGconn *c, event_t *e, bg_billing_result_t *out)
             changed = true;
         PQclear(res);
     }
+    bool settled = false;
+    rc = settle_plan(c, e, &settled);
+    if (rc != 0)
+        return rc;
+    changed = changed || settled;
     bool posted = false;
     if (strcmp(e->status, "trialing") == 0 && e->has_period && plain(e->sub_id) &&
         plain(e->period_start)) {
@@ -408,6 +461,66 @@ static int apply_subscription(PGconn *c, event_t *e, bg_billing_result_t *out)
     }
     (void)bg_strlcpy(out->outcome, changed || posted ? "applied" : "stale", sizeof(out->outcome));
     return 0;
+}
+
+/*
+ * Sets the invoice of transaction txn's status from what is known: past_due until paid, refunded
+ * once the approved refunds and chargebacks reach its total, else paid.
+ */
+static int refresh_invoice(PGconn *c, const char *txn)
+{
+    const char *p[] = {txn};
+    return bg_pg_run(c,
+                     "UPDATE invoices v SET status = CASE WHEN v.paid_at IS NULL THEN 'past_due' "
+                     "WHEN v.total_minor > 0 AND coalesce(r.back, 0) >= v.total_minor "
+                     "THEN 'refunded' ELSE 'paid' END "
+                     "FROM (SELECT sum(amount_minor) AS back FROM payments WHERE "
+                     "paddle_transaction_id = $1 AND kind IN ('refund', 'chargeback') "
+                     "AND status = 'succeeded') r WHERE v.paddle_transaction_id = $1",
+                     1, p);
+}
+
+/*
+ * The invoice of the event's transaction, one per transaction: Paddle's invoice_number, the
+ * totals of details.totals, the billing period, issued at billed_at, paid at the first successful
+ * event's time. Every field is a function of the set of events (the earliest time, the first
+ * number), so redeliveries and order change nothing.
+ */
+static int put_invoice(PGconn *c, const event_t *e, bool failed)
+{
+    const char *p[] = {e->inbox_id, e->account_id, failed ? "f" : "t", e->plan_id};
+    int rc = bg_pg_run(
+        c,
+        "INSERT INTO invoices (billing_account_id, subscription_id, number, paddle_transaction_id, "
+        "status, currency, subtotal_minor, tax_minor, total_minor, period_start, period_end, "
+        "issued_at, paid_at, plan_id) "
+        "SELECT $2::uuid, (SELECT id FROM subscriptions WHERE paddle_subscription_id = "
+        "  d ->> 'subscription_id'), nullif(d ->> 'invoice_number', ''), d ->> 'id', "
+        "CASE WHEN $3::boolean THEN 'paid' ELSE 'past_due' END, "
+        "coalesce(d ->> 'currency_code', 'USD'), "
+        "coalesce(nullif(d -> 'details' -> 'totals' ->> 'subtotal', '')::bigint, 0), "
+        "coalesce(nullif(d -> 'details' -> 'totals' ->> 'tax', '')::bigint, 0), "
+        "coalesce(nullif(d -> 'details' -> 'totals' ->> 'grand_total', '')::bigint, 0), "
+        "(d -> 'billing_period' ->> 'starts_at')::timestamptz, "
+        "(d -> 'billing_period' ->> 'ends_at')::timestamptz, "
+        "coalesce((d ->> 'billed_at')::timestamptz, i.occurred_at), "
+        "CASE WHEN $3::boolean THEN i.occurred_at END, nullif($4, '')" EV_FROM
+        "ON CONFLICT (paddle_transaction_id) DO UPDATE SET "
+        "number = coalesce(invoices.number, excluded.number), "
+        "subscription_id = coalesce(invoices.subscription_id, excluded.subscription_id), "
+        "plan_id = coalesce(invoices.plan_id, excluded.plan_id), "
+        "issued_at = least(invoices.issued_at, excluded.issued_at), "
+        "paid_at = least(invoices.paid_at, excluded.paid_at), "
+        "period_start = coalesce(invoices.period_start, excluded.period_start), "
+        "period_end = coalesce(invoices.period_end, excluded.period_end), "
+        /* the totals of a paid snapshot are final */
+        "subtotal_minor = CASE WHEN $3::boolean THEN excluded.subtotal_minor "
+        "  ELSE invoices.subtotal_minor END, "
+        "tax_minor = CASE WHEN $3::boolean THEN excluded.tax_minor ELSE invoices.tax_minor END, "
+        "total_minor = CASE WHEN $3::boolean THEN excluded.total_minor "
+        "  ELSE invoices.total_minor END",
+        4, p);
+    return rc != 0 ? rc : refresh_invoice(c, e->entity_id);
 }
 
 static int apply_transaction(PGconn *c, event_t *e, bg_billing_result_t *out)
@@ -422,14 +535,14 @@ static int apply_transaction(PGconn *c, event_t *e, bg_billing_result_t *out)
     int rc = bg_pg_run(
         c,
         "INSERT INTO payments (billing_account_id, provider_payment_id, kind, status, "
-        "amount_minor, currency, method, failure_reason, occurred_at) "
+        "amount_minor, currency, method, failure_reason, occurred_at, paddle_transaction_id) "
         "SELECT $2::uuid, CASE WHEN $3 = 'failed' THEN (d ->> 'id') || ':' || "
         "  coalesce(f ->> 'payment_attempt_id', i.event_id) ELSE d ->> 'id' END, 'charge', $3, "
         "coalesce(nullif(d -> 'details' -> 'totals' ->> 'grand_total', '')::bigint, 0), "
         "coalesce(d ->> 'currency_code', 'USD'), "
         "coalesce(f -> 'method_details' ->> 'type', ok -> 'method_details' ->> 'type'), "
         "CASE WHEN $3 = 'failed' THEN f ->> 'error_code' END, "
-        "coalesce((d ->> 'billed_at')::timestamptz, i.occurred_at) "
+        "coalesce((d ->> 'billed_at')::timestamptz, i.occurred_at), d ->> 'id' "
         "FROM webhook_inbox i, LATERAL (SELECT i.payload -> 'data' AS d) x, "
         "LATERAL (SELECT (SELECT p FROM jsonb_array_elements(CASE WHEN jsonb_typeof(d -> "
         "  'payments') = 'array' THEN d -> 'payments' ELSE '[]' END) p "
@@ -442,6 +555,8 @@ static int apply_transaction(PGconn *c, event_t *e, bg_billing_result_t *out)
         "  occurred_at = least(payments.occurred_at, excluded.occurred_at) "
         "  WHERE excluded.status = 'succeeded'",
         3, pp);
+    if (rc == 0)
+        rc = put_invoice(c, e, failed);
     if (rc != 0 || failed) {
         (void)bg_strlcpy(out->outcome, "recorded", sizeof(out->outcome));
         return rc;
@@ -477,6 +592,89 @@ static int apply_transaction(PGconn *c, event_t *e, bg_billing_result_t *out)
     return 0;
 }
 
+/*
+ * A refund or chargeback (a Paddle adjustment): a payments row (kind refund or chargeback, keyed
+ * by the adjustment id; its status the furthest one seen: succeeded over canceled over pending)
+ * and, once approved, a reversing ledger transaction: −total on the user's payments account, +
+ * on the system sales account (kind refund.paddle, key paddle:refund:<adjustment>). The
+ * transaction's invoice becomes refunded when the approved adjustments reach its total.
+ */
+static int apply_adjustment(PGconn *c, event_t *e, bg_billing_result_t *out)
+{
+    const char *p[] = {e->inbox_id, e->account_id};
+    PGresult *res;
+    int rc = bg_pg_exec(
+        c,
+        "SELECT d ->> 'action', d ->> 'status', coalesce(d ->> 'transaction_id', ''), "
+        "coalesce(d -> 'totals' ->> 'total', ''), coalesce(d ->> 'currency_code', ''), "
+        /* created_at, not updated_at: every snapshot of one adjustment posts at one time */
+        "floor(extract(epoch FROM coalesce((d ->> 'created_at')::timestamptz, i.occurred_at)) "
+        "  * 1000)::bigint" EV_FROM,
+        1, p, &res);
+    if (rc != 0)
+        return rc;
+    char action[32] = "", status[32] = "", txn[101] = "", total[24] = "", currency[8] = "";
+    int64_t at_ms = e->occurred_ms;
+    if (PQntuples(res) > 0) {
+        copy(action, sizeof(action), res, 0, 0);
+        copy(status, sizeof(status), res, 0, 1);
+        copy(txn, sizeof(txn), res, 0, 2);
+        copy(total, sizeof(total), res, 0, 3);
+        copy(currency, sizeof(currency), res, 0, 4);
+        if (bg_pg_int64(res, 0, 5, &at_ms) != 0)
+            at_ms = e->occurred_ms;
+    }
+    PQclear(res);
+    bool refund = strcmp(action, "refund") == 0, chargeback = strcmp(action, "chargeback") == 0;
+    if (!refund && !chargeback) {
+        /* credits, chargeback warnings and reversals move no money we book */
+        (void)bg_strlcpy(out->outcome, "recorded", sizeof(out->outcome));
+        return 0;
+    }
+    char *end = NULL;
+    long long amount = strtoll(total, &end, 10);
+    if (!plain(e->entity_id) || !plain(txn) || total[0] == '\0' || *end != '\0' || amount < 0 ||
+        strlen(currency) != 3 || !plain(currency)) {
+        snprintf(out->error, sizeof(out->error),
+                 "an adjustment without an id, transaction, total or currency");
+        return BG_ERR_INVALID;
+    }
+    rc = bg_pg_run(
+        c,
+        "INSERT INTO payments (billing_account_id, provider_payment_id, kind, status, "
+        "amount_minor, currency, failure_reason, occurred_at, paddle_transaction_id) "
+        "SELECT $2::uuid, d ->> 'id', d ->> 'action', CASE d ->> 'status' WHEN 'approved' THEN "
+        "'succeeded' WHEN 'pending_approval' THEN 'pending' ELSE 'canceled' END, "
+        "(d -> 'totals' ->> 'total')::bigint, d ->> 'currency_code', "
+        "CASE WHEN d ->> 'status' NOT IN ('approved', 'pending_approval') THEN d ->> 'status' END, "
+        "coalesce((d ->> 'created_at')::timestamptz, i.occurred_at), d ->> 'transaction_id'" EV_FROM
+        "ON CONFLICT (provider, provider_payment_id) DO UPDATE SET status = "
+        "CASE WHEN 'succeeded' IN (payments.status, excluded.status) THEN 'succeeded' "
+        "WHEN 'canceled' IN (payments.status, excluded.status) THEN 'canceled' "
+        "ELSE excluded.status END, "
+        "failure_reason = coalesce(payments.failure_reason, excluded.failure_reason)",
+        2, p);
+    if (rc != 0)
+        return rc;
+    bool posted = false;
+    if (strcmp(status, "approved") == 0 && amount > 0) {
+        char key[200];
+        snprintf(key, sizeof(key), "paddle:refund:%s", e->entity_id);
+        char *meta = bg_asprintf("{\"paddle_transaction_id\":\"%s\",\"paddle_adjustment_id\":"
+                                 "\"%s\",\"action\":\"%s\",\"plan\":\"%s\"}",
+                                 txn, e->entity_id, action, e->plan_id);
+        rc = post(c, e, key, "refund.paddle",
+                  refund ? "Refund through Paddle" : "Chargeback through Paddle", "payments",
+                  "sales", currency, -amount, at_ms, meta, &posted);
+        free(meta);
+        if (rc != 0)
+            return rc;
+    }
+    rc = refresh_invoice(c, txn);
+    (void)bg_strlcpy(out->outcome, posted ? "applied" : "recorded", sizeof(out->outcome));
+    return rc;
+}
+
 static bool is_type(const char *type, const char *const list[])
 {
     for (size_t i = 0; list[i] != NULL; i++)
@@ -492,6 +690,8 @@ static const char *const subscription_types[] = {
 static const char *const transaction_types[] = {"transaction.completed", "transaction.paid",
                                                 "transaction.payment_failed", NULL};
 
+static const char *const adjustment_types[] = {"adjustment.created", "adjustment.updated", NULL};
+
 static int apply_in_tx(PGconn *c, const char *event_id, event_t *e, bg_billing_result_t *out)
 {
     int rc = load_event(c, event_id, e);
@@ -501,7 +701,8 @@ static int apply_in_tx(PGconn *c, const char *event_id, event_t *e, bg_billing_r
         return rc;
     (void)bg_strlcpy(out->event_type, e->type, sizeof(out->event_type));
     bool sub = is_type(e->type, subscription_types), txn = is_type(e->type, transaction_types);
-    if (!sub && !txn) {
+    bool adj = is_type(e->type, adjustment_types);
+    if (!sub && !txn && !adj) {
         (void)bg_strlcpy(out->outcome, "ignored", sizeof(out->outcome));
     } else {
         rc = find_user(c, e);
@@ -519,7 +720,9 @@ static int apply_in_tx(PGconn *c, const char *event_id, event_t *e, bg_billing_r
         }
         rc = find_plan(c, e);
         if (rc == 0)
-            rc = sub ? apply_subscription(c, e, out) : apply_transaction(c, e, out);
+            rc = sub   ? apply_subscription(c, e, out)
+                 : adj ? apply_adjustment(c, e, out)
+                       : apply_transaction(c, e, out);
         if (rc != 0)
             return rc;
     }
@@ -646,4 +849,259 @@ int bg_billing_history(PGconn *c, const char *user_id, const char *cursor, int l
         rc = bg_buf_puts(out, "],\"next_cursor\":null}");
     PQclear(res);
     return rc != 0 ? BG_ERR_TOO_LARGE : 0;
+}
+
+/* ---- plan changes, payments, invoices ---- */
+
+int bg_billing_change_info(PGconn *c, const char *user_id, const char *plan_id,
+                           bg_billing_change_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    const char *p[] = {user_id, plan_id};
+    PGresult *res;
+    int rc = bg_pg_exec(
+        c,
+        "SELECT coalesce(np.paddle_price_id, ''), np.active AND np.purchasable, "
+        "coalesce(s.paddle_subscription_id, ''), coalesce(s.plan_id, ''), "
+        "coalesce(s.scheduled_plan_id, ''), coalesce(np.price_minor::numeric / extract(epoch FROM "
+        "np.period) > cp.price_minor::numeric / extract(epoch FROM cp.period), false), "
+        "coalesce(to_char(s.current_period_end AT TIME ZONE 'UTC', "
+        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '') "
+        "FROM plans np LEFT JOIN subscriptions s ON s.user_id = $1::uuid "
+        "AND s.status <> 'canceled' AND s.paddle_subscription_id IS NOT NULL "
+        "LEFT JOIN plans cp ON cp.id = s.plan_id WHERE np.id = $2",
+        2, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 0) {
+        PQclear(res);
+        return BG_ERR_NOT_FOUND;
+    }
+    copy(out->price_id, sizeof(out->price_id), res, 0, 0);
+    out->purchasable = strcmp(PQgetvalue(res, 0, 1), "t") == 0;
+    copy(out->subscription_id, sizeof(out->subscription_id), res, 0, 2);
+    copy(out->current_plan, sizeof(out->current_plan), res, 0, 3);
+    copy(out->scheduled_plan, sizeof(out->scheduled_plan), res, 0, 4);
+    out->upgrade = strcmp(PQgetvalue(res, 0, 5), "t") == 0;
+    copy(out->period_end, sizeof(out->period_end), res, 0, 6);
+    PQclear(res);
+    return 0;
+}
+
+int bg_billing_owns_transaction(PGconn *c, const char *user_id, const char *txn,
+                                const char *customer_id, const char *subscription_id)
+{
+    const char *p[] = {
+        user_id, txn, customer_id != NULL && customer_id[0] != '\0' ? customer_id : NULL,
+        subscription_id != NULL && subscription_id[0] != '\0' ? subscription_id : NULL};
+    PGresult *res;
+    int rc = bg_pg_exec(
+        c,
+        "SELECT EXISTS (SELECT 1 FROM billing_accounts b WHERE b.user_id = $1::uuid AND ("
+        "  EXISTS (SELECT 1 FROM invoices v WHERE v.billing_account_id = b.id "
+        "    AND v.paddle_transaction_id = $2) "
+        "  OR EXISTS (SELECT 1 FROM payments y WHERE y.billing_account_id = b.id "
+        "    AND y.paddle_transaction_id = $2) "
+        "  OR b.paddle_customer_id = $3 "
+        "  OR EXISTS (SELECT 1 FROM subscriptions s WHERE s.user_id = $1::uuid "
+        "    AND s.paddle_subscription_id = $4)))",
+        4, p, &res);
+    if (rc != 0)
+        return rc;
+    int owns = strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? 1 : 0;
+    PQclear(res);
+    return owns;
+}
+
+int bg_billing_live_subscription(PGconn *c, const char *user_id, char sub[64], bool *past_due)
+{
+    sub[0] = '\0';
+    *past_due = false;
+    const char *p[] = {user_id};
+    PGresult *res;
+    int rc = bg_pg_exec(c,
+                        "SELECT paddle_subscription_id, status = 'past_due' FROM subscriptions "
+                        "WHERE user_id = $1::uuid AND status <> 'canceled' "
+                        "AND paddle_subscription_id IS NOT NULL LIMIT 1",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) > 0) {
+        copy(sub, 64, res, 0, 0);
+        *past_due = strcmp(PQgetvalue(res, 0, 1), "t") == 0;
+    }
+    PQclear(res);
+    return 0;
+}
+
+/* The Invoice object of row v (an invoices alias) as jsonb text. */
+#define INVOICE_JSON                                                                               \
+    "jsonb_build_object('id', v.id, 'number', v.number, 'status', CASE WHEN v.status = 'draft' "   \
+    "THEN 'issued' ELSE v.status END, 'plan', v.plan_id, 'currency', v.currency, "                 \
+    "'subtotal_minor', v.subtotal_minor, 'tax_minor', v.tax_minor, 'total_minor', "                \
+    "v.total_minor, 'period_start', " TS("v.period_start") ", 'period_end', " TS(                  \
+        "v.period_end") ", 'issued_at', " TS("v.issued_at") ", 'paid_at', " TS("v.paid_at") ", "   \
+                                                                                            "'htm" \
+                                                                                            "l_"   \
+                                                                                            "url'" \
+                                                                                            ", "   \
+                                                                                            "'/"   \
+                                                                                            "bill" \
+                                                                                            "ing/" \
+                                                                                            "invo" \
+                                                                                            "ices" \
+                                                                                            "/' "  \
+                                                                                            "|| "  \
+                                                                                            "v."   \
+                                                                                            "id "  \
+                                                                                            "|| "  \
+                                                                                            "'/"   \
+                                                                                            "html" \
+                                                                                            "')::" \
+                                                                                            "text"
+#define TS(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+
+int bg_billing_invoices(PGconn *c, const char *user_id, const char *cursor, int limit,
+                        bg_buf_t *out)
+{
+    if (limit < 1 || limit > BG_BILLING_INVOICES_MAX)
+        return BG_ERR_INVALID;
+    if (cursor != NULL && !bg_id_uuid_is_valid(cursor))
+        return BG_ERR_INVALID;
+    char lim[16];
+    snprintf(lim, sizeof(lim), "%d", limit + 1);
+    const char *p[] = {user_id, cursor, lim};
+    PGresult *res;
+    /* newest first by when it was issued; rows with no time yet sort by their creation */
+    int rc = bg_pg_exec(c,
+                        "SELECT v.id, " INVOICE_JSON " FROM invoices v JOIN billing_accounts b "
+                        "ON b.id = v.billing_account_id AND b.user_id = $1::uuid "
+                        "WHERE ($2::uuid IS NULL OR (coalesce(v.issued_at, v.created_at), v.id) < "
+                        "(SELECT coalesce(issued_at, created_at), id FROM invoices WHERE id = "
+                        "$2::uuid)) ORDER BY coalesce(v.issued_at, v.created_at) DESC, v.id DESC "
+                        "LIMIT $3::int",
+                        3, p, &res);
+    if (rc != 0)
+        return rc;
+    int n = PQntuples(res);
+    bool more = n > limit;
+    if (more)
+        n = limit;
+    rc = bg_buf_puts(out, "{\"data\":[");
+    for (int i = 0; i < n && rc == 0; i++) {
+        if (i > 0)
+            rc = bg_buf_putc(out, ',');
+        if (rc == 0)
+            rc = bg_buf_puts(out, PQgetvalue(res, i, 1));
+    }
+    if (rc == 0 && more)
+        rc = bg_buf_printf(out, "],\"next_cursor\":\"%s\"}", PQgetvalue(res, n - 1, 0));
+    else if (rc == 0)
+        rc = bg_buf_puts(out, "],\"next_cursor\":null}");
+    PQclear(res);
+    return rc != 0 ? BG_ERR_TOO_LARGE : 0;
+}
+
+static int64_t ms_of(const PGresult *res, int col)
+{
+    int64_t v = 0;
+    if (bg_pg_value(res, 0, col) == NULL || bg_pg_int64(res, 0, col, &v) != 0)
+        return 0;
+    return v;
+}
+
+#define EPOCH_MS(col) "floor(extract(epoch FROM " col ") * 1000)::bigint"
+
+int bg_billing_invoice(PGconn *c, const char *user_id, const char *id, bg_buf_t *json,
+                       bg_billing_invoice_t *inv)
+{
+    if (id == NULL || !bg_id_uuid_is_valid(id))
+        return BG_ERR_NOT_FOUND;
+    const char *p[] = {user_id, id};
+    PGresult *res;
+    int rc = bg_pg_exec(
+        c,
+        "SELECT " INVOICE_JSON ", v.id, coalesce(v.number, ''), v.status, "
+        "coalesce(v.plan_id, ''), coalesce(pl.name, ''), v.currency, v.subtotal_minor, "
+        "v.tax_minor, v.total_minor, " EPOCH_MS("v.period_start") ", " EPOCH_MS(
+            "v.period_end") ", " EPOCH_MS("v.issued_at") ", " EPOCH_MS("v.paid_at") ", "
+                                                                                    "coalesce(b."
+                                                                                    "email, u."
+                                                                                    "email, '') "
+                                                                                    "FROM invoices "
+                                                                                    "v JOIN "
+                                                                                    "billing_"
+                                                                                    "accounts b ON "
+                                                                                    "b.id = "
+                                                                                    "v.billing_"
+                                                                                    "account_id "
+                                                                                    "AND b.user_id "
+                                                                                    "= $1::uuid "
+                                                                                    "JOIN users u "
+                                                                                    "ON u.id = "
+                                                                                    "b.user_id "
+                                                                                    "LEFT JOIN "
+                                                                                    "plans pl ON "
+                                                                                    "pl.id = "
+                                                                                    "v.plan_id "
+                                                                                    "WHERE v.id = "
+                                                                                    "$2::uuid",
+        2, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 0) {
+        PQclear(res);
+        return BG_ERR_NOT_FOUND;
+    }
+    if (json != NULL && bg_buf_puts(json, PQgetvalue(res, 0, 0)) != 0) {
+        PQclear(res);
+        return BG_ERR_TOO_LARGE;
+    }
+    if (inv != NULL) {
+        memset(inv, 0, sizeof(*inv));
+        copy(inv->id, sizeof(inv->id), res, 0, 1);
+        copy(inv->number, sizeof(inv->number), res, 0, 2);
+        copy(inv->status, sizeof(inv->status), res, 0, 3);
+        copy(inv->plan, sizeof(inv->plan), res, 0, 4);
+        copy(inv->plan_name, sizeof(inv->plan_name), res, 0, 5);
+        copy(inv->currency, sizeof(inv->currency), res, 0, 6);
+        inv->subtotal_minor = ms_of(res, 7);
+        inv->tax_minor = ms_of(res, 8);
+        inv->total_minor = ms_of(res, 9);
+        inv->period_start_ms = ms_of(res, 10);
+        inv->period_end_ms = ms_of(res, 11);
+        inv->issued_ms = ms_of(res, 12);
+        inv->paid_ms = ms_of(res, 13);
+        copy(inv->email, sizeof(inv->email), res, 0, 14);
+        if (strcmp(inv->status, "draft") == 0)
+            (void)bg_strlcpy(inv->status, "issued", sizeof(inv->status));
+    }
+    PQclear(res);
+    return 0;
+}
+
+int bg_billing_scheduled(PGconn *c, const char *user_id, bg_billing_scheduled_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    const char *p[] = {user_id};
+    PGresult *res;
+    /* a scheduled cancellation ends the subscription, so it wins over a plan change */
+    int rc = bg_pg_exec(c,
+                        "SELECT CASE WHEN cancel_at_period_end THEN 'cancel' ELSE 'change_plan' "
+                        "END, CASE WHEN cancel_at_period_end THEN '' ELSE scheduled_plan_id END, "
+                        "to_char(CASE WHEN cancel_at_period_end THEN current_period_end "
+                        "ELSE scheduled_change_at END AT TIME ZONE 'UTC', "
+                        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') FROM subscriptions "
+                        "WHERE user_id = $1::uuid AND status <> 'canceled' "
+                        "AND (cancel_at_period_end OR scheduled_plan_id IS NOT NULL) LIMIT 1",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) > 0) {
+        copy(out->action, sizeof(out->action), res, 0, 0);
+        copy(out->plan, sizeof(out->plan), res, 0, 1);
+        copy(out->effective_at, sizeof(out->effective_at), res, 0, 2);
+    }
+    PQclear(res);
+    return 0;
 }

@@ -212,12 +212,22 @@ static void take_reply(const bg_buf_t *b, bg_paddle_reply_t *out)
     copy_path(root, (const char *const[]){"data", "id", NULL}, out->id, sizeof(out->id));
     copy_path(root, (const char *const[]){"data", "checkout", "url", NULL}, out->checkout_url,
               sizeof(out->checkout_url));
+    copy_path(root, (const char *const[]){"data", "status", NULL}, out->state, sizeof(out->state));
+    copy_path(root, (const char *const[]){"data", "custom_data", "user_id", NULL}, out->user_id,
+              sizeof(out->user_id));
+    copy_path(root, (const char *const[]){"data", "customer_id", NULL}, out->customer_id,
+              sizeof(out->customer_id));
+    copy_path(root, (const char *const[]){"data", "subscription_id", NULL}, out->subscription_id,
+              sizeof(out->subscription_id));
     bg_json_doc_free(doc);
 }
 
-/* One call with retries. body may be NULL (no body). */
-static int call(const bg_paddle_api_t *api, const char *method, const char *path, const char *body,
-                bg_paddle_reply_t *out)
+/*
+ * One call with retries. body may be NULL (no body). keep: when not NULL, a successful answer is
+ * appended to it and needs no data.id (a list).
+ */
+static int call_keep(const bg_paddle_api_t *api, const char *method, const char *path,
+                     const char *body, bg_paddle_reply_t *out, bg_buf_t *keep)
 {
     memset(out, 0, sizeof(*out));
     if (!bg_paddle_api_configured(api))
@@ -276,6 +286,10 @@ static int call(const bg_paddle_api_t *api, const char *method, const char *path
                     attempt, max);
             retry = true;
         } else if (a.status >= 200 && a.status < 300) {
+            if (keep != NULL) {
+                rc = bg_buf_append(keep, reply.base, reply.len) == 0 ? 0 : BG_ERR_TOO_LARGE;
+                break;
+            }
             take_reply(&reply, out);
             rc = out->id[0] != '\0' ? 0 : BG_ERR_PROTOCOL;
             break;
@@ -305,6 +319,12 @@ static int call(const bg_paddle_api_t *api, const char *method, const char *path
     free(authz);
     free(url);
     return rc;
+}
+
+static int call(const bg_paddle_api_t *api, const char *method, const char *path, const char *body,
+                bg_paddle_reply_t *out)
+{
+    return call_keep(api, method, path, body, out, NULL);
 }
 
 /* Returns true for an id Paddle could have made ([A-Za-z0-9_-]{1,100}): safe in a path. */
@@ -379,4 +399,66 @@ int bg_paddle_resume_subscription(const bg_paddle_api_t *api, const char *subscr
     char path[160];
     snprintf(path, sizeof(path), "/subscriptions/%s", subscription_id);
     return call(api, "PATCH", path, "{\"scheduled_change\":null}", out);
+}
+
+int bg_paddle_change_items(const bg_paddle_api_t *api, const char *subscription_id,
+                           const char *price_id, bg_paddle_proration_t mode, bg_paddle_reply_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!id_is_safe(subscription_id) || !id_is_safe(price_id))
+        return BG_ERR_INVALID;
+    static const char *const modes[] = {[BG_PADDLE_PRORATED_IMMEDIATELY] = "prorated_immediately",
+                                        [BG_PADDLE_FULL_NEXT_BILLING_PERIOD] =
+                                            "full_next_billing_period",
+                                        [BG_PADDLE_DO_NOT_BILL] = "do_not_bill"};
+    if ((unsigned)mode >= sizeof(modes) / sizeof(modes[0]))
+        return BG_ERR_INVALID;
+    char path[160], body[320];
+    snprintf(path, sizeof(path), "/subscriptions/%s", subscription_id);
+    snprintf(body, sizeof(body),
+             "{\"items\":[{\"price_id\":\"%s\",\"quantity\":1}],"
+             "\"proration_billing_mode\":\"%s\"}",
+             price_id, modes[mode]);
+    return call(api, "PATCH", path, body, out);
+}
+
+/* A GET of one entity: Paddle's 404 is BG_ERR_NOT_FOUND. */
+static int get_one(const bg_paddle_api_t *api, const char *path, bg_paddle_reply_t *out)
+{
+    int rc = call(api, "GET", path, NULL, out);
+    if (rc == BG_ERR_INVALID && out->status == 404)
+        rc = BG_ERR_NOT_FOUND;
+    return rc;
+}
+
+int bg_paddle_get_transaction(const bg_paddle_api_t *api, const char *transaction_id,
+                              bg_paddle_reply_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!id_is_safe(transaction_id))
+        return BG_ERR_NOT_FOUND;
+    char path[160];
+    snprintf(path, sizeof(path), "/transactions/%s", transaction_id);
+    return get_one(api, path, out);
+}
+
+int bg_paddle_payment_transaction(const bg_paddle_api_t *api, const char *subscription_id,
+                                  bg_paddle_reply_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!id_is_safe(subscription_id))
+        return BG_ERR_NOT_FOUND;
+    char path[200];
+    snprintf(path, sizeof(path), "/subscriptions/%s/update-payment-method-transaction",
+             subscription_id);
+    return get_one(api, path, out);
+}
+
+int bg_paddle_list(const bg_paddle_api_t *api, const char *path, bg_buf_t *body,
+                   bg_paddle_reply_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (path == NULL || path[0] != '/')
+        return BG_ERR_INVALID;
+    return call_keep(api, "GET", path, NULL, out, body);
 }

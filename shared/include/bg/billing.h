@@ -17,7 +17,14 @@
  *   - money and credits are ledger transactions keyed by what they are about, not by the event
  *     that told us: "paddle:payment:<txn>" and "paddle:credits:<txn>" (transaction.paid and
  *     transaction.completed of one transaction post once), "paddle:trial:<sub>:<period start>";
- *   - payment rows are upserted on (provider, provider_payment_id).
+ *   - payment rows are upserted on (provider, provider_payment_id);
+ *   - the plan a subscription grants is the dearest per day of the plans its snapshots named for
+ *     the current billing period (an upgrade counts at once, a downgrade from the next period),
+ *     and a newer snapshot's different plan is the scheduled one (scheduled_plan_id);
+ *   - one invoice per transaction (invoices.paddle_transaction_id), its status derived from its
+ *     payments, refunds and chargebacks;
+ *   - adjustment.created/updated (refund, chargeback) add a payments row and, once approved, a
+ *     reversing ledger transaction keyed "paddle:refund:<adjustment>".
  * The user is custom_data.user_id (set at checkout), else the owner of the Paddle subscription or
  * customer already known. A plan is the one whose paddle_price_id is one of the items' prices.
  */
@@ -90,6 +97,81 @@ typedef struct bg_billing_checkout {
  */
 BG_MUSTCHECK int bg_billing_checkout_info(PGconn *c, const char *user_id, const char *plan_id,
                                           bg_billing_checkout_t *out);
+
+/** What a plan change needs to know (bg_billing_change_info). */
+typedef struct bg_billing_change {
+    char price_id[101];       /**< the new plan's Paddle price id, "" when none */
+    bool purchasable;         /**< the new plan is active and for sale */
+    char subscription_id[64]; /**< the user's live Paddle subscription, "" when none */
+    char current_plan[33];    /**< the plan it grants now */
+    char scheduled_plan[33];  /**< the plan that follows at the period end, "" when none */
+    bool upgrade;             /**< the new plan costs more per day than current_plan */
+    char period_end[40];      /**< RFC 3339 end of the current period */
+} bg_billing_change_t;
+
+/**
+ * Reads what changing user_id's Paddle subscription to plan_id needs. Returns 0,
+ * BG_ERR_NOT_FOUND for an unknown plan, or a database error.
+ */
+BG_MUSTCHECK int bg_billing_change_info(PGconn *c, const char *user_id, const char *plan_id,
+                                        bg_billing_change_t *out);
+
+/**
+ * Whether Paddle transaction txn belongs to user_id as far as Postgres knows: an invoice or payment
+ * of theirs, or of their Paddle customer or subscription (customer_id, subscription_id: what
+ * Paddle says, may be ""). Returns 1 (theirs), 0 (not), or a negative database error.
+ */
+BG_MUSTCHECK int bg_billing_owns_transaction(PGconn *c, const char *user_id, const char *txn,
+                                             const char *customer_id, const char *subscription_id);
+
+/**
+ * Reads the user's live Paddle subscription and whether it is past_due. Returns 0 (sub "" when
+ * none) or a database error.
+ */
+BG_MUSTCHECK int bg_billing_live_subscription(PGconn *c, const char *user_id, char sub[64],
+                                              bool *past_due);
+
+/** A change of the user's subscription scheduled for the end of its period. */
+typedef struct bg_billing_scheduled {
+    char action[16];       /**< "cancel", "change_plan", or "" when nothing is scheduled */
+    char plan[33];         /**< change_plan: the plan that follows */
+    char effective_at[40]; /**< RFC 3339 */
+} bg_billing_scheduled_t;
+
+/** Reads the user's scheduled change (action "" when none). Returns 0 or a database error. */
+BG_MUSTCHECK int bg_billing_scheduled(PGconn *c, const char *user_id, bg_billing_scheduled_t *out);
+
+/** Most invoices one page holds. */
+#define BG_BILLING_INVOICES_MAX 100
+
+/**
+ * Writes the user's invoices page as {"data":[Invoice…],"next_cursor":…} into out, newest first
+ * (docs/billing.md has the Invoice object). cursor: NULL or the previous page's next_cursor.
+ * Returns 0, BG_ERR_INVALID for a malformed cursor, or a database error.
+ */
+BG_MUSTCHECK int bg_billing_invoices(PGconn *c, const char *user_id, const char *cursor, int limit,
+                                     bg_buf_t *out);
+
+/** One invoice, as the HTML page needs it (strings; "" for null). */
+typedef struct bg_billing_invoice {
+    char id[37];
+    char number[64];
+    char status[16];
+    char plan[33];
+    char plan_name[101];
+    char currency[4];
+    int64_t subtotal_minor, tax_minor, total_minor;
+    int64_t period_start_ms, period_end_ms, issued_ms, paid_ms; /**< 0 when null */
+    char email[256]; /**< the billing account's or the user's address */
+} bg_billing_invoice_t;
+
+/**
+ * Reads invoice id of user_id: its JSON object into json (when not NULL) and its fields into inv
+ * (when not NULL). Returns 0; BG_ERR_NOT_FOUND when there is no such invoice of theirs (a
+ * malformed id included); or a database error.
+ */
+BG_MUSTCHECK int bg_billing_invoice(PGconn *c, const char *user_id, const char *id, bg_buf_t *json,
+                                    bg_billing_invoice_t *inv);
 
 /**
  * Writes the user's billing history page as {"data":[…],"next_cursor":…} into out: payments,

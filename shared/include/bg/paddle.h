@@ -20,6 +20,7 @@
 #ifndef BG_PADDLE_H
 #define BG_PADDLE_H
 
+#include "bg/buf.h"
 #include "bg/common.h"
 
 /** Default tolerance of a signature's timestamp, in seconds (either direction; clock skew). */
@@ -63,6 +64,10 @@ typedef struct bg_paddle_reply {
     char error_code[64]; /**< Paddle's error.code of a refused call, "" otherwise */
     char id[64];         /**< data.id of a successful call ("txn_…", "sub_…"), "" otherwise */
     char checkout_url[1024]; /**< data.checkout.url of a transaction, "" when none */
+    char state[32];          /**< data.status ("past_due", "completed", …), "" when none */
+    char user_id[64];        /**< data.custom_data.user_id, "" when none */
+    char customer_id[64];    /**< data.customer_id, "" when none */
+    char subscription_id[64]; /**< data.subscription_id of a transaction, "" when none */
 } bg_paddle_reply_t;
 
 /** Returns true when api has a key (and a URL) to call Paddle with. */
@@ -92,5 +97,43 @@ BG_MUSTCHECK int bg_paddle_cancel_subscription(const bg_paddle_api_t *api,
  */
 BG_MUSTCHECK int bg_paddle_resume_subscription(const bg_paddle_api_t *api,
                                                const char *subscription_id, bg_paddle_reply_t *out);
+
+/** How Paddle bills a change of a subscription's items (its proration_billing_mode). */
+typedef enum bg_paddle_proration {
+    BG_PADDLE_PRORATED_IMMEDIATELY,     /**< charge the prorated difference now (an upgrade) */
+    BG_PADDLE_FULL_NEXT_BILLING_PERIOD, /**< charge the new price from the next renewal */
+    BG_PADDLE_DO_NOT_BILL               /**< no charge (taking back a scheduled downgrade) */
+} bg_paddle_proration_t;
+
+/**
+ * PATCH /subscriptions/{id} {"items":[{"price_id","quantity":1}],"proration_billing_mode"}: the
+ * subscription's one item becomes price_id. Returns as bg_paddle_create_transaction.
+ */
+BG_MUSTCHECK int bg_paddle_change_items(const bg_paddle_api_t *api, const char *subscription_id,
+                                        const char *price_id, bg_paddle_proration_t mode,
+                                        bg_paddle_reply_t *out);
+
+/**
+ * GET /transactions/{id}: the transaction's status, checkout URL and owner (out->status,
+ * out->checkout_url, out->user_id, out->customer_id, out->subscription_id). Returns as
+ * bg_paddle_create_transaction; BG_ERR_NOT_FOUND when Paddle has no such transaction.
+ */
+BG_MUSTCHECK int bg_paddle_get_transaction(const bg_paddle_api_t *api, const char *transaction_id,
+                                           bg_paddle_reply_t *out);
+
+/**
+ * GET /subscriptions/{id}/update-payment-method-transaction: for a past_due subscription, the
+ * transaction that is owed (Paddle answers its most recent past_due transaction), with its
+ * checkout URL. Returns as bg_paddle_get_transaction.
+ */
+BG_MUSTCHECK int bg_paddle_payment_transaction(const bg_paddle_api_t *api,
+                                               const char *subscription_id, bg_paddle_reply_t *out);
+
+/**
+ * GET path (a list: /subscriptions?…, /transactions?…) with retries; the whole answer (at most 4
+ * MiB) is appended to body. Returns 0, or as bg_paddle_create_transaction.
+ */
+BG_MUSTCHECK int bg_paddle_list(const bg_paddle_api_t *api, const char *path, bg_buf_t *body,
+                                bg_paddle_reply_t *out);
 
 #endif

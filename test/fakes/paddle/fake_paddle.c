@@ -9,11 +9,27 @@
  *   POST  /transactions               201, data {id "txn_fake<n>", status "ready", items,
  *                                     custom_data (echoed), checkout {url}}
  *   POST  /subscriptions/{id}/cancel  200, data {id, status "active", scheduled_change cancel}
- *   PATCH /subscriptions/{id}         200, data {id, status "active", scheduled_change null}
+ *   PATCH /subscriptions/{id}         200, data {id, status "active", scheduled_change null,
+ *                                     items [{price {id}}] (the price_id of the body's items, a
+ *                                     plan change, or the last one set)}; a body with items but
+ *                                     no proration_billing_mode is 400 invalid_field, as Paddle's
+ *   GET   /transactions/{id}          200, data {id, status, custom_data, customer_id,
+ *                                     subscription_id, checkout {url}} of a transaction created
+ *                                     above (status "ready") or set with POST /__txn; else 404
+ *   GET   /subscriptions/{id}/update-payment-method-transaction
+ *                                     200, data {id "txn_due_<sub>", status "past_due",
+ *                                     subscription_id, checkout {url}}
  * A wrong or missing "Authorization: Bearer API_KEY" gets 403 forbidden, a body without
  * items[0].price_id on /transactions 400 invalid_field, an unknown path 404 not_found.
  *
- * GET /__health answers 200 (for start-up).
+ *   GET   /subscriptions?…, /transactions?…
+ *                                     the entities set with POST /__sub and /__txn_entity (their
+ *                                     bodies: Paddle's entity JSON, "id" first), one per page as
+ *                                     Paddle paginates: meta.pagination {per_page, next (absolute
+ *                                     URL with after=<last id>), has_more, estimated_total};
+ *                                     filters other than after are not applied
+ * GET /__health answers 200 (for start-up). POST /__txn with "ID STATUS USER_ID" sets a
+ * transaction GET /transactions/{id} answers (USER_ID "-" for none).
  * Failures on demand: POST /__fail with a body such as "429,500" makes the next requests answer
  * those statuses in turn (429 carries Retry-After: 1, as Paddle's does) before it answers normally
  * again. Every request is appended to LOGFILE as one line "METHOD PATH STATUS AUTH_OK BODY", so a
@@ -35,6 +51,75 @@
 static int fails[32];
 static size_t nfails, fail_at;
 static int txn_seq;
+static const char *self_port;
+
+static void reply(int fd, int status, const char *extra_headers, const char *body);
+
+/* Entities the list endpoints answer (owned JSON texts). */
+static char *subs_list[32], *txns_list[32];
+static size_t nsubs, ntxns_list;
+
+/* Answers one page (one entity) of list after the id in query (after=…). */
+static int list_page(int fd, const char *path, char *const list[], size_t n)
+{
+    const char *q = strchr(path, '?');
+    const char *after = q != NULL ? strstr(q, "after=") : NULL;
+    size_t start = 0;
+    if (after != NULL) {
+        after += 6;
+        size_t alen = strcspn(after, "&");
+        for (size_t i = 0; i < n; i++) {
+            char id[128];
+            const char *p = strstr(list[i], "\"id\":\"");
+            size_t il = p != NULL ? strcspn(p + 6, "\"") : 0;
+            snprintf(id, sizeof(id), "%.*s", (int)il, p != NULL ? p + 6 : "");
+            if (strlen(id) == alen && strncmp(id, after, alen) == 0)
+                start = i + 1;
+        }
+    }
+    char base[64];
+    snprintf(base, sizeof(base), "%.*s", (int)(q != NULL ? (size_t)(q - path) : strlen(path)),
+             path);
+    size_t cap = 4096 + (start < n ? strlen(list[start]) : 0);
+    char *out = malloc(cap);
+    char next[256] = "null";
+    bool more = start + 1 < n;
+    if (start < n) {
+        const char *p = strstr(list[start], "\"id\":\"");
+        size_t il = p != NULL ? strcspn(p + 6, "\"") : 0;
+        snprintf(next, sizeof(next), "\"http://127.0.0.1:%s%s?after=%.*s&per_page=1\"", self_port,
+                 base, (int)il, p != NULL ? p + 6 : "");
+    }
+    snprintf(out, cap,
+             "{\"data\":[%s],\"meta\":{\"request_id\":\"fake-%d\",\"pagination\":{"
+             "\"per_page\":1,\"next\":%s,\"has_more\":%s,\"estimated_total\":%zu}}}",
+             start < n ? list[start] : "", txn_seq, next, more ? "true" : "false", n);
+    reply(fd, 200, NULL, out);
+    free(out);
+    return 200;
+}
+
+/* Transactions GET /transactions/{id} knows. */
+typedef struct {
+    char id[64], status[24], user[64];
+} txn_t;
+static txn_t txns[64];
+static size_t ntxns;
+
+static void put_txn(const char *id, const char *status, const char *user)
+{
+    size_t i = 0;
+    while (i < ntxns && strcmp(txns[i].id, id) != 0)
+        i++;
+    if (i == ntxns) {
+        if (ntxns == sizeof(txns) / sizeof(txns[0]))
+            return;
+        ntxns++;
+    }
+    snprintf(txns[i].id, sizeof(txns[i].id), "%s", id);
+    snprintf(txns[i].status, sizeof(txns[i].status), "%s", status);
+    snprintf(txns[i].user, sizeof(txns[i].user), "%s", user);
+}
 
 static void reply(int fd, int status, const char *extra_headers, const char *body)
 {
@@ -102,6 +187,25 @@ static int handle(int fd, const char *method, const char *path, bool auth_ok, co
         reply(fd, 200, NULL, "{}");
         return 200;
     }
+    if (strcmp(path, "/__txn") == 0) {
+        char id[64] = "", st[24] = "", user[64] = "";
+        if (sscanf(body, "%63s %23s %63s", id, st, user) == 3)
+            put_txn(id, st, strcmp(user, "-") == 0 ? "" : user);
+        reply(fd, 200, NULL, "{}");
+        return 200;
+    }
+    if (strcmp(path, "/__sub") == 0 || strcmp(path, "/__txn_entity") == 0) {
+        bool sub = strcmp(path, "/__sub") == 0;
+        if ((sub ? nsubs : ntxns_list) < 32) {
+            char *copy = strdup(body);
+            if (sub)
+                subs_list[nsubs++] = copy;
+            else
+                txns_list[ntxns_list++] = copy;
+        }
+        reply(fd, 200, NULL, "{}");
+        return 200;
+    }
     if (fail_at < nfails) {
         int st = fails[fail_at++];
         if (st == 429)
@@ -124,6 +228,9 @@ static int handle(int fd, const char *method, const char *path, bool auth_ok, co
             return 400;
         }
         txn_seq++;
+        char id[64];
+        snprintf(id, sizeof(id), "txn_fake%05d", txn_seq);
+        put_txn(id, "ready", user);
         snprintf(out, sizeof(out),
                  "{\"data\":{\"id\":\"txn_fake%05d\",\"status\":\"ready\",\"customer_id\":null,"
                  "\"address_id\":null,\"business_id\":null,\"custom_data\":{\"user_id\":\"%s\"},"
@@ -135,19 +242,64 @@ static int handle(int fd, const char *method, const char *path, bool auth_ok, co
         reply(fd, 201, NULL, out);
         return 201;
     }
+    if (strcmp(method, "GET") == 0 && strncmp(path, "/subscriptions?", 15) == 0)
+        return list_page(fd, path, subs_list, nsubs);
+    if (strcmp(method, "GET") == 0 && strncmp(path, "/transactions?", 14) == 0)
+        return list_page(fd, path, txns_list, ntxns_list);
+    if (strcmp(method, "GET") == 0 && strncmp(path, "/transactions/", 14) == 0) {
+        for (size_t i = 0; i < ntxns; i++) {
+            if (strcmp(txns[i].id, path + 14) != 0)
+                continue;
+            char custom[128] = "null";
+            if (txns[i].user[0] != '\0')
+                snprintf(custom, sizeof(custom), "{\"user_id\":\"%s\"}", txns[i].user);
+            snprintf(out, sizeof(out),
+                     "{\"data\":{\"id\":\"%s\",\"status\":\"%s\",\"customer_id\":null,"
+                     "\"custom_data\":%s,\"subscription_id\":null,\"currency_code\":\"USD\","
+                     "\"checkout\":{\"url\":\"https://checkout.example.com/pay?_ptxn=%s\"}},"
+                     "\"meta\":{\"request_id\":\"fake-%d\"}}",
+                     txns[i].id, txns[i].status, custom, txns[i].id, txn_seq);
+            reply(fd, 200, NULL, out);
+            return 200;
+        }
+        error_reply(fd, 404, "request_error", "not_found", NULL);
+        return 404;
+    }
     char sub[128];
+    static char sub_price[128];
     if (strncmp(path, "/subscriptions/", 15) == 0 && strlen(path) < 100) {
         snprintf(sub, sizeof(sub), "%.127s", path + 15);
         char *slash = strchr(sub, '/');
         bool cancel = slash != NULL && strcmp(slash, "/cancel") == 0;
+        bool due = slash != NULL && strcmp(slash, "/update-payment-method-transaction") == 0;
         if (slash != NULL)
             *slash = '\0';
+        if (due && strcmp(method, "GET") == 0) {
+            snprintf(out, sizeof(out),
+                     "{\"data\":{\"id\":\"txn_due_%s\",\"status\":\"past_due\","
+                     "\"subscription_id\":\"%s\",\"origin\":\"subscription_recurring\","
+                     "\"checkout\":{\"url\":\"https://checkout.example.com/pay?_ptxn=txn_due_%s\"}"
+                     "},\"meta\":{\"request_id\":\"fake-%d\"}}",
+                     sub, sub, sub, txn_seq);
+            reply(fd, 200, NULL, out);
+            return 200;
+        }
+        if (slash == NULL && strcmp(method, "PATCH") == 0 && strstr(body, "\"items\"") != NULL) {
+            char mode[64];
+            find_str(body, "price_id", sub_price, sizeof(sub_price));
+            find_str(body, "proration_billing_mode", mode, sizeof(mode));
+            if (sub_price[0] == '\0' || mode[0] == '\0') {
+                error_reply(fd, 400, "request_error", "invalid_field", NULL);
+                return 400;
+            }
+        }
         if ((cancel && strcmp(method, "POST") == 0) ||
             (slash == NULL && strcmp(method, "PATCH") == 0)) {
             snprintf(out, sizeof(out),
-                     "{\"data\":{\"id\":\"%s\",\"status\":\"active\",\"scheduled_change\":%s},"
+                     "{\"data\":{\"id\":\"%s\",\"status\":\"active\",\"items\":[{\"price\":"
+                     "{\"id\":\"%s\"},\"quantity\":1}],\"scheduled_change\":%s},"
                      "\"meta\":{\"request_id\":\"fake-%d\"}}",
-                     sub,
+                     sub, sub_price,
                      cancel ? "{\"action\":\"cancel\",\"effective_at\":\"2030-01-01T00:00:00Z\","
                               "\"resume_at\":null}"
                             : "null",
@@ -209,6 +361,7 @@ int main(int argc, char **argv)
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
+    self_port = argv[1];
     FILE *log = fopen(argv[2], "a");
     if (log == NULL) {
         perror("fake_paddle: log");
