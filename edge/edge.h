@@ -161,6 +161,8 @@ extern const edge_route_t edge_routes_checkout[];
 /** POST /webhooks/paddle (routes_webhooks_paddle.c). */
 extern const edge_route_t edge_routes_paddle[];
 extern const edge_route_t edge_routes_telegram[];
+/** POST /auth/telegram/link-code (routes_link.c). */
+extern const edge_route_t edge_routes_link[];
 /**
  * The web client's pages and assets (routes_web.c). Not in edge_route_tables: the router tries it
  * only when no API route matches the path, and it is not part of the API contract.

@@ -13,11 +13,11 @@
  * "telegram"), the same admission script admits it against the same quota and enqueues the llm
  * job (its id is the update's job id, so a redelivery finds its stored message and, through the
  * marker bg:{s<N>}:tg:adm:<job id>, its admitted job instead of admitting it twice). Then the
- * handler reads the job's output stream (bg/jobout.h) with XREAD on its own connection and shows
- * it: "typing" every TYPING_EVERY_MS, the text so far as one message edited when the chat's pacer
- * allows (about once a second), and at the end the whole text, always: an edit that fails becomes
- * a new message, text past 4,096 characters continues in more messages cut on paragraph, line or
- * sentence boundaries.
+ * handler follows the job's output (bg_turn_follow, bg/channel.h: the channel interface every
+ * channel goes through, the job and its admission included) and shows it: "typing" every
+ * TYPING_EVERY_MS, the text so far as one message edited when the chat's pacer allows (about once a
+ * second), and at the end the whole text, always: an edit that fails becomes a new message, text
+ * past 4,096 characters continues in more messages cut on paragraph, line or sentence boundaries.
  *
  * Pacing and retries. Every Bot API call takes a slot from the bot's pacer (about 30 a second) and
  * every message or edit one from the chat's (one a second); both are Lua GCRA limiters in Redis, so
@@ -27,11 +27,21 @@
  * next one carries more text anyway.
  *
  * Rules for what is not a chat turn: commands are answered in every chat; plain text only in
- * private chats (in groups the bot answers commands only); photos, documents, voice, audio and
- * video get a localized note that only text is read; edited messages are ignored without a reply
- * (the answer to the original stands); channel posts, messages of bots and kinds the bot does not
- * handle are ignored. Every callback query is answered (answerCallbackQuery), even one whose
- * message is inaccessible, since the client shows a spinner until then.
+ * private chats (in groups the bot answers commands only); a photo is a chat turn with the photo
+ * as image input when the bot's agent accepts images (agents.accepts_images: fetched with getFile
+ * and downloaded within Telegram's 20 MB, then passed as a data URL in the job's image_url);
+ * other photos, documents, voice, audio and video get a localized note of what the bot reads;
+ * edited messages are ignored without a reply (the answer to the original stands); channel posts,
+ * messages of bots and kinds the bot does not handle are ignored. Every callback query is
+ * answered (answerCallbackQuery), even one whose message is inaccessible, since the client shows
+ * a spinner until then.
+ *
+ * Account commands: /profile and /usage read the state the admission script counts; /plans shows
+ * the plans on sale as an inline keyboard, and a chosen plan gets a Paddle checkout link made as
+ * POST /billing/subscribe makes it (or a localized "online payment is not available" when
+ * BG_PADDLE_API_KEY is unset); the quota, no-plan and feature refusals carry the same keyboard.
+ * /link <code> joins the Telegram user to a web account (bg_tg_link); failed attempts are counted
+ * per Telegram user (bg:{s<N>}:tg:linkfail:<id>, LINK_FAIL_MAX an hour) against guessing.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -41,6 +51,8 @@
 
 #include "bg/accounts.h"
 #include "bg/admission.h"
+#include "bg/billing.h"
+#include "bg/channel.h"
 #include "bg/chat.h"
 #include "bg/crypto.h"
 #include "bg/err.h"
@@ -48,7 +60,9 @@
 #include "bg/jobout.h"
 #include "bg/json.h"
 #include "bg/log.h"
+#include "bg/paddle.h"
 #include "bg/pg.h"
+#include "bg/plans.h"
 #include "bg/policy.h"
 #include "bg/redis.h"
 #include "bg/telegram.h"
@@ -68,12 +82,15 @@
 #define BOT_BURST 30
 /* How long a reply may take to finish before the chat is told it failed. */
 #define REPLY_TIMEOUT_MS (10 * 60 * 1000)
-#define XREAD_BLOCK_MS 500
+/* How often a followed reply's chat is looked after: typing, a paced edit tried again. */
+#define FOLLOW_TICK_MS 500
 /* Attempts of one Bot API call (429s and 5xx), and the longest 429 wait honoured. */
 #define CALL_ATTEMPTS 8
 #define RETRY_AFTER_MAX_S 60
-#define RESERVATION_TTL_MS (15 * 60 * 1000)
 #define REPLY_MAX (512 * 1024)
+/* Failed /link attempts a Telegram user may make in LINK_FAIL_WINDOW_S (guessing codes). */
+#define LINK_FAIL_MAX 10
+#define LINK_FAIL_WINDOW_S "3600"
 
 typedef struct st_tg_role {
     char *database_url; /* owned */
@@ -82,6 +99,8 @@ typedef struct st_tg_role {
     char *config_slug; /* owned; the quick-start bot's slug, NULL when none */
     char *config_token;
     char *config_secret;
+    char *paddle_api_url; /* owned; checkout links (/plans) */
+    char *paddle_api_key; /* owned; secret, wiped on free; NULL: online payment is off */
     int shards;
     int64_t stream_maxlen;
 } tg_role_t;
@@ -133,6 +152,10 @@ int wk_telegram_init(const bg_config_t *cfg, void **ud)
     r->default_locale = bg_strdup(cfg->default_locale);
     r->shards = cfg->shards;
     r->stream_maxlen = cfg->stream_maxlen;
+    if (bg_str_present(cfg->paddle_api_key)) {
+        r->paddle_api_url = bg_strdup(cfg->paddle_api_url != NULL ? cfg->paddle_api_url : "");
+        r->paddle_api_key = bg_strdup(cfg->paddle_api_key);
+    }
     if (bg_str_present(cfg->telegram_bot_token)) {
         char slug[BG_TG_SLUG_SIZE];
         if (bg_tg_token_slug(cfg->telegram_bot_token, slug) != 0 ||
@@ -179,6 +202,8 @@ void wk_telegram_dispose(void *ud)
     free(r->config_slug);
     free_secret(r->config_token);
     free_secret(r->config_secret);
+    free(r->paddle_api_url);
+    free_secret(r->paddle_api_key);
     free(r);
 }
 
@@ -517,27 +542,35 @@ static int mark_done(wk_job_t *job, const char *key, int64_t seq)
 
 /* ---- commands ---- */
 
-static int cmd_usage(tg_ctx_t *x)
-{
+/* What the admission script holds for the user now: the compiled state, requests left, reset. */
+typedef struct st_quota_now {
     bg_admission_state_t st;
+    bool live; /* a plan (or trial) in force */
+    int64_t remaining;
+    int64_t reset_ms;
+} quota_now_t;
+
+static int quota_now(tg_ctx_t *x, quota_now_t *q)
+{
+    memset(q, 0, sizeof(*q));
     int64_t now = bg_timeutil_wall_ms();
-    int rc = bg_policy_compile_user(x->pg, x->who.user_id, now, &st);
+    int rc = bg_policy_compile_user(x->pg, x->who.user_id, now, &q->st);
     if (rc != 0)
         return rc;
-    bool live = (strcmp(st.status, "active") == 0 || strcmp(st.status, "trialing") == 0) &&
-                !(st.w_until > 0 && now >= st.w_until);
-    if (!live)
-        return say(x, "telegram.no_plan", NULL, NULL);
+    q->live = (strcmp(q->st.status, "active") == 0 || strcmp(q->st.status, "trialing") == 0) &&
+              !(q->st.w_until > 0 && now >= q->st.w_until);
+    if (!q->live)
+        return 0;
     /* what the admission script counts: used in this window, and reservations still held */
     bg_admission_keys_t keys;
     rc = bg_admission_keys(&keys, x->role->shards, x->who.user_id, NULL);
     if (rc != 0)
         return rc;
-    int64_t win = bg_policy_window_start(&st, now);
+    int64_t win = bg_policy_window_start(&q->st, now);
     int64_t used = 0, held = 0;
     redisReply *reply = NULL;
-    const char *q[] = {"HMGET", keys.quota, "win", "used"};
-    rc = bg_redis_argv(x->job->redis, 4, q, NULL, &reply);
+    const char *hq[] = {"HMGET", keys.quota, "win", "used"};
+    rc = bg_redis_argv(x->job->redis, 4, hq, NULL, &reply);
     if (rc != 0)
         return rc;
     if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 2 &&
@@ -555,13 +588,234 @@ static int cmd_usage(tg_ctx_t *x)
             strtoll(reply->element[i]->str, NULL, 10) > now)
             held++;
     freeReplyObject(reply);
-    int64_t remaining = st.limits.q_limit - used - held;
-    char rem[24], lim[24], reset[40];
-    snprintf(rem, sizeof(rem), "%" PRId64, remaining > 0 ? remaining : 0);
-    snprintf(lim, sizeof(lim), "%" PRId64, st.limits.q_limit);
-    format_time(bg_policy_window_end(&st, now), reset, sizeof(reset));
-    const char *params[] = {"plan", st.plan, "remaining", rem, "limit", lim, "reset", reset, NULL};
-    return say(x, "telegram.usage", params, NULL);
+    q->remaining = q->st.limits.q_limit - used - held;
+    if (q->remaining < 0)
+        q->remaining = 0;
+    q->reset_ms = bg_policy_window_end(&q->st, now);
+    return 0;
+}
+
+/*
+ * Writes the inline keyboard of the plans on sale (what GET /billing/plans lists), one button a
+ * row with callback data "plan:<id>", into markup. Leaves markup empty when none is on sale.
+ */
+static int plans_markup(tg_ctx_t *x, bg_buf_t *markup)
+{
+    bg_buf_reset(markup);
+    bg_plan_t *plans = bg_calloc(BG_PLANS_LIST_MAX, sizeof(*plans));
+    size_t n = 0;
+    int rc = bg_plans_list(x->pg, true, plans, BG_PLANS_LIST_MAX, &n);
+    if (rc != 0 || n == 0)
+        goto out;
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, markup);
+    bg_json_write_begin_object(&w);
+    bg_json_write_key(&w, "inline_keyboard");
+    bg_json_write_begin_array(&w);
+    bg_buf_t label;
+    bg_buf_init(&label, 1024);
+    for (size_t i = 0; i < n; i++) {
+        const bg_plan_t *p = &plans[i];
+        char price[48], requests[24], data[48];
+        snprintf(price, sizeof(price), "%" PRId64 ".%02" PRId64, p->price_minor / 100,
+                 p->price_minor % 100);
+        snprintf(requests, sizeof(requests), "%" PRId64, p->requests);
+        snprintf(data, sizeof(data), "plan:%s", p->id);
+        char pkey[64];
+        snprintf(pkey, sizeof(pkey), "telegram.period_%s", p->period);
+        const char *period = bg_i18n_text(x->locale, pkey);
+        const char *params[] = {
+            "name",      p->name,    "price",  price,    "currency",
+            p->currency, "requests", requests, "period", period != NULL ? period : p->period,
+            NULL};
+        text_of(x, "telegram.plan_button", params, &label);
+        bg_json_write_begin_array(&w);
+        bg_json_write_begin_object(&w);
+        bg_json_write_field_str(&w, "text", label.base);
+        bg_json_write_field_str(&w, "callback_data", data);
+        bg_json_write_end_object(&w);
+        bg_json_write_end_array(&w);
+    }
+    bg_buf_dispose(&label);
+    bg_json_write_end_array(&w);
+    bg_json_write_end_object(&w);
+    rc = bg_json_write_finish(&w);
+    if (rc != 0)
+        bg_buf_reset(markup);
+out:
+    free(plans);
+    return rc;
+}
+
+/* say() with the plans keyboard under the message (none when nothing is on sale). */
+static int say_with_plans(tg_ctx_t *x, const char *key, const char *const params[])
+{
+    bg_buf_t markup;
+    bg_buf_init(&markup, 64 * 1024);
+    int rc = plans_markup(x, &markup);
+    if (rc == 0)
+        rc = say(x, key, params, markup.len > 0 ? markup.base : NULL);
+    bg_buf_dispose(&markup);
+    return rc;
+}
+
+static int cmd_usage(tg_ctx_t *x)
+{
+    quota_now_t *q = bg_calloc(1, sizeof(*q));
+    int rc = quota_now(x, q);
+    if (rc == 0 && !q->live)
+        rc = say_with_plans(x, "telegram.no_plan", NULL);
+    else if (rc == 0) {
+        char rem[24], lim[24], reset[40];
+        snprintf(rem, sizeof(rem), "%" PRId64, q->remaining);
+        snprintf(lim, sizeof(lim), "%" PRId64, q->st.limits.q_limit);
+        format_time(q->reset_ms, reset, sizeof(reset));
+        const char *params[] = {"plan", q->st.plan, "remaining", rem, "limit",
+                                lim,    "reset",    reset,       NULL};
+        rc = say(x, "telegram.usage", params, NULL);
+    }
+    free(q);
+    return rc;
+}
+
+static int cmd_profile(tg_ctx_t *x)
+{
+    bg_tg_profile_t prof;
+    int rc = bg_tg_profile_get(x->pg, x->who.user_id, &prof);
+    if (rc != 0)
+        return rc;
+    quota_now_t *q = bg_calloc(1, sizeof(*q));
+    rc = quota_now(x, q);
+    if (rc != 0) {
+        free(q);
+        return rc;
+    }
+    char rem[24], lim[24], reset[40], skey[40];
+    snprintf(rem, sizeof(rem), "%" PRId64, q->live ? q->remaining : 0);
+    snprintf(lim, sizeof(lim), "%" PRId64, q->live ? q->st.limits.q_limit : 0);
+    if (q->live)
+        format_time(q->reset_ms, reset, sizeof(reset));
+    else
+        bg_strlcpy(reset, "-", sizeof(reset));
+    snprintf(skey, sizeof(skey), "telegram.status_%s", q->live ? q->st.status : "none");
+    const char *status = bg_i18n_text(x->locale, skey);
+    const char *linked =
+        bg_i18n_text(x->locale, prof.has_web_login ? "telegram.yes" : "telegram.no");
+    const char *lname = bg_i18n_text(x->locale, "telegram.locale_name");
+    /* the plan's name as the catalogue has it (its id when the plan is gone) */
+    bg_plan_t *plan = bg_calloc(1, sizeof(*plan));
+    const char *plan_name = "-";
+    if (q->live && q->st.plan[0] != '\0')
+        plan_name = bg_plans_get(x->pg, q->st.plan, plan) == 0 ? plan->name : q->st.plan;
+    const char *params[] = {"name",      prof.name,
+                            "plan",      plan_name,
+                            "status",    status != NULL ? status : q->st.status,
+                            "remaining", rem,
+                            "limit",     lim,
+                            "reset",     reset,
+                            "locale",    lname != NULL ? lname : x->locale,
+                            "linked",    linked != NULL ? linked : "-",
+                            NULL};
+    rc = say(x, "telegram.profile", params, NULL);
+    free(plan);
+    free(q);
+    return rc;
+}
+
+static int cmd_plans(tg_ctx_t *x)
+{
+    bg_buf_t markup;
+    bg_buf_init(&markup, 64 * 1024);
+    int rc = plans_markup(x, &markup);
+    if (rc == 0)
+        rc = markup.len > 0 ? say(x, "telegram.plans_choose", NULL, markup.base)
+                            : say(x, "telegram.plans_none", NULL, NULL);
+    bg_buf_dispose(&markup);
+    return rc;
+}
+
+/* The text after the command ("/link@bot  AB12 CD34" → "AB12 CD34"), or "". */
+static const char *command_args(const tg_ctx_t *x)
+{
+    const char *t = x->u.text != NULL ? x->u.text : "";
+    t += strcspn(t, " \n\t");
+    while (*t == ' ' || *t == '\n' || *t == '\t')
+        t++;
+    return t;
+}
+
+/* The key counting a Telegram user's failed /link attempts. */
+static void link_fail_key(const tg_ctx_t *x, char *out, size_t outlen)
+{
+    char tg[24];
+    snprintf(tg, sizeof(tg), "%" PRId64, x->u.from_id);
+    snprintf(out, outlen, "bg:{s%d}:tg:linkfail:%s", bg_shard_of(tg, x->role->shards), tg);
+}
+
+static int64_t link_failures(tg_ctx_t *x, bool add)
+{
+    char key[BG_REDIS_KEY_MAX];
+    link_fail_key(x, key, sizeof(key));
+    redisReply *r = NULL;
+    int64_t n = 0;
+    const char *get[] = {"GET", key};
+    const char *incr[] = {"INCR", key};
+    if (bg_redis_argv(x->job->redis, 2, add ? incr : get, NULL, &r) == 0) {
+        if (r->type == REDIS_REPLY_INTEGER)
+            n = r->integer;
+        else if (r->type == REDIS_REPLY_STRING)
+            n = strtoll(r->str, NULL, 10);
+        freeReplyObject(r);
+    }
+    if (add && n == 1) {
+        const char *ex[] = {"EXPIRE", key, LINK_FAIL_WINDOW_S};
+        if (bg_redis_argv(x->job->redis, 3, ex, NULL, &r) == 0)
+            freeReplyObject(r);
+    }
+    return n;
+}
+
+static int cmd_link(tg_ctx_t *x)
+{
+    /* a code typed in a group would be seen by everyone there */
+    if (strcmp(x->u.chat_type, "private") != 0)
+        return say(x, "telegram.link_private", NULL, NULL);
+    const char *code = command_args(x);
+    if (code[0] == '\0')
+        return say(x, "telegram.link_how", NULL, NULL);
+    if (link_failures(x, false) >= LINK_FAIL_MAX)
+        return say(x, "telegram.link_too_many", NULL, NULL);
+    bg_tg_link_result_t res;
+    int rc = bg_tg_link(x->pg, x->u.from_id, code, &res);
+    if (rc != 0)
+        return rc;
+    const char *key = "telegram.link_invalid";
+    switch (res.outcome) {
+    case BG_TG_LINK_DONE: {
+        bg_info("job %s: Telegram user linked to user %s (previous user %s %s, %" PRId64
+                " conversations moved)",
+                x->job->job_id, res.user_id, res.old_user_id, res.retired ? "retired" : "kept",
+                res.moved);
+        /* from now on the bot speaks the account's language */
+        bg_strlcpy(x->locale, bg_i18n_negotiate(res.locale, NULL), sizeof(x->locale));
+        const char *params[] = {"name", res.name, NULL};
+        return say(x, "telegram.link_done", params, NULL);
+    }
+    case BG_TG_LINK_ALREADY:
+        return say(x, "telegram.link_already", NULL, NULL);
+    case BG_TG_LINK_TAKEN:
+        return say(x, "telegram.link_taken", NULL, NULL);
+    case BG_TG_LINK_EXPIRED:
+        key = "telegram.link_expired";
+        break;
+    case BG_TG_LINK_USED:
+        key = "telegram.link_used";
+        break;
+    case BG_TG_LINK_UNKNOWN:
+        break;
+    }
+    (void)link_failures(x, true);
+    return say(x, key, NULL, NULL);
 }
 
 static int cmd_locale(tg_ctx_t *x)
@@ -617,9 +871,71 @@ static int command(tg_ctx_t *x)
     }
     if (strcmp(c, "usage") == 0)
         return cmd_usage(x);
+    if (strcmp(c, "profile") == 0)
+        return cmd_profile(x);
+    if (strcmp(c, "plans") == 0)
+        return cmd_plans(x);
+    if (strcmp(c, "link") == 0)
+        return cmd_link(x);
     if (strcmp(c, "locale") == 0 || strcmp(c, "language") == 0)
         return cmd_locale(x);
     return say(x, "telegram.unknown_command", NULL, NULL);
+}
+
+/*
+ * A plan chosen on the keyboard: a checkout link made as POST /billing/subscribe makes it (a
+ * Paddle transaction for the plan's price with custom_data.user_id), or a localized refusal.
+ */
+static int checkout(tg_ctx_t *x, const char *plan_id)
+{
+    const bg_paddle_api_t api = {.base_url = x->role->paddle_api_url,
+                                 .api_key = x->role->paddle_api_key};
+    if (!bg_paddle_api_configured(&api))
+        return say(x, "telegram.payment_unavailable", NULL, NULL);
+    bg_billing_checkout_t info;
+    int rc = bg_billing_checkout_info(x->pg, x->who.user_id, plan_id, &info);
+    if (rc == BG_ERR_NOT_FOUND)
+        return say(x, "telegram.plan_not_purchasable", NULL, NULL);
+    if (rc != 0)
+        return rc;
+    if (info.price_id[0] == '\0' || !info.purchasable)
+        return say(x, "telegram.plan_not_purchasable", NULL, NULL);
+    if (info.subscription_id[0] != '\0')
+        return say(x, "telegram.already_subscribed", NULL, NULL);
+    bg_paddle_reply_t reply;
+    rc =
+        bg_paddle_create_transaction(&api, info.price_id, x->who.user_id,
+                                     info.customer_id[0] != '\0' ? info.customer_id : NULL, &reply);
+    if (rc != 0 || reply.checkout_url[0] == '\0') {
+        bg_warn("job %s: Paddle checkout failed: %s (HTTP %ld after %d attempts, %s)",
+                x->job->job_id, rc != 0 ? bg_strerror(rc) : "no checkout url", reply.status,
+                reply.attempts, reply.error_code[0] != '\0' ? reply.error_code : "no error code");
+        return say(x, "telegram.payment_failed", NULL, NULL);
+    }
+    bg_buf_t markup, label;
+    bg_buf_init(&markup, 4096);
+    bg_buf_init(&label, 1024);
+    text_of(x, "telegram.pay_button", NULL, &label);
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, &markup);
+    bg_json_write_begin_object(&w);
+    bg_json_write_key(&w, "inline_keyboard");
+    bg_json_write_begin_array(&w);
+    bg_json_write_begin_array(&w);
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "text", label.base);
+    bg_json_write_field_str(&w, "url", reply.checkout_url);
+    bg_json_write_end_object(&w);
+    bg_json_write_end_array(&w);
+    bg_json_write_end_array(&w);
+    bg_json_write_end_object(&w);
+    rc = bg_json_write_finish(&w);
+    const char *params[] = {"plan", plan_id, "url", reply.checkout_url, NULL};
+    if (rc == 0)
+        rc = say(x, "telegram.checkout", params, markup.base);
+    bg_buf_dispose(&label);
+    bg_buf_dispose(&markup);
+    return rc;
 }
 
 static int callback(tg_ctx_t *x)
@@ -659,6 +975,10 @@ static int callback(tg_ctx_t *x)
         int erc = edit_text(x, x->u.message_id, text.base, text.len, true);
         rc = erc == BG_ERR_INVALID || erc == BG_ERR_DENIED ? 0 : erc;
     }
+    /* a plan chosen: the spinner stopped above, the checkout link follows in the chat */
+    if (rc == 0 && strncmp(data, "plan:", 5) == 0 && data[5] != '\0' && x->u.has_chat &&
+        !x->blocked)
+        rc = checkout(x, data + 5);
     bg_buf_dispose(&text);
     bg_buf_dispose(&out);
     return rc;
@@ -682,40 +1002,25 @@ static int stored_message(tg_ctx_t *x, int64_t *mid)
     return *mid != 0 ? 0 : BG_ERR_NOT_FOUND;
 }
 
-/* Admits the turn; on 0, *d has the decision (never "no state"). */
-static int admit(tg_ctx_t *x, const char *conv_id, int64_t mid, bg_admission_decision_t *d)
+/* Admits the turn (bg/channel.h: the web's job and admission); on 0, *d has the decision. */
+static int admit(tg_ctx_t *x, const char *conv_id, int64_t mid, const char *image_url,
+                 bg_admission_decision_t *d)
 {
-    char message_id[24];
-    snprintf(message_id, sizeof(message_id), "%" PRId64, mid);
-    const char *fields[] = {
-        "user_id",    x->who.user_id, "conversation_id", conv_id,    "agent_id",    x->bot.agent_id,
-        "message_id", message_id,     "channel",         "telegram", "locale",      x->locale,
-        "user_name",  x->who.name,    "max_tokens",      "0",        "temperature", ""};
-    bg_admission_req_t req = {
-        .user_id = x->who.user_id,
-        .feature = "",
-        .role = "llm",
-        .job_id = x->job->job_id,
-        .nfields = BG_ARRAY_SIZE(fields) / 2,
-        .fields = fields,
-        .reservation_ttl_ms = RESERVATION_TTL_MS,
-        .stream_maxlen = x->role->stream_maxlen,
-    };
-    for (int attempt = 0; attempt < 2; attempt++) {
-        int rc = bg_admission_admit(x->job->redis, x->role->shards, &req, d);
-        if (rc != 0)
-            return rc;
-        if (d->verdict != BG_ADMISSION_NO_STATE)
-            return 0;
-        /* a new user, or a flushed Redis: compile the state from Postgres, as the edge does */
-        bg_admission_state_t st;
-        rc = bg_policy_compile_user(x->pg, x->who.user_id, bg_timeutil_wall_ms(), &st);
-        if (rc == 0)
-            rc = bg_policy_state_write(x->job->redis, x->role->shards, &st);
-        if (rc != 0)
-            return rc;
-    }
-    return BG_ERR_UNAVAILABLE;
+    const bg_turn_t t = {.channel = "telegram",
+                         .user_id = x->who.user_id,
+                         .user_name = x->who.name,
+                         .locale = x->locale,
+                         .job_id = x->job->job_id,
+                         .agent_id = x->bot.agent_id,
+                         .conversation_id = conv_id,
+                         .message_id = mid, /* stored above, with the photo's note */
+                         .image_url = image_url,
+                         .temperature = -1};
+    bg_turn_job_t job;
+    int rc = bg_turn_prepare(&t, x->role->stream_maxlen, &job);
+    if (rc != 0)
+        return rc;
+    return bg_turn_admit(x->job->redis, x->pg, x->role->shards, &job, d);
 }
 
 static int denied(tg_ctx_t *x, const bg_admission_decision_t *d)
@@ -723,126 +1028,95 @@ static int denied(tg_ctx_t *x, const bg_admission_decision_t *d)
     char reset[40];
     format_time(d->q_reset_ms, reset, sizeof(reset));
     const char *params[] = {"reset", reset, NULL};
-    switch (d->verdict) {
-    case BG_ADMISSION_QUOTA_EXCEEDED:
-        return say(x, "telegram.quota_exceeded", params, NULL);
-    case BG_ADMISSION_RATE_LIMITED:
-    case BG_ADMISSION_CONCURRENCY:
+    switch (bg_turn_refusal(d->verdict)) {
+    case BG_REFUSAL_QUOTA:
+        return say_with_plans(x, "telegram.quota_exceeded", params);
+    case BG_REFUSAL_RATE:
         return say(x, "telegram.rate_limited", NULL, NULL);
-    case BG_ADMISSION_NO_PLAN:
-    case BG_ADMISSION_FEATURE:
-    case BG_ADMISSION_TOO_MANY_TOKENS:
-    case BG_ADMISSION_NO_STATE:
-    case BG_ADMISSION_OK:
+    case BG_REFUSAL_FEATURE:
+        return say_with_plans(x, "telegram.no_feature", NULL);
+    case BG_REFUSAL_NONE:
+    case BG_REFUSAL_NO_PLAN:
+    case BG_REFUSAL_TOO_LONG:
+    case BG_REFUSAL_UNAVAILABLE:
         break;
     }
-    return say(x, "telegram.no_plan", NULL, NULL);
+    return say_with_plans(x, "telegram.no_plan", NULL);
 }
 
-/* Reads the text of a delta's data ({"text": "…"}) onto text. */
-static void add_delta(const char *data, size_t len, bg_buf_t *text)
+/* The chat's view of a reply being followed (bg_turn_follow's sink). */
+typedef struct st_tg_follow {
+    tg_ctx_t *x;
+    const bg_buf_t *text; /* the reply so far */
+    int64_t message_id;   /* the message showing it, 0 before the first */
+    size_t shown;         /* bytes of text that message shows */
+    uint64_t last_typing;
+} tg_follow_t;
+
+/* Shows the text so far, as far as one message holds it; skipped (and tried again at the next
+ * tick) when the chat is paced. Returns false once the user blocked the bot. */
+static bool show_progress(tg_follow_t *f)
 {
-    bg_json_doc_t *doc = NULL;
-    const char *desc = NULL;
-    if (bg_json_parse(data, len, NULL, &doc, &desc, NULL) != 0)
-        return;
-    const char *s = NULL;
-    size_t n = 0;
-    if (bg_json_get_strn(bg_json_root(doc), "text", &s, &n) == 0 && bg_buf_append(text, s, n) != 0)
-        bg_warn("reply longer than %d bytes: cut", REPLY_MAX);
-    bg_json_doc_free(doc);
+    tg_ctx_t *x = f->x;
+    const bg_buf_t *text = f->text;
+    if (x->blocked)
+        return false;
+    if (text->len == 0 || text->len == f->shown)
+        return true;
+    size_t n = bg_tg_split(text->base, text->len, BG_TG_TEXT_MAX);
+    if (n == f->shown)
+        return true;
+    bool first = f->message_id == 0;
+    int src = first ? send_text(x, text->base, n, NULL, false, &f->message_id)
+                    : edit_text(x, f->message_id, text->base, n, false);
+    if (src == 0) {
+        f->shown = n;
+        /* a new message clears the typing status (an edit does not) */
+        if (first)
+            f->last_typing = bg_timeutil_mono_ms();
+    }
+    return !x->blocked;
+}
+
+static bool follow_text(void *ctx, const char *text, size_t len)
+{
+    (void)text;
+    (void)len;
+    return show_progress(ctx);
+}
+
+static bool follow_tick(void *ctx)
+{
+    tg_follow_t *f = ctx;
+    uint64_t now = bg_timeutil_mono_ms();
+    if (f->last_typing == 0 || now - f->last_typing >= TYPING_EVERY_MS) {
+        typing(f->x);
+        f->last_typing = now;
+    }
+    return show_progress(f);
 }
 
 /* Relays the output of the admitted turn into the chat. */
 static int relay(tg_ctx_t *x)
 {
     int shard = bg_shard_of(x->who.user_id, x->role->shards);
-    char key[BG_REDIS_KEY_MAX];
-    int rc = bg_jobout_key_stream(key, sizeof(key), shard, x->job->job_id);
-    if (rc != 0)
-        return rc;
-    char last[BG_JOBS_ENTRY_ID_MAX] = "0-0";
     bg_buf_t text;
     bg_buf_init(&text, REPLY_MAX);
-    int64_t message_id = 0;
-    size_t shown = 0; /* bytes of text the message shows */
-    uint64_t last_typing = 0;
-    uint64_t deadline = bg_timeutil_mono_ms() + REPLY_TIMEOUT_MS;
-    bool over = false, failed = false;
-    while (!over && !x->blocked) {
-        uint64_t now = bg_timeutil_mono_ms();
-        if (now >= deadline) {
-            bg_warn("job %s: no end of the reply after %d ms", x->job->job_id, REPLY_TIMEOUT_MS);
-            failed = true;
-            break;
-        }
-        if (now - last_typing >= TYPING_EVERY_MS) {
-            typing(x);
-            last_typing = now;
-        }
-        const char *argv[] = {"XREAD", "COUNT", "256", "BLOCK", "500", "STREAMS", key, last};
-        redisReply *reply = NULL;
-        rc = bg_redis_argv_block(x->job->redis, XREAD_BLOCK_MS, 8, argv, NULL, &reply);
-        if (rc != 0)
-            goto out;
-        /* [[key, [[id, [field, value, …]], …]]] or nil on timeout */
-        if (reply->type == REDIS_REPLY_ARRAY && reply->elements == 1 &&
-            reply->element[0]->type == REDIS_REPLY_ARRAY && reply->element[0]->elements == 2) {
-            const redisReply *entries = reply->element[0]->element[1];
-            for (size_t i = 0; entries->type == REDIS_REPLY_ARRAY && i < entries->elements; i++) {
-                const redisReply *e = entries->element[i];
-                if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
-                    e->element[0]->type != REDIS_REPLY_STRING)
-                    continue;
-                bg_strlcpy(last, e->element[0]->str, sizeof(last));
-                const redisReply *f = e->element[1];
-                const char *type = NULL, *data = NULL;
-                size_t data_len = 0;
-                for (size_t k = 0; f->type == REDIS_REPLY_ARRAY && k + 1 < f->elements; k += 2) {
-                    if (f->element[k]->type != REDIS_REPLY_STRING ||
-                        f->element[k + 1]->type != REDIS_REPLY_STRING)
-                        continue;
-                    if (strcmp(f->element[k]->str, "type") == 0)
-                        type = f->element[k + 1]->str;
-                    else if (strcmp(f->element[k]->str, "data") == 0) {
-                        data = f->element[k + 1]->str;
-                        data_len = f->element[k + 1]->len;
-                    }
-                }
-                if (type == NULL)
-                    continue;
-                if (strcmp(type, BG_JOBOUT_DELTA) == 0 && data != NULL)
-                    add_delta(data, data_len, &text);
-                else if (strcmp(type, BG_JOBOUT_RESET) == 0)
-                    bg_buf_reset(&text);
-                else if (strcmp(type, BG_JOBOUT_DONE) == 0)
-                    over = true;
-                else if (strcmp(type, BG_JOBOUT_ERROR) == 0)
-                    over = failed = true;
-            }
-        }
-        freeReplyObject(reply);
-        if (over || text.len == 0 || text.len == shown)
-            continue;
-        /* the text so far, as far as one message holds it; skipped when the chat is paced */
-        size_t n = bg_tg_split(text.base, text.len, BG_TG_TEXT_MAX);
-        if (n == shown)
-            continue;
-        bool first = message_id == 0;
-        int src = first ? send_text(x, text.base, n, NULL, false, &message_id)
-                        : edit_text(x, message_id, text.base, n, false);
-        if (src == 0) {
-            shown = n;
-            /* a new message clears the typing status (an edit does not) */
-            if (first)
-                last_typing = bg_timeutil_mono_ms();
-        }
-    }
+    tg_follow_t f = {.x = x, .text = &text};
+    const bg_turn_sink_t sink = {
+        .ctx = &f, .on_text = follow_text, .on_tick = follow_tick, .tick_ms = FOLLOW_TICK_MS};
+    bg_turn_end_t end = BG_TURN_TIMED_OUT;
+    int rc = bg_turn_follow(x->job->redis, shard, x->job->job_id, &sink, REPLY_TIMEOUT_MS, &text,
+                            &end, NULL);
+    if (rc != 0)
+        goto out;
     if (x->blocked) {
         rc = 0;
         goto out;
     }
-    if (failed) {
+    if (end == BG_TURN_TIMED_OUT)
+        bg_warn("job %s: no end of the reply after %d ms", x->job->job_id, REPLY_TIMEOUT_MS);
+    if (end != BG_TURN_DONE) {
         /* what was generated stays; the note says it is not the whole answer */
         bg_buf_t note;
         bg_buf_init(&note, 4096);
@@ -856,13 +1130,17 @@ static int relay(tg_ctx_t *x)
     } else if (text.len == 0) {
         text_of(x, "telegram.empty_reply", NULL, &text);
     }
-    rc = deliver(x, text.base, text.len, message_id);
+    rc = deliver(x, text.base, text.len, f.message_id);
 out:
     bg_buf_dispose(&text);
     return rc;
 }
 
-static int turn(tg_ctx_t *x)
+/*
+ * A chat turn: the message (text, or a photo's caption with the photo as image_url, a data URL)
+ * is stored, admitted and answered.
+ */
+static int turn(tg_ctx_t *x, const char *image_url)
 {
     char conv[37];
     int rc = bg_tg_chat_conversation(x->pg, &x->bot, &x->u, x->who.user_id, false, conv);
@@ -871,7 +1149,16 @@ static int turn(tg_ctx_t *x)
     if (rc != 0)
         return rc;
     int64_t mid = 0;
-    rc = bg_chat_append_user(x->pg, x->who.user_id, conv, x->u.text, x->job->job_id, NULL, &mid);
+    /* a photo without a caption is stored as a note that a photo was sent */
+    bg_buf_t note;
+    bg_buf_init(&note, 4096);
+    const char *content = x->u.text;
+    if (content == NULL || content[0] == '\0') {
+        text_of(x, "telegram.photo_message", NULL, &note);
+        content = note.base;
+    }
+    rc = bg_chat_append_user(x->pg, x->who.user_id, conv, content, x->job->job_id, NULL, &mid);
+    bg_buf_dispose(&note);
     if (rc == BG_ERR_CONFLICT)
         rc = stored_message(x, &mid); /* a redelivery: the message is there */
     if (rc == BG_ERR_INVALID)
@@ -892,7 +1179,7 @@ static int turn(tg_ctx_t *x)
     freeReplyObject(r);
     if (!admitted) {
         bg_admission_decision_t d;
-        rc = admit(x, conv, mid, &d);
+        rc = admit(x, conv, mid, image_url, &d);
         if (rc != 0)
             return rc;
         if (d.verdict != BG_ADMISSION_OK)
@@ -902,6 +1189,70 @@ static int turn(tg_ctx_t *x)
             freeReplyObject(r);
     }
     return relay(x);
+}
+
+/* ---- media ---- */
+
+/* Answers a file that could not be fetched; rc is what fetching it returned. */
+static int file_refused(tg_ctx_t *x, int rc)
+{
+    if (rc == BG_ERR_TOO_LARGE) {
+        char max[16];
+        snprintf(max, sizeof(max), "%d", BG_TG_FILE_MAX / (1024 * 1024));
+        const char *params[] = {"max", max, NULL};
+        return say(x, "telegram.file_too_large", params, NULL);
+    }
+    bg_warn("job %s: cannot fetch the file: %s", x->job->job_id, bg_strerror(rc));
+    return say(x, "telegram.file_failed", NULL, NULL);
+}
+
+/*
+ * A photo, document, voice message, audio or video. A photo goes to the model, as a data URL in
+ * the job's image_url, when the bot's agent accepts images (agents.accepts_images); everything
+ * else gets a localized note of what the bot reads. The 20 MB limit of the Bot API is checked on
+ * the update's file_size, on getFile's, and while downloading.
+ */
+static int media(tg_ctx_t *x)
+{
+    bool images = false;
+    int rc = bg_tg_agent_accepts_images(x->pg, x->bot.agent_id, &images);
+    if (rc != 0)
+        return rc;
+    if (x->u.content != BG_TG_PHOTO || !images)
+        return say(x, images ? "telegram.unsupported_media_images" : "telegram.unsupported_media",
+                   NULL, NULL);
+    if (x->u.file_size > BG_TG_FILE_MAX || x->u.file_id[0] == '\0')
+        return file_refused(x, x->u.file_id[0] == '\0' ? BG_ERR_INVALID : BG_ERR_TOO_LARGE);
+    bg_tg_file_t f;
+    memset(&f, 0, sizeof(f));
+    bg_strlcpy(f.file_id, x->u.file_id, sizeof(f.file_id));
+    f.file_size = x->u.file_size;
+    (void)take_slot(x, false, true);
+    bg_tg_result_t res;
+    memset(&res, 0, sizeof(res));
+    rc = bg_tg_client_get_file(x->client, &f, BG_TG_FILE_MAX, &res);
+    if (rc == BG_ERR_TIMEOUT || rc == BG_ERR_UNAVAILABLE ||
+        (rc == BG_ERR_INVALID && res.error_code >= 429))
+        return BG_ERR_UNAVAILABLE; /* Telegram had trouble: the job is retried */
+    if (rc != 0)
+        return file_refused(x, rc);
+    bg_buf_t file, url;
+    bg_buf_init(&file, BG_TG_FILE_MAX);
+    /* base64 is 4/3 of the bytes, plus the "data:…;base64," head */
+    bg_buf_init(&url, BG_TG_FILE_MAX / 3 * 4 + 1024);
+    rc = bg_tg_client_download(x->client, &f, BG_TG_FILE_MAX, &file);
+    if (rc == 0) {
+        const char *mime =
+            strncmp(x->u.mime_type, "image/", 6) == 0 ? x->u.mime_type : "image/jpeg";
+        rc = bg_tg_data_url(mime, file.base, file.len, &url);
+        bg_buf_dispose(&file);
+        rc = rc == 0 ? turn(x, url.base) : file_refused(x, rc);
+    } else {
+        bg_buf_dispose(&file);
+        rc = rc == BG_ERR_TIMEOUT || rc == BG_ERR_UNAVAILABLE ? rc : file_refused(x, rc);
+    }
+    bg_buf_dispose(&url);
+    return rc;
 }
 
 /* ---- one update ---- */
@@ -974,13 +1325,13 @@ static int dispatch(tg_ctx_t *x)
     case BG_TG_COMMAND:
         return command(x);
     case BG_TG_TEXT:
-        return turn(x);
+        return turn(x, NULL);
     case BG_TG_PHOTO:
     case BG_TG_DOCUMENT:
     case BG_TG_VOICE:
     case BG_TG_AUDIO:
     case BG_TG_VIDEO:
-        return say(x, "telegram.unsupported_media", NULL, NULL);
+        return media(x);
     case BG_TG_NONE:
         break;
     }

@@ -111,6 +111,24 @@ static bool read_command(const char *text, char *out, size_t outlen)
     return n > 0;
 }
 
+/* The file of a media field: a photo is an array of sizes, smallest first (take the largest). */
+static void read_file(const bg_json_t *m, bg_tg_content_t content, bg_tg_update_t *u)
+{
+    if (bg_json_is_array(m)) {
+        size_t n = bg_json_len(m);
+        m = n > 0 ? bg_json_at(m, n - 1) : NULL;
+    }
+    if (m == NULL || bg_json_type(m) != BG_JSON_OBJECT)
+        return;
+    copy_str(m, "file_id", u->file_id, sizeof(u->file_id));
+    if (!get_i64(m, "file_size", &u->file_size) || u->file_size < 0)
+        u->file_size = 0;
+    copy_str(m, "mime_type", u->mime_type, sizeof(u->mime_type));
+    /* Telegram re-encodes every photo as JPEG and gives no mime_type for it */
+    if (content == BG_TG_PHOTO && u->mime_type[0] == '\0')
+        bg_strlcpy(u->mime_type, "image/jpeg", sizeof(u->mime_type));
+}
+
 static void read_message(const bg_json_t *msg, bg_tg_update_t *u)
 {
     read_chat(msg, u);
@@ -132,8 +150,10 @@ static void read_message(const bg_json_t *msg, bg_tg_update_t *u)
     } media[] = {{"photo", BG_TG_PHOTO}, {"document", BG_TG_DOCUMENT}, {"voice", BG_TG_VOICE},
                  {"audio", BG_TG_AUDIO}, {"video", BG_TG_VIDEO},       {"video_note", BG_TG_VIDEO}};
     for (size_t i = 0; i < BG_ARRAY_SIZE(media); i++) {
-        if (bg_json_find(msg, media[i].key) != NULL) {
+        const bg_json_t *m = bg_json_find(msg, media[i].key);
+        if (m != NULL) {
             u->content = media[i].content;
+            read_file(m, media[i].content, u);
             return;
         }
     }
@@ -323,6 +343,8 @@ struct bg_tg_client {
     CURL *easy;
     char *base; /* owned: <api_url>/bot<token>/ (secret: wiped on free) */
     size_t base_len;
+    char *file_base; /* owned: <api_url>/file/bot<token>/ (secret: wiped on free) */
+    size_t file_base_len;
     int64_t timeout_ms;
 };
 
@@ -353,6 +375,8 @@ int bg_tg_client_new(const char *api_url, const char *token, int64_t timeout_ms,
         ul--;
     c->base = bg_asprintf("%.*s/bot%s/", (int)ul, api_url, token);
     c->base_len = strlen(c->base);
+    c->file_base = bg_asprintf("%.*s/file/bot%s/", (int)ul, api_url, token);
+    c->file_base_len = strlen(c->file_base);
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 30000;
     c->easy = curl_easy_init();
     if (c->easy == NULL) {
@@ -372,6 +396,10 @@ void bg_tg_client_free(bg_tg_client_t *c)
     if (c->base != NULL) {
         bg_crypto_wipe(c->base, c->base_len);
         free(c->base);
+    }
+    if (c->file_base != NULL) {
+        bg_crypto_wipe(c->file_base, c->file_base_len);
+        free(c->file_base);
     }
     free(c);
 }
@@ -476,6 +504,152 @@ bool bg_tg_is_not_modified(const bg_tg_result_t *r)
 {
     return !r->ok && r->error_code == 400 &&
            strstr(r->description, "message is not modified") != NULL;
+}
+
+/* ---- files ---- */
+
+/* A file_path as Telegram gives it ("photos/file_0.jpg"): nothing that could leave the path. */
+static bool file_path_ok(const char *p)
+{
+    if (p[0] == '\0' || p[0] == '/' || strstr(p, "..") != NULL)
+        return false;
+    for (; *p != '\0'; p++) {
+        char ch = *p;
+        bool ok = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') ||
+                  (ch >= '0' && ch <= '9') || ch == '_' || ch == '-' || ch == '.' || ch == '/';
+        if (!ok)
+            return false;
+    }
+    return true;
+}
+
+int bg_tg_client_get_file(bg_tg_client_t *c, bg_tg_file_t *f, int64_t max, bg_tg_result_t *res)
+{
+    f->file_path[0] = '\0';
+    if (f->file_size > max)
+        return BG_ERR_TOO_LARGE;
+    bg_buf_t body, result;
+    bg_buf_init(&body, 1024);
+    bg_buf_init(&result, 8192);
+    bg_json_writer_t w;
+    bg_json_writer_init(&w, &body);
+    bg_json_write_begin_object(&w);
+    bg_json_write_field_str(&w, "file_id", f->file_id);
+    bg_json_write_end_object(&w);
+    int rc = bg_json_write_finish(&w);
+    if (rc == 0)
+        rc = bg_tg_client_call_ex(c, "getFile", body.base, res, &result);
+    if (rc == 0 && !res->ok)
+        rc = BG_ERR_INVALID;
+    bg_json_doc_t *doc = NULL;
+    const char *desc = NULL;
+    if (rc == 0 && bg_json_parse(result.base != NULL ? result.base : "", result.len, NULL, &doc,
+                                 &desc, NULL) != 0)
+        rc = BG_ERR_PROTOCOL;
+    if (rc == 0) {
+        const bg_json_t *root = bg_json_root(doc);
+        int64_t size = 0;
+        if (get_i64(root, "file_size", &size) && size > 0)
+            f->file_size = size;
+        copy_str(root, "file_path", f->file_path, sizeof(f->file_path));
+        if (f->file_size > max)
+            rc = BG_ERR_TOO_LARGE;
+        else if (!file_path_ok(f->file_path))
+            rc = BG_ERR_PROTOCOL; /* no path: Telegram cannot serve it (or it is not a path) */
+    }
+    bg_json_doc_free(doc);
+    bg_buf_dispose(&body);
+    bg_buf_dispose(&result);
+    return rc;
+}
+
+typedef struct st_sink {
+    bg_buf_t *out;
+    size_t start;
+    int64_t max;
+    bool over;
+} sink_t;
+
+static size_t on_file(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    sink_t *k = ud;
+    size_t n = size * nmemb;
+    /* the body, not only the Content-Length, is held to the limit */
+    if ((int64_t)(k->out->len - k->start + n) > k->max || bg_buf_append(k->out, ptr, n) != 0) {
+        k->over = true;
+        return 0;
+    }
+    return n;
+}
+
+int bg_tg_client_download(bg_tg_client_t *c, const bg_tg_file_t *f, int64_t max, bg_buf_t *out)
+{
+    if (!file_path_ok(f->file_path))
+        return BG_ERR_INVALID;
+    bg_buf_t url;
+    bg_buf_init(&url, 4096);
+    int rc = 0;
+    if (bg_buf_append(&url, c->file_base, c->file_base_len) != 0 ||
+        bg_buf_puts(&url, f->file_path) != 0) {
+        rc = BG_ERR_TOO_LARGE;
+        goto done;
+    }
+    sink_t k = {.out = out, .start = out->len, .max = max};
+    curl_easy_reset(c->easy);
+    (void)curl_easy_setopt(c->easy, CURLOPT_URL, url.base);
+    (void)curl_easy_setopt(c->easy, CURLOPT_HTTPGET, 1L);
+    (void)curl_easy_setopt(c->easy, CURLOPT_WRITEFUNCTION, on_file);
+    (void)curl_easy_setopt(c->easy, CURLOPT_WRITEDATA, &k);
+    (void)curl_easy_setopt(c->easy, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max);
+    (void)curl_easy_setopt(c->easy, CURLOPT_FAILONERROR, 1L);
+    (void)curl_easy_setopt(c->easy, CURLOPT_TIMEOUT_MS, (long)c->timeout_ms);
+    (void)curl_easy_setopt(c->easy, CURLOPT_CONNECTTIMEOUT_MS, 5000L);
+    (void)curl_easy_setopt(c->easy, CURLOPT_NOSIGNAL, 1L);
+    CURLcode cc = curl_easy_perform(c->easy);
+    long status = 0;
+    (void)curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &status);
+    if (cc == CURLE_FILESIZE_EXCEEDED || k.over)
+        rc = BG_ERR_TOO_LARGE;
+    else if (cc == CURLE_HTTP_RETURNED_ERROR && status == 404)
+        rc = BG_ERR_NOT_FOUND;
+    else if (cc == CURLE_OPERATION_TIMEDOUT)
+        rc = BG_ERR_TIMEOUT;
+    else if (cc != CURLE_OK)
+        rc = BG_ERR_UNAVAILABLE;
+    if (rc != 0) {
+        /* the URL holds the token: say what failed without it */
+        bg_debug("telegram file download: %s (HTTP %ld)", curl_easy_strerror(cc), status);
+        out->len = k.start;
+        if (out->base != NULL)
+            out->base[out->len] = '\0';
+    }
+done:
+    bg_crypto_wipe(url.base, url.len);
+    bg_buf_dispose(&url);
+    return rc;
+}
+
+int bg_tg_data_url(const char *mime, const void *data, size_t len, bg_buf_t *out)
+{
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    if (bg_buf_printf(out, "data:%s;base64,", mime) != 0)
+        return BG_ERR_TOO_LARGE;
+    const unsigned char *p = data;
+    char quad[4];
+    for (size_t i = 0; i < len; i += 3) {
+        uint32_t v = (uint32_t)p[i] << 16;
+        if (i + 1 < len)
+            v |= (uint32_t)p[i + 1] << 8;
+        if (i + 2 < len)
+            v |= p[i + 2];
+        quad[0] = b64[(v >> 18) & 63];
+        quad[1] = b64[(v >> 12) & 63];
+        quad[2] = i + 1 < len ? b64[(v >> 6) & 63] : '=';
+        quad[3] = i + 2 < len ? b64[v & 63] : '=';
+        if (bg_buf_append(out, quad, 4) != 0)
+            return BG_ERR_TOO_LARGE;
+    }
+    return 0;
 }
 
 /* ---- Postgres ---- */
@@ -740,4 +914,260 @@ int bg_tg_chat_is_blocked(PGconn *c, const char *bot_id, int64_t chat_id, bool *
     *blocked = PQntuples(res) == 1;
     PQclear(res);
     return 0;
+}
+
+int bg_tg_agent_accepts_images(PGconn *c, const char *agent_id, bool *accepts)
+{
+    *accepts = false;
+    const char *p[] = {agent_id};
+    PGresult *res = NULL;
+    int rc = bg_pg_exec(c, "SELECT accepts_images FROM agents WHERE id = $1::uuid", 1, p, &res);
+    if (rc != 0)
+        return rc;
+    *accepts = PQntuples(res) == 1 && strcmp(val(res, 0, 0), "t") == 0;
+    PQclear(res);
+    return 0;
+}
+
+/* ---- /link ---- */
+
+/* No 0/O, 1/I/L: a code read off a screen and typed on a phone should survive both. */
+static const char LINK_ALPHABET[] = "23456789ABCDEFGHJKMNPQRSTUVWXYZ";
+
+bool bg_tg_link_code_normalize(const char *typed, char out[BG_TG_LINK_CODE_SIZE])
+{
+    size_t n = 0;
+    out[0] = '\0';
+    for (const char *p = typed != NULL ? typed : ""; *p != '\0'; p++) {
+        char ch = *p;
+        if (ch == ' ' || ch == '-' || ch == '\t')
+            continue;
+        if (ch >= 'a' && ch <= 'z')
+            ch = (char)(ch - 'a' + 'A');
+        if (strchr(LINK_ALPHABET, ch) == NULL || n == BG_TG_LINK_CODE_LEN)
+            return false;
+        out[n++] = ch;
+    }
+    out[n] = '\0';
+    return n == BG_TG_LINK_CODE_LEN;
+}
+
+int bg_tg_link_code_new(PGconn *c, const char *user_id, char code[BG_TG_LINK_CODE_SIZE],
+                        int64_t *expires_ms)
+{
+    char ttl[24];
+    snprintf(ttl, sizeof(ttl), "%d", BG_TG_LINK_TTL_MS);
+    /* a collision with another user's live code is astronomically rare; draw again then */
+    for (int attempt = 0; attempt < 4; attempt++) {
+        for (size_t i = 0; i < BG_TG_LINK_CODE_LEN; i++)
+            code[i] = LINK_ALPHABET[bg_crypto_random_uniform(sizeof(LINK_ALPHABET) - 1)];
+        code[BG_TG_LINK_CODE_LEN] = '\0';
+        char hash[BG_CRYPTO_SHA256_HEX_LEN];
+        bg_crypto_sha256_hex(code, BG_TG_LINK_CODE_LEN, hash);
+        const char *p[] = {user_id, hash, ttl};
+        PGresult *res = NULL;
+        bg_pg_error_t e;
+        int rc = bg_pg_exec_ex(
+            c,
+            "INSERT INTO telegram_link_codes (user_id, code_hash, expires_at) "
+            "SELECT u.id, $2, now() + make_interval(secs => $3::bigint / 1000.0) FROM users u "
+            "WHERE u.id = $1::uuid AND u.deleted_at IS NULL "
+            "ON CONFLICT (user_id) DO UPDATE SET code_hash = EXCLUDED.code_hash, "
+            "expires_at = EXCLUDED.expires_at, used_at = NULL, created_at = now() "
+            "RETURNING (extract(epoch FROM expires_at) * 1000)::bigint",
+            3, p, &res, &e);
+        if (rc == BG_ERR_CONFLICT)
+            continue;
+        if (rc != 0)
+            return rc;
+        bool found = PQntuples(res) == 1;
+        if (found)
+            *expires_ms = strtoll(val(res, 0, 0), NULL, 10);
+        PQclear(res);
+        if (!found)
+            bg_crypto_wipe(code, BG_TG_LINK_CODE_SIZE);
+        return found ? 0 : BG_ERR_NOT_FOUND;
+    }
+    return BG_ERR_CONFLICT;
+}
+
+/* Reads the live user user_id's name and locale into out. */
+static int link_target(PGconn *c, const char *user_id, bg_tg_link_result_t *out, bool *live)
+{
+    const char *p[] = {user_id};
+    PGresult *res = NULL;
+    int rc = bg_pg_exec(c,
+                        "SELECT name, locale FROM users WHERE id = $1::uuid AND deleted_at IS NULL "
+                        "AND status = 'active' FOR UPDATE",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    *live = PQntuples(res) == 1;
+    if (*live) {
+        bg_strlcpy(out->name, val(res, 0, 0), sizeof(out->name));
+        bg_strlcpy(out->locale, val(res, 0, 1), sizeof(out->locale));
+    }
+    PQclear(res);
+    return 0;
+}
+
+int bg_tg_link(PGconn *c, int64_t tg_user_id, const char *code, bg_tg_link_result_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    char norm[BG_TG_LINK_CODE_SIZE];
+    if (!bg_tg_link_code_normalize(code, norm)) {
+        out->outcome = BG_TG_LINK_UNKNOWN;
+        return 0;
+    }
+    char hash[BG_CRYPTO_SHA256_HEX_LEN], tg[24];
+    bg_crypto_sha256_hex(norm, BG_TG_LINK_CODE_LEN, hash);
+    snprintf(tg, sizeof(tg), "%" PRId64, tg_user_id);
+    PGresult *res = NULL;
+    int rc = bg_pg_begin(c);
+    if (rc != 0)
+        return rc;
+    /* the code's row is locked: a second /link with it waits here and then finds it used */
+    const char *p1[] = {hash};
+    rc = bg_pg_exec(c,
+                    "SELECT user_id, used_at IS NOT NULL, expires_at <= now() "
+                    "FROM telegram_link_codes WHERE code_hash = $1 FOR UPDATE",
+                    1, p1, &res);
+    if (rc != 0)
+        goto err_rollback;
+    if (PQntuples(res) != 1) {
+        out->outcome = BG_TG_LINK_UNKNOWN;
+        goto refused;
+    }
+    bg_strlcpy(out->user_id, val(res, 0, 0), sizeof(out->user_id));
+    bool used = strcmp(val(res, 0, 1), "t") == 0, expired = strcmp(val(res, 0, 2), "t") == 0;
+    PQclear(res);
+    res = NULL;
+    if (used || expired) {
+        out->outcome = used ? BG_TG_LINK_USED : BG_TG_LINK_EXPIRED;
+        goto refused;
+    }
+    bool live = false;
+    rc = link_target(c, out->user_id, out, &live);
+    if (rc != 0)
+        goto err_rollback;
+    if (!live) {
+        out->outcome = BG_TG_LINK_UNKNOWN; /* the account went away since */
+        goto refused;
+    }
+    /* who the Telegram user is now, and whether the web account has a Telegram user already */
+    const char *p2[] = {tg, out->user_id};
+    rc = bg_pg_exec(c,
+                    "SELECT (SELECT user_id FROM telegram_accounts WHERE telegram_user_id = "
+                    "$1::bigint FOR UPDATE), (SELECT telegram_user_id FROM telegram_accounts "
+                    "WHERE user_id = $2::uuid)",
+                    2, p2, &res);
+    if (rc != 0)
+        goto err_rollback;
+    bg_strlcpy(out->old_user_id, val(res, 0, 0), sizeof(out->old_user_id));
+    bool taken = !PQgetisnull(res, 0, 1) && strcmp(val(res, 0, 1), tg) != 0;
+    PQclear(res);
+    res = NULL;
+    if (strcmp(out->old_user_id, out->user_id) == 0) {
+        out->outcome = BG_TG_LINK_ALREADY;
+        out->old_user_id[0] = '\0';
+        goto refused;
+    }
+    if (taken || out->old_user_id[0] == '\0') {
+        out->outcome = BG_TG_LINK_TAKEN;
+        out->old_user_id[0] = '\0';
+        goto refused;
+    }
+    const char *p3[] = {hash};
+    rc = bg_pg_run(c, "UPDATE telegram_link_codes SET used_at = now() WHERE code_hash = $1", 1, p3);
+    if (rc != 0)
+        goto err_rollback;
+    const char *p4[] = {tg, out->user_id};
+    rc = bg_pg_run(c,
+                   "UPDATE telegram_accounts SET user_id = $2::uuid "
+                   "WHERE telegram_user_id = $1::bigint",
+                   2, p4);
+    if (rc != 0)
+        goto err_rollback;
+    /* the old user: only a Telegram identity with nothing bought is retired into the account */
+    const char *p5[] = {out->old_user_id};
+    rc = bg_pg_exec(c,
+                    "SELECT u.email IS NULL AND NOT EXISTS (SELECT 1 FROM subscriptions s "
+                    "WHERE s.user_id = u.id AND s.plan_id <> 'trial') AND NOT EXISTS (SELECT 1 "
+                    "FROM payments p JOIN billing_accounts b ON b.id = p.billing_account_id "
+                    "WHERE b.user_id = u.id) FROM users u WHERE u.id = $1::uuid FOR UPDATE",
+                    1, p5, &res);
+    if (rc != 0)
+        goto err_rollback;
+    out->retired = PQntuples(res) == 1 && strcmp(val(res, 0, 0), "t") == 0;
+    PQclear(res);
+    res = NULL;
+    const char *p6[] = {out->old_user_id, out->user_id};
+    if (out->retired) {
+        rc = bg_pg_exec(c,
+                        "WITH s AS (UPDATE subscriptions SET status = 'canceled', "
+                        "  canceled_at = now() WHERE user_id = $1::uuid AND status <> 'canceled'), "
+                        "u AS (UPDATE users SET deleted_at = now(), status = 'disabled' "
+                        "  WHERE id = $1::uuid), "
+                        "x AS (DELETE FROM telegram_link_codes WHERE user_id = $1::uuid), "
+                        "m AS (UPDATE conversations SET user_id = $2::uuid "
+                        "  WHERE user_id = $1::uuid RETURNING id) "
+                        "SELECT count(*) FROM m",
+                        2, p6, &res);
+        if (rc == 0) {
+            out->moved = strtoll(val(res, 0, 0), NULL, 10);
+            PQclear(res);
+            res = NULL;
+        }
+    } else {
+        /* the old user keeps its conversations; the chats go on in new ones of the account */
+        const char *p7[] = {tg};
+        rc = bg_pg_run(c,
+                       "UPDATE telegram_chats SET conversation_id = NULL "
+                       "WHERE telegram_user_id = $1::bigint",
+                       1, p7);
+    }
+    if (rc != 0)
+        goto err_rollback;
+    bg_actor_t actor = {.kind = "system", .id = NULL, .request_id = NULL, .ip = NULL};
+    char details[256];
+    snprintf(details, sizeof(details),
+             "{\"channel\":\"telegram\",\"telegram_user_id\":%s,\"previous_user_id\":\"%s\","
+             "\"previous_retired\":%s,\"conversations_moved\":%" PRId64 "}",
+             tg, out->old_user_id, out->retired ? "true" : "false", out->moved);
+    rc = bg_acct_audit(c, &actor, "telegram.link", "user", out->user_id, details);
+    if (rc != 0)
+        goto err_rollback;
+    out->outcome = BG_TG_LINK_DONE;
+    return bg_pg_commit(c);
+
+refused:
+    PQclear(res);
+    bg_pg_rollback(c);
+    return 0;
+
+err_rollback:
+    PQclear(res);
+    bg_pg_rollback(c);
+    return rc;
+}
+
+int bg_tg_profile_get(PGconn *c, const char *user_id, bg_tg_profile_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    const char *p[] = {user_id};
+    PGresult *res = NULL;
+    int rc = bg_pg_exec(c,
+                        "SELECT name, locale, email IS NOT NULL FROM users "
+                        "WHERE id = $1::uuid AND deleted_at IS NULL",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    bool found = PQntuples(res) == 1;
+    if (found) {
+        bg_strlcpy(out->name, val(res, 0, 0), sizeof(out->name));
+        bg_strlcpy(out->locale, val(res, 0, 1), sizeof(out->locale));
+        out->has_web_login = strcmp(val(res, 0, 2), "t") == 0;
+    }
+    PQclear(res);
+    return found ? 0 : BG_ERR_NOT_FOUND;
 }

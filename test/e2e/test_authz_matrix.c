@@ -325,6 +325,7 @@ static const row_t matrix[] = {
     {"GET", "/auth/api-keys", "/auth/api-keys", NULL, SIGNED_IN(200)},
     {"POST", "/auth/api-keys", "/auth/api-keys", "{\"name\":\"matrix {uniq}\"}", SIGNED_IN(201)},
     {"DELETE", "/auth/api-keys/{id}", "/auth/api-keys/{key}", NULL, SIGNED_IN(204)},
+    {"POST", "/auth/telegram/link-code", "/auth/telegram/link-code", NULL, SIGNED_IN(201)},
     {"GET", "/orgs", "/orgs", NULL, SIGNED_IN(200)},
     {"POST", "/orgs", "/orgs", "{\"name\":\"Org {uniq}\"}", SIGNED_IN(201)},
     {"GET", "/orgs/{id}", "/orgs/{org}", NULL, {401, 404, 200, 200, 404, 401, 401}},

@@ -185,3 +185,69 @@ Test(telegram_token, slug_and_secret)
     cr_expect_not(bg_tg_secret_matches("s3cre", 5, hash));
     cr_expect_not(bg_tg_secret_matches("s3cret!", 7, hash));
 }
+
+Test(telegram_update, media_files_for_getfile)
+{
+    bg_tg_update_t u;
+    /* a photo: the largest of its sizes, which Telegram gives without a mime type */
+    parse("update_photo.json", &u);
+    cr_expect_str_eq(u.file_id, "AgADAgADvKgxGxW80EtRgjrTaWNmy7UerQ4ABP6uRLtwe8Z8wZ4BAAEC");
+    cr_expect_eq(u.file_size, 489108);
+    cr_expect_str_eq(u.mime_type, "image/jpeg");
+    bg_tg_update_dispose(&u);
+    parse("update_voice.json", &u);
+    cr_expect_str_eq(u.file_id, "AwADawAgADADy_JxS2gopIVIIxlhAg");
+    cr_expect_eq(u.file_size, 4321);
+    cr_expect_str_eq(u.mime_type, "audio/ogg");
+    bg_tg_update_dispose(&u);
+    parse("update_document.json", &u);
+    cr_expect_eq(u.file_size, 21331);
+    cr_expect_str_eq(u.text, "Read my document");
+    bg_tg_update_dispose(&u);
+    /* a negative or missing size is unknown, not trusted */
+    const char *j = "{\"update_id\":1,\"message\":{\"message_id\":1,\"chat\":{\"id\":1,\"type\":"
+                    "\"private\"},\"date\":1,\"photo\":[{\"file_id\":\"a\",\"file_size\":-5}]}}";
+    const char *desc = NULL;
+    cr_assert_eq(bg_tg_update_parse(j, strlen(j), &u, &desc), 0);
+    cr_expect_eq(u.content, BG_TG_PHOTO);
+    cr_expect_eq(u.file_size, 0);
+    bg_tg_update_dispose(&u);
+}
+
+Test(telegram_link, codes_are_normalized_and_checked)
+{
+    char out[BG_TG_LINK_CODE_SIZE];
+    cr_expect(bg_tg_link_code_normalize("K7QX2M9D", out));
+    cr_expect_str_eq(out, "K7QX2M9D");
+    cr_expect(bg_tg_link_code_normalize(" k7qx-2m9d ", out));
+    cr_expect_str_eq(out, "K7QX2M9D");
+    cr_expect(bg_tg_link_code_normalize("k7qx 2m9d", out));
+    /* look-alikes are not in the alphabet, nor are other characters; the length is exact */
+    cr_expect(!bg_tg_link_code_normalize("K7QX2M9O", out));
+    cr_expect(!bg_tg_link_code_normalize("K7QX2M91", out));
+    cr_expect(!bg_tg_link_code_normalize("K7QX2M9", out));
+    cr_expect(!bg_tg_link_code_normalize("K7QX2M9DD", out));
+    cr_expect(!bg_tg_link_code_normalize("K7QX'2M9D", out));
+    cr_expect(!bg_tg_link_code_normalize("", out));
+    cr_expect(!bg_tg_link_code_normalize(NULL, out));
+}
+
+Test(telegram_media, data_urls_are_standard_base64)
+{
+    bg_buf_t b;
+    bg_buf_init(&b, 1024);
+    cr_assert_eq(bg_tg_data_url("image/jpeg", "\xff\xd8\xff", 3, &b), 0);
+    cr_expect_str_eq(b.base, "data:image/jpeg;base64,/9j/");
+    bg_buf_reset(&b);
+    cr_assert_eq(bg_tg_data_url("image/png", "ab", 2, &b), 0);
+    cr_expect_str_eq(b.base, "data:image/png;base64,YWI=");
+    bg_buf_reset(&b);
+    cr_assert_eq(bg_tg_data_url("image/png", "a", 1, &b), 0);
+    cr_expect_str_eq(b.base, "data:image/png;base64,YQ==");
+    bg_buf_dispose(&b);
+    /* a full buffer is an error, not a cut URL */
+    bg_buf_init(&b, 30);
+    cr_expect_eq(bg_tg_data_url("image/jpeg", "0123456789012345678901234567890123456789", 40, &b),
+                 BG_ERR_TOO_LARGE);
+    bg_buf_dispose(&b);
+}

@@ -71,6 +71,9 @@ typedef struct bg_tg_update {
     char callback_id[128];     /**< BG_TG_CALLBACK: the query's id */
     char callback_data[65];    /**< BG_TG_CALLBACK: its data ("" when none) */
     bool message_inaccessible; /**< BG_TG_CALLBACK: its message has date 0 */
+    char file_id[256];         /**< photo (largest size), document, voice…: its file_id */
+    int64_t file_size;         /**< its file_size; 0 when absent */
+    char mime_type[128];       /**< its mime_type ("image/jpeg" for a photo); "" when absent */
 } bg_tg_update_t;
 
 /**
@@ -220,5 +223,111 @@ BG_MUSTCHECK int bg_tg_chat_block(PGconn *c, const char *bot_id, int64_t chat_id
 /** Sets *blocked to whether the chat is marked blocked. Returns 0 or a database error. */
 BG_MUSTCHECK int bg_tg_chat_is_blocked(PGconn *c, const char *bot_id, int64_t chat_id,
                                        bool *blocked);
+
+/* ---- /link: joining a Telegram user to a web account ---- */
+
+/** Characters of a link code. */
+#define BG_TG_LINK_CODE_LEN 8
+/** Size of a link code buffer (plus NUL). */
+#define BG_TG_LINK_CODE_SIZE (BG_TG_LINK_CODE_LEN + 1)
+/** How long a link code works. */
+#define BG_TG_LINK_TTL_MS (10 * 60 * 1000)
+
+/**
+ * Makes a new one-time link code for the web user user_id: BG_TG_LINK_CODE_LEN characters of an
+ * alphabet without look-alikes (no 0/O, 1/I/L), stored as its SHA-256 for BG_TG_LINK_TTL_MS and
+ * replacing the user's previous code. Writes the code into code and its expiry (unix ms) into
+ * *expires_ms. Returns 0, BG_ERR_NOT_FOUND when the user is gone, or a database error.
+ */
+BG_MUSTCHECK int bg_tg_link_code_new(PGconn *c, const char *user_id,
+                                     char code[BG_TG_LINK_CODE_SIZE], int64_t *expires_ms);
+
+/**
+ * Normalizes a code as typed ("abcd-2345", " ABCD 2345 ") into out: upper case, blanks and dashes
+ * dropped. Returns true when the result has the shape of a code.
+ */
+bool bg_tg_link_code_normalize(const char *typed, char out[BG_TG_LINK_CODE_SIZE]);
+
+/** What bg_tg_link did. */
+typedef enum bg_tg_link_outcome {
+    BG_TG_LINK_DONE = 0, /**< joined */
+    BG_TG_LINK_UNKNOWN,  /**< no such code (or not a code) */
+    BG_TG_LINK_EXPIRED,  /**< the code is older than BG_TG_LINK_TTL_MS */
+    BG_TG_LINK_USED,     /**< the code was used already */
+    BG_TG_LINK_ALREADY,  /**< this Telegram user is that web account already */
+    BG_TG_LINK_TAKEN,    /**< the web account has another Telegram user linked */
+} bg_tg_link_outcome_t;
+
+/** The result of bg_tg_link. */
+typedef struct bg_tg_link_result {
+    bg_tg_link_outcome_t outcome;
+    char user_id[37];     /**< BG_TG_LINK_DONE/ALREADY: the web account */
+    char name[256];       /**< its name */
+    char locale[16];      /**< its locale */
+    char old_user_id[37]; /**< BG_TG_LINK_DONE: the user the Telegram user was before */
+    bool retired;         /**< that user was retired (see bg_tg_link) */
+    int64_t moved;        /**< conversations moved to the web account */
+} bg_tg_link_result_t;
+
+/**
+ * Joins the Telegram user tg_user_id (who has a telegram_accounts row) to the web account of code
+ * (normalized, see bg_tg_link_code_normalize), in one transaction that also uses the code up:
+ * telegram_accounts.user_id moves to the web account. The user the Telegram identity pointed to
+ * before is retired when it was only that (no email, never a plan other than the trial, no
+ * payment): its live trial is canceled, its conversations (and so its chats' history) move to
+ * the web account, and the user is soft-deleted. Otherwise it keeps its plan and conversations,
+ * and the chats of tg_user_id start new conversations for the web account. Refusals leave
+ * everything as it was (the code too). Returns 0 with out->outcome, or a database error.
+ */
+BG_MUSTCHECK int bg_tg_link(PGconn *c, int64_t tg_user_id, const char *code,
+                            bg_tg_link_result_t *out);
+
+/** A Telegram user's account as /profile shows it. */
+typedef struct bg_tg_profile {
+    char name[256];
+    char locale[16];
+    bool has_web_login; /**< the account has an email (a web account, or one linked to it) */
+} bg_tg_profile_t;
+
+/** Reads the profile of user_id. Returns 0, BG_ERR_NOT_FOUND, or a database error. */
+BG_MUSTCHECK int bg_tg_profile_get(PGconn *c, const char *user_id, bg_tg_profile_t *out);
+
+/* ---- media ---- */
+
+/** The most a bot may download from the Bot API (Telegram's own limit). */
+#define BG_TG_FILE_MAX (20 * 1024 * 1024)
+
+/** A file of a message. */
+typedef struct bg_tg_file {
+    char file_id[256];
+    int64_t file_size; /**< bytes; 0 when Telegram did not say */
+    char mime_type[128];
+    char file_path[512]; /**< from getFile; "" before */
+} bg_tg_file_t;
+
+/**
+ * getFile for f->file_id: fills f->file_path (and f->file_size when Telegram gives it). Returns 0,
+ * BG_ERR_TOO_LARGE when the file is over max bytes, BG_ERR_INVALID when Telegram refused (see
+ * *res), or as bg_tg_client_call.
+ */
+BG_MUSTCHECK int bg_tg_client_get_file(bg_tg_client_t *c, bg_tg_file_t *f, int64_t max,
+                                       bg_tg_result_t *res);
+
+/**
+ * Downloads f->file_path from <api_url>/file/bot<token>/<file_path> into out (appended), at most
+ * max bytes: a larger Content-Length or body stops the transfer with BG_ERR_TOO_LARGE. Returns 0,
+ * BG_ERR_NOT_FOUND when Telegram answers 404, BG_ERR_TIMEOUT, or BG_ERR_UNAVAILABLE.
+ */
+BG_MUSTCHECK int bg_tg_client_download(bg_tg_client_t *c, const bg_tg_file_t *f, int64_t max,
+                                       bg_buf_t *out);
+
+/**
+ * Appends "data:<mime>;base64,<len bytes of data, base64 with padding>" to out (an image as
+ * OpenAI's image_url content part takes it). Returns 0 or BG_ERR_TOO_LARGE when out is full.
+ */
+BG_MUSTCHECK int bg_tg_data_url(const char *mime, const void *data, size_t len, bg_buf_t *out);
+
+/** Returns whether the agent's model takes images (agents.accepts_images). */
+BG_MUSTCHECK int bg_tg_agent_accepts_images(PGconn *c, const char *agent_id, bool *accepts);
 
 #endif
