@@ -161,6 +161,8 @@ extern const edge_route_t edge_routes_checkout[];
 /** POST /webhooks/paddle (routes_webhooks_paddle.c). */
 extern const edge_route_t edge_routes_paddle[];
 extern const edge_route_t edge_routes_telegram[];
+/** GET /notifications, POST /notifications/read (routes_notifications.c). */
+extern const edge_route_t edge_routes_notify[];
 /** POST /auth/telegram/link-code (routes_link.c). */
 extern const edge_route_t edge_routes_link[];
 /**

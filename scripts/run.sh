@@ -243,7 +243,7 @@ else
     say "LLM provider: $BG_LLM_BASE_URL"
 fi
 
-# Without --roles bg-worker runs every role it has (llm, telegram, usage, billing).
+# Without --roles bg-worker runs every role it has (llm, telegram, usage, billing, notify).
 start_child bg-worker "$bin/bg-worker"
 start_child bg-edge "$bin/bg-edge"
 

@@ -5,6 +5,7 @@
 
 #include "role_billing.h"
 #include "role_llm.h"
+#include "role_notify.h"
 #include "role_telegram.h"
 #include "role_usage.h"
 #include "roles.h"
@@ -16,6 +17,7 @@ static const wk_role_t registry[] = {
      wk_telegram_thread_dispose},
     {"usage", wk_usage_handle, wk_usage_init, wk_usage_dispose, wk_usage_thread_dispose},
     {"billing", wk_billing_handle, wk_billing_init, wk_billing_dispose, NULL},
+    {"notify", wk_notify_handle, wk_notify_init, wk_notify_dispose, NULL},
     {NULL, NULL, NULL, NULL, NULL} /* end of table */
 };
 /* clang-format on */

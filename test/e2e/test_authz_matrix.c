@@ -342,6 +342,8 @@ static const row_t matrix[] = {
     {"GET", "/billing/usage", "/billing/usage", NULL, SIGNED_IN(200)},
     {"GET", "/billing/plans", "/billing/plans", NULL, ANYONE(200)},
     {"GET", "/billing/history", "/billing/history", NULL, SIGNED_IN(200)},
+    {"GET", "/notifications", "/notifications", NULL, SIGNED_IN(200)},
+    {"POST", "/notifications/read", "/notifications/read", "{\"all\":true}", SIGNED_IN(200)},
     /* this stack has no BG_PADDLE_API_KEY: signed-in callers get 503 billing_unavailable */
     {"POST", "/billing/subscribe", "/billing/subscribe", "{\"plan\":\"monthly\"}", SIGNED_IN(503)},
     {"POST", "/billing/cancel", "/billing/cancel", NULL, SIGNED_IN(503)},
@@ -437,9 +439,10 @@ static const row_t matrix[] = {
 
 /* Path families this file has callers and expectations for. */
 static const char *const known_prefixes[] = {
-    "/healthz",        "/readyz",   "/metrics", "/openapi.json", "/auth/", "/orgs",
-    "/admin/",         "/billing/", "/agents",  "/chat/",        "/v1/",   "/webhooks/telegram/",
-    "/webhooks/paddle"};
+    "/healthz",         "/readyz",       "/metrics", "/openapi.json",
+    "/auth/",           "/orgs",         "/admin/",  "/billing/",
+    "/agents",          "/chat/",        "/v1/",     "/webhooks/telegram/",
+    "/webhooks/paddle", "/notifications"};
 
 /* What the placeholders stand for during a run of the matrix. */
 typedef struct st_world {

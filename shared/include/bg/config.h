@@ -62,6 +62,8 @@ typedef struct bg_config {
     char *paddle_price_yearly;          /**< BG_PADDLE_PRICE_YEARLY */
     char *smtp_url;                     /**< BG_SMTP_URL (secret: may carry credentials) */
     char *mail_from;                    /**< BG_MAIL_FROM */
+    char *smtp_user;                    /**< BG_SMTP_USER */
+    char *smtp_password;                /**< BG_SMTP_PASSWORD (secret) */
     /* web and i18n */
     char *cors_origins;      /**< BG_CORS_ORIGINS */
     char *supported_locales; /**< BG_SUPPORTED_LOCALES */
@@ -74,6 +76,9 @@ typedef struct bg_config {
     int64_t stream_maxlen;      /**< BG_STREAM_MAXLEN */
 
     int64_t reconcile_interval_s; /**< BG_RECONCILE_INTERVAL_S; 0 disables the reconciler */
+    int64_t notify_interval_ms;   /**< BG_NOTIFY_INTERVAL_MS */
+    int64_t notify_retry_ms;      /**< BG_NOTIFY_RETRY_MS */
+    int64_t notify_max_attempts;  /**< BG_NOTIFY_MAX_ATTEMPTS */
     /* logging */
     bg_log_level_t log_level;   /**< BG_LOG_LEVEL */
     bg_log_format_t log_format; /**< BG_LOG_FORMAT */
