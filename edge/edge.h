@@ -156,6 +156,8 @@ extern const edge_route_t edge_routes_stream[];
 extern const edge_route_t edge_routes_agents[];
 extern const edge_route_t edge_routes_openai[];
 extern const edge_route_t edge_routes_usage[];
+/** GET /admin/stats (routes_admin_stats.c). */
+extern const edge_route_t edge_routes_admin_stats[];
 /** Paddle checkout, cancel, resume and the billing history (routes_billing_paddle.c). */
 extern const edge_route_t edge_routes_checkout[];
 /** POST /webhooks/paddle (routes_webhooks_paddle.c). */

@@ -11,12 +11,25 @@
 #include "edge.h"
 
 const edge_route_t *const edge_route_tables[] = {
-    edge_routes_ops,      edge_routes_auth,    edge_routes_orgs,
-    edge_routes_admin,    edge_routes_billing, edge_routes_policies,
-    edge_routes_plans,    edge_routes_chat,    edge_routes_stream,
-    edge_routes_openai,   edge_routes_agents,  edge_routes_telegram,
-    edge_routes_checkout, edge_routes_paddle,  edge_routes_usage,
-    edge_routes_link,     edge_routes_notify,  NULL,
+    edge_routes_ops,
+    edge_routes_auth,
+    edge_routes_orgs,
+    edge_routes_admin,
+    edge_routes_billing,
+    edge_routes_policies,
+    edge_routes_plans,
+    edge_routes_chat,
+    edge_routes_stream,
+    edge_routes_openai,
+    edge_routes_agents,
+    edge_routes_telegram,
+    edge_routes_checkout,
+    edge_routes_paddle,
+    edge_routes_usage,
+    edge_routes_admin_stats,
+    edge_routes_link,
+    edge_routes_notify,
+    NULL,
 };
 
 /* Matches path against pattern; on success fills params. */

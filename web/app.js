@@ -27,11 +27,15 @@ const state = {
     account: null,
     plans: null,
     history: null, // 'unavailable' or the list
+    invoices: null, // GET /billing/invoices: 'unavailable' or { data, next_cursor }
     usage: null, // GET /billing/usage of the current window, when it could be read
     plansNotice: null,
     keys: null,
     newKey: null,
     admin: { users: null, query: '', policies: null, stats: null },
+    // GET /notifications: available is null until asked, false while the route does not exist
+    notifications: { available: null, unread: 0, open: false, items: null, next_cursor: null },
+    telegramLink: null, // POST /auth/telegram/link-code: 'unavailable', 'error' or the answer
     loading: false,
 };
 
@@ -105,6 +109,7 @@ async function route() {
     if (state.user && publicPaths.has(p)) p = '/chat';
     if (p !== path()) history.replaceState(null, '', p);
     render();
+    pollNotifications();
     const load = { '/': loadChat, '/chat': loadChat, '/plans': loadPlans, '/keys': loadKeys, '/admin': loadAdmin }[p];
     if (load && state.user) {
         try {
@@ -145,6 +150,7 @@ function renderTop() {
             const current = path() === p || (p === '/chat' && path() === '/');
             nav.push(h('li', {}, link(p, label, { 'aria-current': current ? 'page' : null })));
         }
+        if (state.notifications.available) nav.push(h('li', {}, bellButton()));
         nav.push(h('li', {}, h('button', { type: 'button', class: 'link', id: 'logout', onclick: logout }, t('nav.logout'))));
     } else {
         nav.push(h('li', {}, link('/login', t('nav.login'))));
@@ -157,7 +163,154 @@ function renderTop() {
         h('nav', { 'aria-label': t('nav.label') }, h('ul', {}, nav)),
     ];
     if (!state.user) parts.push(picker); // signed in, the profile has the picker
+    if (state.user && state.notifications.available && state.notifications.open) parts.push(notificationsPanel());
     top.replaceChildren(...parts);
+}
+
+/* ---- notifications -------------------------------------------------------------------------- */
+
+// The bell's count comes from GET /notifications?unread=1, asked when the page starts, on every
+// navigation and every NOTIFY_POLL_MS while the page is open (a modest pace: a notification is
+// never urgent, and every open tab asks). While the route does not exist (404/405), the bell is
+// not shown and nobody asks again until the next sign-in.
+const NOTIFY_POLL_MS = 30000;
+let notifyTimer = 0;
+let notifyLast = 0;
+
+function bellLabel() {
+    const n = state.notifications.unread;
+    return n > 0 ? t('notifications.unread_count', { count: formatNumber(n) }) : t('notifications.title');
+}
+
+/* The bell as inline SVG (no font has to carry an emoji; the CSP allows DOM-made SVG). */
+function bellIcon() {
+    const NS = 'http://www.w3.org/2000/svg';
+    const svg = document.createElementNS(NS, 'svg');
+    svg.setAttribute('viewBox', '0 0 24 24');
+    svg.setAttribute('width', '20');
+    svg.setAttribute('height', '20');
+    svg.setAttribute('aria-hidden', 'true');
+    svg.setAttribute('focusable', 'false');
+    svg.setAttribute('class', 'bell-icon');
+    const p = document.createElementNS(NS, 'path');
+    p.setAttribute('fill', 'currentColor');
+    p.setAttribute('d', 'M12 22a2.5 2.5 0 0 0 2.45-2h-4.9A2.5 2.5 0 0 0 12 22zm7-6v-5a7 7 0 0 0-5.5-6.84V3a1.5 1.5 0 0 0-3 0v1.16A7 7 0 0 0 5 11v5l-2 2v1h18v-1z');
+    svg.append(p);
+    return svg;
+}
+
+function bellButton() {
+    const N = state.notifications;
+    return h('button', {
+        type: 'button', class: 'bell', id: 'notifications-button',
+        'aria-expanded': N.open ? 'true' : 'false', 'aria-controls': 'notifications-panel', 'aria-label': bellLabel(),
+        title: bellLabel(), onclick: guard(toggleNotifications),
+    }, bellIcon(),
+    h('span', { class: 'count', id: 'notifications-count', hidden: N.unread === 0, 'aria-hidden': 'true' }, formatNumber(N.unread)));
+}
+
+/** Updates the bell in place (the rest of the page and the focus stay as they are). */
+function updateBell() {
+    const button = document.getElementById('notifications-button');
+    if (!button !== !state.notifications.available) {
+        renderTop();
+        return;
+    }
+    if (!button) return;
+    button.setAttribute('aria-label', bellLabel());
+    button.title = bellLabel();
+    const count = document.getElementById('notifications-count');
+    count.textContent = formatNumber(state.notifications.unread);
+    count.hidden = state.notifications.unread === 0;
+}
+
+async function pollNotifications({ force = false } = {}) {
+    const N = state.notifications;
+    if (!state.user || N.available === false || !navigator.onLine) return;
+    if (!force && Date.now() - notifyLast < 5000) return;
+    notifyLast = Date.now();
+    try {
+        const res = await api.get('/notifications?unread=1&limit=1');
+        N.available = true;
+        N.unread = Number(res?.unread) || 0;
+    } catch (err) {
+        if (err.status === 404 || err.status === 405 || err.status === 501) N.available = false;
+        else return; // offline or a passing failure: the next poll asks again
+    }
+    updateBell();
+}
+
+function startNotifications() {
+    stopNotifications();
+    state.notifications = { available: null, unread: 0, open: false, items: null, next_cursor: null };
+    notifyTimer = setInterval(() => pollNotifications({ force: true }), NOTIFY_POLL_MS);
+    pollNotifications({ force: true });
+}
+
+function stopNotifications() {
+    if (notifyTimer) clearInterval(notifyTimer);
+    notifyTimer = 0;
+}
+
+async function loadNotifications() {
+    const N = state.notifications;
+    const res = await api.get('/notifications?limit=20');
+    N.items = res?.data ?? [];
+    N.next_cursor = res?.next_cursor ?? null;
+    if (typeof res?.unread === 'number') N.unread = res.unread;
+}
+
+async function toggleNotifications() {
+    const N = state.notifications;
+    N.open = !N.open;
+    if (N.open) {
+        N.items = null;
+        renderTop();
+        await loadNotifications();
+        renderTop();
+        document.getElementById('notifications-h')?.focus();
+    } else {
+        renderTop();
+        document.getElementById('notifications-button')?.focus();
+    }
+}
+
+async function markRead(body) {
+    await api.post('/notifications/read', body);
+    await loadNotifications();
+    renderTop();
+    document.getElementById('notifications-h')?.focus();
+}
+
+function notificationsPanel() {
+    const N = state.notifications;
+    const items = N.items;
+    const close = () => {
+        N.open = false;
+        renderTop();
+        document.getElementById('notifications-button')?.focus();
+    };
+    return h('section', {
+        class: 'notifications card', id: 'notifications-panel', 'aria-labelledby': 'notifications-h',
+        onkeydown: (e) => {
+            if (e.key === 'Escape') close();
+        },
+    },
+    h('div', { class: 'panel-head' },
+        h('h2', { id: 'notifications-h', tabindex: -1 }, t('notifications.title')),
+        items?.some((n) => !n.read_at) ? h('button', { type: 'button', class: 'small', id: 'notifications-read-all', onclick: guard(() => markRead({ all: true })) }, t('notifications.mark_all')) : null,
+        h('button', { type: 'button', class: 'icon', 'aria-label': t('notifications.close'), title: t('notifications.close'), onclick: close }, '×')),
+    items === null ? h('p', { class: 'muted' }, t('app.loading'))
+        : items.length === 0 ? h('p', { class: 'muted', id: 'notifications-empty' }, t('notifications.empty'))
+            : h('ul', { class: 'notification-list', id: 'notifications-list' }, items.map((n) => h('li', { class: n.read_at ? 'read' : 'unread', 'data-id': n.id },
+                h('div', {},
+                    h('strong', {}, n.title || n.kind), n.read_at ? null : h('span', { class: 'tag' }, t('notifications.unread_tag')),
+                    n.body ? h('p', {}, n.body) : null,
+                    h('span', { class: 'meta muted' }, formatDate(n.created_at))),
+                n.read_at ? null : h('button', {
+                    type: 'button', class: 'small', 'aria-label': t('notifications.mark_read_named', { title: n.title || n.kind }),
+                    onclick: guard(() => markRead({ ids: [n.id] })),
+                }, t('notifications.mark_read'))))));
 }
 
 function renderBanner() {
@@ -213,6 +366,7 @@ async function changeLocale(id) {
 
 async function signedIn(user) {
     state.user = user;
+    startNotifications();
     state.notice = null;
     if (state.banner?.key === 'error.session_expired') state.banner = null;
     if (user.locale) {
@@ -225,6 +379,7 @@ function sessionExpired() {
     if (!state.user) return;
     state.user = null;
     state.streaming = null;
+    stopNotifications();
     state.notice = { kind: 'error', key: 'error.session_expired' };
     history.replaceState(null, '', '/login');
     render();
@@ -236,7 +391,8 @@ async function logout() {
     } catch {
         // the cookies are cleared by the answer; a failure leaves nothing to do
     }
-    Object.assign(state, { user: null, conversations: [], current: null, messages: [], account: null, keys: null });
+    stopNotifications();
+    Object.assign(state, { user: null, conversations: [], current: null, messages: [], account: null, keys: null, invoices: null, telegramLink: null });
     state.notice = { kind: 'info', key: 'auth.signed_out' };
     navigate('/login', { replace: true });
 }
@@ -397,7 +553,7 @@ async function send(content) {
             const el = document.getElementById('streaming-text');
             if (el) el.innerHTML = renderMarkdown(s.text);
             const st = document.getElementById('streaming-status');
-            if (st) st.textContent = s.status === 'lost' ? t('chat.reconnecting') : '';
+            if (st) st.textContent = streamStatus(s);
             scrollMessages();
         });
     };
@@ -417,6 +573,7 @@ async function send(content) {
                 paint();
             },
             connection: (st) => {
+                if (s.status === 'stopping') return;
                 s.status = st === 'lost' ? 'lost' : 'streaming';
                 if (st === 'lost' && !navigator.onLine) setBanner('error.offline');
                 paint();
@@ -458,6 +615,26 @@ async function send(content) {
     }
 }
 
+/* The reply's state under it: reconnecting, or stopping (the reply ends once the worker has read
+   the provider's usage of what was generated, which can take a few seconds). */
+function streamStatus(s) {
+    if (s.status === 'lost') return t('chat.reconnecting');
+    if (s.status === 'stopping') return t('chat.stopping');
+    return '';
+}
+
+async function stopReply(s) {
+    s.status = 'stopping';
+    render();
+    try {
+        await api.cancelJob(s.jobId);
+    } catch (err) {
+        s.status = 'streaming';
+        render();
+        throw err;
+    }
+}
+
 function tickRateLimit() {
     const e = state.chatError;
     if (!e?.retryUntil) return;
@@ -482,7 +659,8 @@ function messageView(m) {
     return h('li', { class: `msg ${mine ? 'user' : 'assistant'}`, 'data-message-id': m.id },
         h('span', { class: 'who' }, mine ? t('chat.you') : state.current?.agent_name ?? t('chat.assistant')),
         mine ? h('div', { class: 'body plain' }, m.content) : h('div', { class: 'body md', html: renderMarkdown(m.content) }),
-        m.finish_reason === 'canceled' ? h('span', { class: 'meta' }, t('chat.stopped')) : null);
+        // finish_reason: the turn just read; status: a stored message
+        m.finish_reason === 'canceled' || m.status === 'canceled' ? h('span', { class: 'meta' }, t('chat.stopped')) : null);
 }
 
 function chatErrorView() {
@@ -532,7 +710,7 @@ function viewChat() {
             items.push(h('li', { class: 'msg assistant streaming', 'aria-busy': 'true' },
                 h('span', { class: 'who' }, state.current.agent_name ?? t('chat.assistant')),
                 h('div', { class: 'body md', id: 'streaming-text', html: renderMarkdown(s.text) }),
-                h('span', { class: 'meta', id: 'streaming-status', role: 'status' }, s.status === 'lost' ? t('chat.reconnecting') : '')));
+                h('span', { class: 'meta', id: 'streaming-status', role: 'status' }, streamStatus(s))));
         }
         const input = h('textarea', {
             id: 'composer-input', name: 'content', rows: 3, required: true, placeholder: t('chat.placeholder'),
@@ -556,7 +734,7 @@ function viewChat() {
                 send(input.value);
             },
         }, input,
-        s ? h('button', { type: 'button', id: 'stop', class: 'danger', disabled: !s.jobId, onclick: guard(() => api.cancelJob(s.jobId)) }, t('chat.stop'))
+        s ? h('button', { type: 'button', id: 'stop', class: 'danger', disabled: !s.jobId || s.status === 'stopping', onclick: guard(() => stopReply(s)) }, t('chat.stop'))
             : h('button', { type: 'submit', id: 'send', class: 'primary', disabled: blocked }, t('chat.send')));
         panel = h('section', { class: 'chat', 'aria-label': state.current.title || t('chat.untitled') },
             h('header', { class: 'chat-head' },
@@ -584,7 +762,37 @@ function viewProfile() {
                 h('dt', {}, t('auth.email')), h('dd', { id: 'profile-email' }, u.email),
                 h('dt', {}, t('profile.plan')), h('dd', {}, planName(typeof u.plan === 'object' ? u.plan?.id : u.plan) ?? '—'),
                 h('dt', {}, t('profile.role')), h('dd', {}, t(`profile.role_${u.role === 'admin' ? 'admin' : 'user'}`))),
-            field('locale', t('profile.language'), select, t('profile.language_hint'))));
+            field('locale', t('profile.language'), select, t('profile.language_hint'))),
+        telegramCard());
+}
+
+/* POST /auth/telegram/link-code: the command to send to the bot, and until when it works. */
+async function linkTelegram() {
+    try {
+        state.telegramLink = await api.post('/auth/telegram/link-code', {});
+    } catch (err) {
+        state.telegramLink = missing(err) ? 'unavailable' : { error: errorText(err) };
+    }
+    render();
+    document.getElementById('telegram-result')?.focus();
+}
+
+function telegramCard() {
+    const L = state.telegramLink;
+    let result = null;
+    if (L === 'unavailable') result = h('p', { class: 'muted', id: 'telegram-result', tabindex: -1 }, t('profile.telegram_unavailable'));
+    else if (L?.error) result = h('p', { class: 'error-text', id: 'telegram-result', tabindex: -1, role: 'alert' }, L.error);
+    else if (L) {
+        result = h('div', { class: 'notice info', id: 'telegram-result', tabindex: -1, role: 'status' },
+            h('p', {}, t('profile.telegram_command')),
+            h('code', { class: 'secret', id: 'telegram-command' }, L.command || `/link ${L.code}`),
+            L.expires_at ? h('p', { class: 'hint' }, t('profile.telegram_expires', { date: formatDate(L.expires_at) })) : null);
+    }
+    return h('section', { class: 'card', 'aria-labelledby': 'telegram-h' },
+        h('h2', { id: 'telegram-h' }, t('profile.telegram')),
+        h('p', { class: 'hint' }, t('profile.telegram_hint')),
+        h('button', { type: 'button', id: 'telegram-link', onclick: guard(linkTelegram) }, t('profile.telegram_link')),
+        result);
 }
 
 /* ---- plans and billing ---------------------------------------------------------------------- */
@@ -603,17 +811,78 @@ async function loadPlans() {
         if (err.status === 404 || err.status === 501) state.history = 'unavailable';
         else throw err;
     }
+    try {
+        state.invoices = await api.get('/billing/invoices?limit=20');
+    } catch (err) {
+        if (missing(err)) state.invoices = 'unavailable';
+        else throw err;
+    }
+}
+
+/** True when err says the route does not exist (yet) on this server. */
+function missing(err) {
+    return err?.status === 404 || err?.status === 405 || err?.status === 501;
+}
+
+async function moreInvoices() {
+    const cur = state.invoices;
+    if (!cur?.next_cursor) return;
+    const next = await api.get(`/billing/invoices?limit=20&cursor=${encodeURIComponent(cur.next_cursor)}`);
+    state.invoices = { data: [...(cur.data ?? []), ...(next.data ?? [])], next_cursor: next.next_cursor ?? null };
+    render();
+}
+
+/** A subscription Paddle bills: its plan can be switched with POST /billing/change. */
+function paidSubscription(a) {
+    return Boolean(a?.plan) && (a.status === 'active' || a.status === 'past_due');
+}
+
+/* POST /billing/change: the plan now (an upgrade) or from the period's end (a downgrade). */
+async function changePlan(planId) {
+    state.plansNotice = null;
+    try {
+        const res = await api.post('/billing/change', { plan: planId });
+        if (res?.effective === 'period_end') {
+            state.plansNotice = { kind: 'info', key: 'plans.switched_later', params: { plan: planName(planId), date: formatDate(res.effective_at, false) } };
+        } else {
+            state.plansNotice = { kind: 'info', key: 'plans.switched_now', params: { plan: planName(planId) } };
+        }
+        await loadPlans();
+    } catch (err) {
+        if (err.status === 409 && err.details?.reason === 'no_paddle_subscription') {
+            // a granted plan is not Paddle's to change: buying the other plan replaces it
+            await subscribe(planId, 'subscribe');
+            return;
+        }
+        state.plansNotice = missing(err) ? { kind: 'error', key: 'plans.not_available' } : { kind: 'error', text: errorText(err) };
+    }
+    render();
+    document.getElementById('plans-notice')?.focus();
+}
+
+/* POST /billing/payment: a checkout for the overdue bill. */
+async function payNow() {
+    state.plansNotice = null;
+    try {
+        const res = await api.post('/billing/payment', {});
+        state.plansNotice = res?.checkout_url ? { kind: 'info', key: 'plans.checkout_ready', url: res.checkout_url } : { kind: 'info', key: 'plans.paid' };
+        if (!res?.checkout_url) await loadPlans();
+    } catch (err) {
+        state.plansNotice = missing(err) ? { kind: 'error', key: 'plans.not_available' } : { kind: 'error', text: errorText(err) };
+    }
+    render();
+    (document.getElementById('checkout-link') ?? document.getElementById('plans-notice'))?.focus();
 }
 
 async function subscribe(planId, action) {
     state.plansNotice = null;
     try {
-        const path = action === 'cancel' ? '/billing/cancel' : '/billing/subscribe';
-        const res = await api.post(path, action === 'cancel' ? {} : { plan: planId });
+        const path = { cancel: '/billing/cancel', resume: '/billing/resume' }[action] ?? '/billing/subscribe';
+        const res = await api.post(path, action === 'cancel' || action === 'resume' ? {} : { plan: planId });
         if (res?.checkout_url) {
             state.plansNotice = { kind: 'info', key: 'plans.checkout_ready', url: res.checkout_url };
         } else {
-            state.plansNotice = { kind: 'info', key: action === 'cancel' ? 'plans.canceled' : 'plans.changed' };
+            state.plansNotice = { kind: 'info', key: { cancel: 'plans.canceled', resume: 'plans.resumed' }[action] ?? 'plans.changed' };
             await loadPlans();
         }
     } catch (err) {
@@ -624,7 +893,7 @@ async function subscribe(planId, action) {
         }
     }
     render();
-    document.getElementById('plans-notice')?.focus();
+    (document.getElementById('checkout-link') ?? document.getElementById('plans-notice'))?.focus();
 }
 
 /* A history entry's amount: money in minor units of its currency, or request credits. */
@@ -634,21 +903,29 @@ function historyAmount(x) {
     return [' ', formatNumber(Math.abs(x.amount)), ' ', t('plans.requests').toLowerCase()];
 }
 
-/* Requests per day of the current window (GET /billing/usage), as bars, with the channels. */
-function usageByDay(usage) {
-    const days = usage?.by_day ?? [];
-    if (days.length === 0) return null;
+/* Bars of requests per day ({date, requests, …}), each labelled by label(day). */
+function dayBars(days, label, caption) {
     const max = Math.max(1, ...days.map((d) => Number(d.requests) || 0));
     const bars = days.map((d) => {
         const fill = h('span', { class: 'fill' });
         fill.style.height = `${Math.round(((Number(d.requests) || 0) / max) * 100)}%`; // CSSOM (CSP)
-        const label = t('plans.day_requests', { date: formatDate(`${d.date}T00:00:00Z`, false), count: formatNumber(d.requests) });
-        return h('li', { title: label, 'aria-label': label }, fill);
+        const text = label(d);
+        return h('li', { title: text, 'aria-label': text }, fill);
     });
+    return h('ol', { class: 'days', 'aria-label': caption }, bars);
+}
+
+const dayDate = (d) => formatDate(`${d.date}T00:00:00Z`, false);
+
+/* Requests per day of the current window (GET /billing/usage), as bars, with the channels. */
+function usageByDay(usage) {
+    const days = usage?.by_day ?? [];
+    if (days.length === 0) return null;
+    const bars = dayBars(days, (d) => t('plans.day_requests', { date: dayDate(d), count: formatNumber(d.requests) }), t('plans.usage_by_day'));
     const channels = (usage.by_channel ?? []).map((c) =>
         h('li', {}, `${has(`plans.channel_${c.channel}`) ? t(`plans.channel_${c.channel}`) : c.channel}: ${formatNumber(c.requests)}`));
     return h('figure', { class: 'usage-days', id: 'usage-by-day' },
-        h('ol', { class: 'days', 'aria-label': t('plans.usage_by_day') }, bars),
+        bars,
         h('figcaption', {}, t('plans.usage_by_day'), channels.length ? h('ul', { class: 'channels' }, channels) : null));
 }
 
@@ -674,8 +951,13 @@ function viewPlans() {
     const parts = [h('h1', {}, t('plans.title'))];
     if (notice) {
         parts.push(h('div', { class: `notice ${notice.kind}`, id: 'plans-notice', tabindex: -1, role: 'status' },
-            notice.key ? t(notice.key) : notice.text,
+            notice.key ? t(notice.key, notice.params) : notice.text,
             notice.url ? [' ', h('a', { href: notice.url, rel: 'noopener', target: '_blank', id: 'checkout-link' }, t('plans.open_checkout'))] : null));
+    }
+    if (a?.status === 'past_due') {
+        parts.push(h('div', { class: 'notice error pay', id: 'past-due', role: 'status' },
+            h('span', {}, t('plans.past_due')), ' ',
+            h('button', { type: 'button', class: 'primary', id: 'pay-now', onclick: guard(payNow) }, t('plans.pay_now'))));
     }
     if (a) {
         const q = a.quota ?? {};
@@ -688,11 +970,14 @@ function viewPlans() {
                 a.period ? [h('dt', {}, t('plans.period')), h('dd', {}, `${formatDate(a.period.start, false)} – ${formatDate(a.period.end, false)}`)] : null,
                 h('dt', {}, t('plans.remaining')), h('dd', { id: 'quota-remaining' },
                     q.limit !== undefined ? t('plans.remaining_of', { remaining: formatNumber(q.remaining ?? 0), limit: formatNumber(q.limit) }) : '—'),
-                q.reset_at ? [h('dt', {}, t('plans.resets')), h('dd', { id: 'quota-reset' }, formatDate(q.reset_at))] : null),
+                q.reset_at ? [h('dt', {}, t('plans.resets')), h('dd', { id: 'quota-reset' }, formatDate(q.reset_at))] : null,
+                scheduledFact(a.scheduled_change)),
             h('h3', {}, t('plans.usage')),
             usageChart(q),
             usageByDay(state.usage),
-            current && a.status !== 'trialing' ? h('button', { type: 'button', class: 'danger', id: 'cancel-plan', onclick: () => subscribe(current, 'cancel') }, t('plans.cancel')) : null));
+            a.scheduled_change?.action === 'cancel'
+                ? h('button', { type: 'button', class: 'primary', id: 'resume-plan', onclick: () => subscribe(current, 'resume') }, t('plans.resume'))
+                : current && a.status !== 'trialing' ? h('button', { type: 'button', class: 'danger', id: 'cancel-plan', onclick: () => subscribe(current, 'cancel') }, t('plans.cancel')) : null));
     }
     const plans = state.plans ?? [];
     parts.push(h('section', { class: 'card', 'aria-labelledby': 'plans-h' },
@@ -708,10 +993,8 @@ function viewPlans() {
                     h('td', {}, formatMoney(p.price?.amount ?? 0, p.price?.currency)),
                     h('td', {}, t('plans.requests_per', { count: formatNumber(p.requests ?? 0), period: t(`plans.period_${p.period}`) })),
                     h('td', {}, (p.features ?? []).map((f) => (has(`plans.feature_${f}`) ? t(`plans.feature_${f}`) : f)).join(', ')),
-                    h('td', {}, p.id === current ? null : h('button', {
-                        type: 'button', class: 'primary', onclick: () => subscribe(p.id, current ? 'change' : 'subscribe'),
-                        'aria-label': `${current ? t('plans.change') : t('plans.subscribe')}: ${planName(p.id)}`,
-                    }, current ? t('plans.change') : t('plans.subscribe'))))))))));
+                    h('td', {}, p.id === current || p.id === 'trial' ? null : planButton(p.id)))))))));
+    parts.push(invoicesView());
     parts.push(h('section', { class: 'card', 'aria-labelledby': 'history-h' },
         h('h2', { id: 'history-h' }, t('plans.history')),
         state.history === 'unavailable' || state.history === null ? h('p', { class: 'muted' }, t('plans.history_unavailable'))
@@ -719,6 +1002,57 @@ function viewPlans() {
                 : h('ul', { id: 'history-list' }, state.history.map((x) => h('li', {}, formatDate(x.occurred_at ?? x.created_at), ' — ', x.description || x.type || '',
                     historyAmount(x))))));
     return h('section', { class: 'page' }, parts);
+}
+
+/* What happens at the period's end: the subscription ends, or another plan follows. */
+function scheduledFact(sc) {
+    if (!sc?.action) return null;
+    const date = formatDate(sc.effective_at, false);
+    const text = sc.action === 'cancel' ? t('plans.ends_on', { date }) : t('plans.switched_later', { plan: planName(sc.plan) ?? '—', date });
+    return [h('dt', {}, t('plans.scheduled')), h('dd', { id: 'scheduled-change' }, text)];
+}
+
+/* Subscribe (checkout) without a paid subscription; with one, switch (POST /billing/change). */
+function planButton(planId) {
+    const a = state.account;
+    const label = paidSubscription(a) ? t('plans.switch') : a?.plan ? t('plans.change') : t('plans.subscribe');
+    return h('button', {
+        type: 'button', class: 'primary', 'data-action': paidSubscription(a) ? 'switch' : 'subscribe',
+        onclick: () => (paidSubscription(a) ? changePlan(planId) : subscribe(planId, 'subscribe')),
+        'aria-label': `${label}: ${planName(planId)}`,
+    }, label);
+}
+
+/* GET /billing/invoices: each links to its printable page (html_url), opened in a new tab. */
+function invoicesView() {
+    const inv = state.invoices;
+    let body;
+    if (inv === null) body = h('p', { class: 'muted' }, t('app.loading'));
+    else if (inv === 'unavailable') body = h('p', { class: 'muted', id: 'invoices-unavailable' }, t('plans.invoices_unavailable'));
+    else if ((inv.data ?? []).length === 0) body = h('p', { class: 'muted', id: 'invoices-empty' }, t('plans.invoices_empty'));
+    else {
+        body = [h('div', { class: 'table-wrap' }, h('table', { id: 'invoices-table' },
+            h('thead', {}, h('tr', {},
+                h('th', { scope: 'col' }, t('plans.invoice_number')), h('th', { scope: 'col' }, t('plans.invoice_date')),
+                h('th', { scope: 'col' }, t('plans.invoice_period')), h('th', { scope: 'col' }, t('plans.plan')),
+                h('th', { scope: 'col' }, t('plans.status')), h('th', { scope: 'col' }, t('plans.invoice_total')),
+                h('th', { scope: 'col' }, h('span', { class: 'sr-only' }, t('plans.action'))))),
+            h('tbody', {}, inv.data.map((x) => {
+                const number = x.number || x.id;
+                return h('tr', { 'data-invoice': x.id },
+                    h('th', { scope: 'row' }, number),
+                    h('td', {}, formatDate(x.issued_at ?? x.paid_at, false)),
+                    h('td', {}, x.period_start ? `${formatDate(x.period_start, false)} – ${formatDate(x.period_end, false)}` : '—'),
+                    h('td', {}, planName(x.plan) ?? '—'),
+                    h('td', {}, has(`plans.invoice_status_${x.status}`) ? t(`plans.invoice_status_${x.status}`) : x.status),
+                    h('td', { class: 'num' }, formatMoney(Number(x.total_minor) || 0, x.currency)),
+                    h('td', {}, x.html_url ? h('a', {
+                        href: x.html_url, target: '_blank', rel: 'noopener', 'aria-label': t('plans.invoice_view_named', { number }),
+                    }, t('plans.invoice_view')) : null));
+            })))),
+        inv.next_cursor ? h('button', { type: 'button', id: 'invoices-more', onclick: guard(moreInvoices) }, t('plans.more')) : null];
+    }
+    return h('section', { class: 'card', id: 'invoices', 'aria-labelledby': 'invoices-h' }, h('h2', { id: 'invoices-h' }, t('plans.invoices')), body);
 }
 
 /** A plan's name in the user's language (the catalogue's, else the server's). */
@@ -819,9 +1153,11 @@ function viewAdmin() {
                 h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, t('auth.email')), h('th', { scope: 'col' }, t('profile.name')),
                     h('th', { scope: 'col' }, t('profile.role')), h('th', { scope: 'col' }, t('plans.status')), h('th', { scope: 'col' }, h('span', { class: 'sr-only' }, t('plans.action'))))),
                 h('tbody', {}, (A.users ?? []).map((u) => h('tr', {},
-                    h('td', {}, u.email), h('td', {}, u.name ?? ''), h('td', {}, u.role), h('td', {}, u.status),
+                    h('td', {}, u.email), h('td', {}, u.name ?? ''), h('td', {}, t(`profile.role_${u.role === 'admin' ? 'admin' : 'user'}`)),
+                    h('td', { class: `status-${u.status}` }, has(`admin.status_${u.status}`) ? t(`admin.status_${u.status}`) : u.status),
                     h('td', {}, u.id === state.user.id ? null : h('button', {
-                        type: 'button', class: u.status === 'disabled' ? '' : 'danger small',
+                        type: 'button', class: u.status === 'disabled' ? 'small' : 'danger small',
+                        'aria-label': t(u.status === 'disabled' ? 'admin.enable_named' : 'admin.disable_named', { email: u.email ?? u.id }),
                         onclick: guard(async () => {
                             await api.put(`/admin/users/${encodeURIComponent(u.id)}`, { status: u.status === 'disabled' ? 'active' : 'disabled' });
                             await loadAdmin();
@@ -834,8 +1170,41 @@ function viewAdmin() {
                 h('ul', {}, A.policies.map((p) => h('li', {}, h('strong', {}, p.name ?? p.id), ` — ${p.type} · ${p.scope}${p.scope_id ? ` ${p.scope_id}` : ''}`)))),
         h('section', { class: 'card', 'aria-labelledby': 'stats-h' },
             h('h2', { id: 'stats-h' }, t('admin.stats')),
-            A.stats === 'unavailable' || !A.stats ? h('p', { class: 'muted' }, t('admin.stats_unavailable'))
-                : h('dl', { class: 'facts' }, Object.entries(A.stats).filter(([, v]) => typeof v !== 'object').map(([k, v]) => [h('dt', {}, k), h('dd', {}, String(v))]))));
+            A.stats === 'unavailable' || !A.stats ? h('p', { class: 'muted' }, t('admin.stats_unavailable')) : statsView(A.stats)));
+}
+
+/* GET /admin/stats: the figures, subscriptions, revenue and a bar per day of the last 30. */
+function statsView(st) {
+    const n = (v) => formatNumber(Number(v) || 0);
+    const u = st.users ?? {};
+    const today = st.usage?.today ?? {};
+    const month = st.usage?.last_30_days ?? {};
+    const fact = (id, label, value) => [h('dt', {}, label), h('dd', { id: `stats-${id}` }, value)];
+    const subs = st.subscriptions ?? [];
+    const revenue = st.revenue ?? [];
+    const days = st.usage?.by_day ?? [];
+    return h('div', { id: 'stats' },
+        h('dl', { class: 'facts' },
+            fact('users', t('admin.stats_users'), n(u.total)),
+            fact('active', t('admin.stats_active'), n(u.active_7d)),
+            fact('new', t('admin.stats_new'), n(u.new_7d)),
+            fact('requests-today', t('admin.stats_requests_today'), n(today.requests)),
+            fact('requests-30d', t('admin.stats_requests_30d'), n(month.requests)),
+            fact('tokens-today', t('admin.stats_tokens_today'), n(today.tokens)),
+            fact('tokens-30d', t('admin.stats_tokens_30d'), n(month.tokens))),
+        days.length ? h('figure', { class: 'usage-days', id: 'stats-by-day' },
+            dayBars(days, (d) => t('admin.stats_day', { date: dayDate(d), count: n(d.requests), tokens: n(d.tokens) }), t('admin.stats_by_day')),
+            h('figcaption', {}, t('admin.stats_by_day'))) : null,
+        h('h3', {}, t('admin.stats_subscriptions')),
+        subs.length === 0 ? h('p', { class: 'muted' }, t('admin.stats_no_subscriptions')) : h('div', { class: 'table-wrap' }, h('table', { id: 'stats-subscriptions' },
+            h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, t('plans.plan')), h('th', { scope: 'col' }, t('plans.status')), h('th', { scope: 'col' }, t('admin.stats_count')))),
+            h('tbody', {}, subs.map((x) => h('tr', { 'data-plan': x.plan, 'data-status': x.status },
+                h('th', { scope: 'row' }, planName(x.plan)),
+                h('td', {}, has(`plans.status_${x.status}`) ? t(`plans.status_${x.status}`) : x.status),
+                h('td', { class: 'num' }, n(x.count))))))),
+        h('h3', {}, t('admin.stats_revenue')),
+        revenue.length === 0 ? h('p', { class: 'muted' }, t('admin.stats_no_revenue'))
+            : h('ul', { id: 'stats-revenue' }, revenue.map((r) => h('li', { 'data-currency': r.currency }, formatMoney(Number(r.amount_minor) || 0, r.currency)))));
 }
 
 /* ---- start ---------------------------------------------------------------------------------- */
