@@ -15,9 +15,10 @@
  * current window (the script resets it lazily on the next admission) and held counts reservations
  * whose expiry is still ahead, as lua/admit.lua does.
  *
- * scheduled_change (a cancellation or a downgrade at the period end) is the one field Redis does
- * not have: it is read from the subscription row on the pool after the Redis reads (or with the
- * compile). When Postgres cannot answer it is left out (null) rather than failing the account.
+ * scheduled_change (a cancellation or a downgrade at the period end), next_bill (when a live Paddle
+ * subscription renews, at what price) and payment_method (of the last captured payment) are what
+ * Redis does not have: they are read from Postgres on the pool after the Redis reads (or with the
+ * compile). When Postgres cannot answer they are left out (null) rather than failing the account.
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -49,6 +50,7 @@ typedef struct st_account_op {
     /* compile on the pool */
     int rc;
     bg_billing_scheduled_t sched; /* a change scheduled for the period end (Postgres) */
+    bg_billing_outlook_t outlook; /* the next bill and the payment method (Postgres) */
 } account_op_t;
 
 static void op_free(void *p)
@@ -249,6 +251,37 @@ static void respond_account(edge_req_t *er, const account_op_t *op)
     } else {
         bg_json_write_null(&w);
     }
+    const bg_billing_outlook_t *o = &op->outlook;
+    bg_json_write_key(&w, "next_bill");
+    if (live && o->next_bill) {
+        bg_json_write_begin_object(&w);
+        bg_json_write_field_str(&w, "at", o->next_bill_at);
+        bg_json_write_field_str(&w, "plan", o->plan);
+        bg_json_write_key(&w, "amount");
+        bg_json_write_begin_object(&w);
+        bg_json_write_field_int(&w, "amount", o->amount_minor);
+        bg_json_write_field_str(&w, "currency", o->currency);
+        bg_json_write_end_object(&w);
+        bg_json_write_end_object(&w);
+    } else {
+        bg_json_write_null(&w);
+    }
+    bg_json_write_key(&w, "payment_method");
+    if (o->method) {
+        bg_json_write_begin_object(&w);
+        bg_json_write_field_str(&w, "type", o->method_type);
+        if (o->card_brand[0] != '\0')
+            bg_json_write_field_str(&w, "brand", o->card_brand);
+        else
+            bg_json_write_field_null(&w, "brand");
+        if (o->card_last4[0] != '\0')
+            bg_json_write_field_str(&w, "last4", o->card_last4);
+        else
+            bg_json_write_field_null(&w, "last4");
+        bg_json_write_end_object(&w);
+    } else {
+        bg_json_write_null(&w);
+    }
     bg_json_write_end_object(&w);
     if (bg_json_write_finish(&w) != 0)
         edge_error(er, "internal", NULL, NULL, 0);
@@ -270,6 +303,8 @@ static void compile_work(void *arg)
     op->rc = bg_policy_compile_user(c, op->user_id, bg_timeutil_wall_ms(), &op->state);
     if (op->rc == 0 && bg_billing_scheduled(c, op->user_id, &op->sched) != 0)
         memset(&op->sched, 0, sizeof(op->sched));
+    if (op->rc == 0 && bg_billing_outlook(c, op->user_id, &op->outlook) != 0)
+        memset(&op->outlook, 0, sizeof(op->outlook));
 }
 
 /*
@@ -282,6 +317,8 @@ static void sched_work(void *arg)
     PGconn *c = bg_pg_thread_conn(op->cfg->database_url);
     if (c == NULL || bg_billing_scheduled(c, op->user_id, &op->sched) != 0)
         memset(&op->sched, 0, sizeof(op->sched));
+    if (c == NULL || bg_billing_outlook(c, op->user_id, &op->outlook) != 0)
+        memset(&op->outlook, 0, sizeof(op->outlook));
 }
 
 static void sched_done(edge_req_t *er, void *arg)

@@ -971,7 +971,15 @@ function viewPlans() {
                 h('dt', {}, t('plans.remaining')), h('dd', { id: 'quota-remaining' },
                     q.limit !== undefined ? t('plans.remaining_of', { remaining: formatNumber(q.remaining ?? 0), limit: formatNumber(q.limit) }) : '—'),
                 q.reset_at ? [h('dt', {}, t('plans.resets')), h('dd', { id: 'quota-reset' }, formatDate(q.reset_at))] : null,
-                scheduledFact(a.scheduled_change)),
+                scheduledFact(a.scheduled_change),
+                a.next_bill ? [h('dt', {}, t('plans.next_bill')), h('dd', { id: 'next-bill' }, t('plans.next_bill_value', {
+                    amount: formatMoney(a.next_bill.amount?.amount ?? 0, a.next_bill.amount?.currency),
+                    date: formatDate(a.next_bill.at, false), plan: planName(a.next_bill.plan) ?? '—',
+                }))] : null,
+                a.payment_method ? [h('dt', {}, t('plans.payment_method')), h('dd', { id: 'payment-method' },
+                    a.payment_method.last4
+                        ? t('plans.card', { brand: cardBrand(a.payment_method.brand ?? a.payment_method.type), last4: a.payment_method.last4 })
+                        : cardBrand(a.payment_method.type))] : null),
             h('h3', {}, t('plans.usage')),
             usageChart(q),
             usageByDay(state.usage),
@@ -1005,6 +1013,11 @@ function viewPlans() {
 }
 
 /* What happens at the period's end: the subscription ends, or another plan follows. */
+/* "visa" → "Visa", "american_express" → "American Express": Paddle's names, shown as words. */
+function cardBrand(name) {
+    return String(name ?? '').split(/[_\s]+/).filter(Boolean).map((w) => w[0].toUpperCase() + w.slice(1)).join(' ') || '—';
+}
+
 function scheduledFact(sc) {
     if (!sc?.action) return null;
     const date = formatDate(sc.effective_at, false);

@@ -1080,6 +1080,62 @@ int bg_billing_invoice(PGconn *c, const char *user_id, const char *id, bg_buf_t 
     return 0;
 }
 
+int bg_billing_outlook(PGconn *c, const char *user_id, bg_billing_outlook_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!bg_id_uuid_is_valid(user_id))
+        return 0;
+    const char *p[] = {user_id};
+    PGresult *res;
+    /* the renewal: a live Paddle subscription renews at its period end unless it is cancelled
+     * then; a downgrade scheduled for that moment is what renews */
+    int rc = bg_pg_exec(c,
+                        "SELECT to_char(s.current_period_end AT TIME ZONE 'UTC', "
+                        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), p.price_minor, p.currency, p.id "
+                        "FROM subscriptions s JOIN plans p ON p.id = CASE WHEN "
+                        "s.scheduled_plan_id IS NOT NULL AND s.scheduled_change_at <= "
+                        "s.current_period_end THEN s.scheduled_plan_id ELSE s.plan_id END "
+                        "WHERE s.user_id = $1::uuid AND s.status IN ('active', 'past_due') "
+                        "AND s.paddle_subscription_id IS NOT NULL AND NOT s.cancel_at_period_end "
+                        "LIMIT 1",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 1 && bg_pg_int64(res, 0, 1, &out->amount_minor) == 0) {
+        copy(out->next_bill_at, sizeof(out->next_bill_at), res, 0, 0);
+        copy(out->currency, sizeof(out->currency), res, 0, 2);
+        copy(out->plan, sizeof(out->plan), res, 0, 3);
+        out->next_bill = true;
+    }
+    PQclear(res);
+
+    /* the method of the newest captured payment of the user's invoices, as Paddle reported it */
+    rc = bg_pg_exec(c,
+                    "SELECT coalesce(pm -> 'method_details' ->> 'type', ''), "
+                    "coalesce(pm -> 'method_details' -> 'card' ->> 'type', ''), "
+                    "coalesce(pm -> 'method_details' -> 'card' ->> 'last4', '') "
+                    "FROM invoices i JOIN billing_accounts b ON b.id = i.billing_account_id "
+                    "JOIN webhook_inbox w ON w.provider = 'paddle' AND w.event_type IN "
+                    "('transaction.completed', 'transaction.paid') "
+                    "AND w.payload -> 'data' ->> 'id' = i.paddle_transaction_id "
+                    "CROSS JOIN LATERAL jsonb_array_elements(CASE WHEN jsonb_typeof(w.payload -> "
+                    "'data' -> 'payments') = 'array' THEN w.payload -> 'data' -> 'payments' ELSE "
+                    "'[]' END) pm "
+                    "WHERE b.user_id = $1::uuid AND pm ->> 'status' = 'captured' "
+                    "ORDER BY w.occurred_at DESC NULLS LAST, w.id DESC LIMIT 1",
+                    1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 1 && PQgetlength(res, 0, 0) > 0) {
+        copy(out->method_type, sizeof(out->method_type), res, 0, 0);
+        copy(out->card_brand, sizeof(out->card_brand), res, 0, 1);
+        copy(out->card_last4, sizeof(out->card_last4), res, 0, 2);
+        out->method = true;
+    }
+    PQclear(res);
+    return 0;
+}
+
 int bg_billing_scheduled(PGconn *c, const char *user_id, bg_billing_scheduled_t *out)
 {
     memset(out, 0, sizeof(*out));

@@ -186,12 +186,20 @@ describe('web client pages in Chromium', { skip, timeout: T(600000) }, () => {
             const sub = await sql(`SELECT id FROM subscriptions WHERE user_id = '${userId}' AND status <> 'canceled'`);
             await sql(`INSERT INTO billing_accounts (user_id) VALUES ('${userId}') ON CONFLICT (user_id) DO NOTHING`);
             const acct = await sql(`SELECT id FROM billing_accounts WHERE user_id = '${userId}'`);
+            // the payment Paddle reported for the newest invoice: the account shows its card
+            await sql(`INSERT INTO webhook_inbox (provider, event_id, event_type, occurred_at, payload, processed_at)
+                       VALUES ('paddle', 'evt_pages_1', 'transaction.completed', now() - interval '1 day',
+                               '{"data":{"id":"txn_pages_1","status":"completed","payments":[{"status":"captured",
+                                 "method_details":{"type":"card","card":{"type":"visa","last4":"4242"}}}]}}', now())`);
             await sql(`INSERT INTO invoices (billing_account_id, subscription_id, number, status, currency,
-                         subtotal_minor, tax_minor, total_minor, period_start, period_end, issued_at, paid_at)
+                         subtotal_minor, tax_minor, total_minor, period_start, period_end, issued_at, paid_at,
+                         paddle_transaction_id)
                        VALUES ('${acct}', '${sub}', 'INV-PAGES-1', 'paid', 'USD', 1665, 334, 1999,
-                               now() - interval '1 day', now() + interval '29 days', now() - interval '1 day', now() - interval '1 day'),
+                               now() - interval '1 day', now() + interval '29 days', now() - interval '1 day', now() - interval '1 day',
+                               'txn_pages_1'),
                               ('${acct}', '${sub}', 'INV-PAGES-0', 'refunded', 'USD', 416, 83, 499,
-                               now() - interval '40 days', now() - interval '33 days', now() - interval '40 days', now() - interval '40 days')`);
+                               now() - interval '40 days', now() - interval '33 days', now() - interval '40 days', now() - interval '40 days',
+                               NULL)`);
         }
         await page.getByRole('link', { name: en['web.nav.plans'] }).click();
         await page.locator('#plans-table').waitFor();
@@ -214,6 +222,8 @@ describe('web client pages in Chromium', { skip, timeout: T(600000) }, () => {
             const listed = (await pageFetch(page, '/billing/invoices')).body.data;
             assert.equal(await view.getAttribute('href'), listed.find((x) => x.number === 'INV-PAGES-1').html_url);
             assert.match(await rows.nth(1).innerText(), new RegExp(en['web.plans.invoice_status_refunded']));
+            assert.equal(norm(await page.locator('#payment-method').innerText()),
+                fill(en['web.plans.card'], { brand: 'Visa', last4: '4242' }));
         } else {
             await page.locator('#invoices-unavailable').getByText(en['web.plans.invoices_unavailable']).waitFor();
         }

@@ -494,7 +494,8 @@ static char *paid_txn(const char *evt, const char *user, const char *sub, const 
         "\"price\":{\"id\":\"" PRICE_MONTHLY "\"},\"quantity\":1}],\"details\":{\"totals\":{"
         "\"subtotal\":\"1999\",\"tax\":\"%s\",\"total\":\"%s\",\"grand_total\":\"%s\","
         "\"currency_code\":\"USD\"}},\"payments\":[{\"amount\":\"%s\",\"status\":\"captured\","
-        "\"method_details\":{\"type\":\"card\"}}],\"billed_at\":\"%s\",\"billing_period\":{"
+        "\"method_details\":{\"type\":\"card\",\"card\":{\"type\":\"visa\",\"last4\":\"4242\"}}}],"
+        "\"billed_at\":\"%s\",\"billing_period\":{"
         "\"starts_at\":\"%s\",\"ends_at\":\"%s\"}}}",
         evt, occ, evt, txn, sub, sub, user, inv, tax, total, total, total, occ, PS, PE);
 }
@@ -628,6 +629,14 @@ Test(billing_paddle, upgrade_now_downgrade_at_period_end_then_cancel_and_resume)
     cr_expect(strncmp(v, PE, 19) == 0, "%s vs %s", v, PE);
     get_str(r.body, (const char *const[]){"quota", "limit", NULL}, v, sizeof(v));
     cr_expect_str_eq(v, "1000", "weekly's quota still");
+    /* the next bill: at the period end, at the price of the plan that follows */
+    get_str(r.body, (const char *const[]){"next_bill", "plan", NULL}, v, sizeof(v));
+    cr_expect_str_eq(v, "yearly");
+    get_str(r.body, (const char *const[]){"next_bill", "at", NULL}, v, sizeof(v));
+    cr_expect(strncmp(v, PE, 19) == 0, "%s vs %s", v, PE);
+    get_str(r.body, (const char *const[]){"next_bill", "amount", "amount", NULL}, v, sizeof(v));
+    cr_expect_str_eq(v, "19999");
+    cr_expect(strstr(r.body, "\"payment_method\":null") != NULL, "nothing paid yet: %s", r.body);
     bgt_resp_free(&r);
 
     /* a delivery of the older (weekly) snapshot changes nothing */
@@ -775,6 +784,15 @@ Test(billing_paddle, invoices_list_json_and_printable_html_then_a_refund)
     bgt_resp_free(&r);
     cr_assert_eq(call("GET", "/billing/invoices", token, NULL, NULL, &r), 200, "%s", r.body);
     cr_expect_eq(count("SELECT count(*) FROM invoices"), 2, "one invoice per transaction");
+    bgt_resp_free(&r);
+    /* the account names the card the payments came from */
+    cr_assert_eq(call("GET", "/billing/account", token, NULL, NULL, &r), 200, "%s", r.body);
+    get_str(r.body, (const char *const[]){"payment_method", "type", NULL}, v, sizeof(v));
+    cr_expect_str_eq(v, "card");
+    get_str(r.body, (const char *const[]){"payment_method", "brand", NULL}, v, sizeof(v));
+    cr_expect_str_eq(v, "visa");
+    get_str(r.body, (const char *const[]){"payment_method", "last4", NULL}, v, sizeof(v));
+    cr_expect_str_eq(v, "4242");
     bgt_resp_free(&r);
 
     PGresult *res = PQexec(S.pg, "SELECT id FROM invoices WHERE paddle_transaction_id = "

@@ -141,6 +141,26 @@ typedef struct bg_billing_scheduled {
 /** Reads the user's scheduled change (action "" when none). Returns 0 or a database error. */
 BG_MUSTCHECK int bg_billing_scheduled(PGconn *c, const char *user_id, bg_billing_scheduled_t *out);
 
+/** What /billing/account says of the next payment and the card (or other method) it comes from. */
+typedef struct bg_billing_outlook {
+    bool next_bill;        /**< a renewal is coming: at, amount_minor, currency, plan are set */
+    char next_bill_at[40]; /**< RFC 3339: the end of the current period */
+    int64_t amount_minor;  /**< the price of the plan that renews (a scheduled one included) */
+    char currency[4];
+    char plan[33];
+    bool method;          /**< a payment method is known: from the last captured payment */
+    char method_type[24]; /**< "card", "paypal", … */
+    char card_brand[24];  /**< "visa", … ("" when not a card) */
+    char card_last4[8];
+} bg_billing_outlook_t;
+
+/**
+ * Reads the user's next bill (a live Paddle subscription that is not cancelled at its period end
+ * renews then, at the price of the plan that follows) and the payment method of the last captured
+ * payment of their invoices. Returns 0 (the flags say what was found) or a database error.
+ */
+BG_MUSTCHECK int bg_billing_outlook(PGconn *c, const char *user_id, bg_billing_outlook_t *out);
+
 /** Most invoices one page holds. */
 #define BG_BILLING_INVOICES_MAX 100
 

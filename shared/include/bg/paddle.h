@@ -63,10 +63,10 @@ typedef struct bg_paddle_reply {
     int attempts;        /**< attempts made */
     char error_code[64]; /**< Paddle's error.code of a refused call, "" otherwise */
     char id[64];         /**< data.id of a successful call ("txn_…", "sub_…"), "" otherwise */
-    char checkout_url[1024]; /**< data.checkout.url of a transaction, "" when none */
-    char state[32];          /**< data.status ("past_due", "completed", …), "" when none */
-    char user_id[64];        /**< data.custom_data.user_id, "" when none */
-    char customer_id[64];    /**< data.customer_id, "" when none */
+    char checkout_url[1024];  /**< data.checkout.url of a transaction, "" when none */
+    char state[32];           /**< data.status ("past_due", "completed", …), "" when none */
+    char user_id[64];         /**< data.custom_data.user_id, "" when none */
+    char customer_id[64];     /**< data.customer_id, "" when none */
     char subscription_id[64]; /**< data.subscription_id of a transaction, "" when none */
 } bg_paddle_reply_t;
 
