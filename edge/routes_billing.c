@@ -199,7 +199,10 @@ static void respond_account(edge_req_t *er, const account_op_t *op)
         bg_json_write_field_str(&w, "plan", s->plan);
     else
         bg_json_write_field_null(&w, "plan");
-    bg_json_write_field_str(&w, "status", live ? s->status : "none");
+    /* past_due keeps the plan (admission says active) while Paddle retries the payment: the
+     * account says so, so that the client can offer to pay (POST /billing/payment) */
+    bool past_due = live && strcmp(op->outlook.sub_status, "past_due") == 0;
+    bg_json_write_field_str(&w, "status", past_due ? "past_due" : live ? s->status : "none");
     if (live && strcmp(s->status, "trialing") == 0 && s->w_until > 0)
         write_time(&w, "trial_ends_at", s->w_until);
     else

@@ -1087,18 +1087,27 @@ int bg_billing_outlook(PGconn *c, const char *user_id, bg_billing_outlook_t *out
         return 0;
     const char *p[] = {user_id};
     PGresult *res;
+    int rc = bg_pg_exec(c,
+                        "SELECT status FROM subscriptions WHERE user_id = $1::uuid "
+                        "AND status <> 'canceled' LIMIT 1",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    if (PQntuples(res) == 1)
+        copy(out->sub_status, sizeof(out->sub_status), res, 0, 0);
+    PQclear(res);
     /* the renewal: a live Paddle subscription renews at its period end unless it is cancelled
      * then; a downgrade scheduled for that moment is what renews */
-    int rc = bg_pg_exec(c,
-                        "SELECT to_char(s.current_period_end AT TIME ZONE 'UTC', "
-                        "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), p.price_minor, p.currency, p.id "
-                        "FROM subscriptions s JOIN plans p ON p.id = CASE WHEN "
-                        "s.scheduled_plan_id IS NOT NULL AND s.scheduled_change_at <= "
-                        "s.current_period_end THEN s.scheduled_plan_id ELSE s.plan_id END "
-                        "WHERE s.user_id = $1::uuid AND s.status IN ('active', 'past_due') "
-                        "AND s.paddle_subscription_id IS NOT NULL AND NOT s.cancel_at_period_end "
-                        "LIMIT 1",
-                        1, p, &res);
+    rc = bg_pg_exec(c,
+                    "SELECT to_char(s.current_period_end AT TIME ZONE 'UTC', "
+                    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), p.price_minor, p.currency, p.id "
+                    "FROM subscriptions s JOIN plans p ON p.id = CASE WHEN "
+                    "s.scheduled_plan_id IS NOT NULL AND s.scheduled_change_at <= "
+                    "s.current_period_end THEN s.scheduled_plan_id ELSE s.plan_id END "
+                    "WHERE s.user_id = $1::uuid AND s.status IN ('active', 'past_due') "
+                    "AND s.paddle_subscription_id IS NOT NULL AND NOT s.cancel_at_period_end "
+                    "LIMIT 1",
+                    1, p, &res);
     if (rc != 0)
         return rc;
     if (PQntuples(res) == 1 && bg_pg_int64(res, 0, 1, &out->amount_minor) == 0) {

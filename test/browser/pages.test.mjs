@@ -236,6 +236,18 @@ describe('web client pages in Chromium', { skip, timeout: T(600000) }, () => {
         await notice.waitFor();
         const said = norm(await notice.innerText());
         assert.ok([en['error.billing_unavailable'], en['web.plans.not_available']].includes(said), said);
+
+        // a renewal payment failed: the plan is kept and the page offers to pay
+        await sql(`UPDATE subscriptions SET status = 'past_due' WHERE user_id = '${userId}' AND status <> 'canceled'`);
+        await page.reload();
+        const due = page.locator('#past-due');
+        await due.waitFor();
+        assert.ok(norm(await due.innerText()).includes(en['web.plans.past_due']), await due.innerText());
+        await page.locator('#current-plan').getByText(en['web.plans.name_monthly']).waitFor();
+        await sql(`UPDATE subscriptions SET status = 'active' WHERE user_id = '${userId}' AND status <> 'canceled'`);
+        await page.reload();
+        await page.locator('#plans-table').waitFor();
+        assert.equal(await page.locator('#past-due').count(), 0);
     });
 
     it('gives the command that links Telegram on the profile', async () => {

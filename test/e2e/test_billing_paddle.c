@@ -705,8 +705,15 @@ Test(billing_paddle, payment_returns_the_checkout_of_what_is_owed)
                     PRICE_MONTHLY, t0 + 1000);
     deliver_ok(e2);
     wait_processed();
-    cr_assert_eq(call("POST", "/billing/payment", token, NULL, "{}", &r), 200, "%s", r.body);
     char v[256];
+    /* the account says a payment is owed, while the plan (and its quota) is kept */
+    cr_assert_eq(call("GET", "/billing/account", token, NULL, NULL, &r), 200, "%s", r.body);
+    get_str(r.body, (const char *const[]){"status", NULL}, v, sizeof(v));
+    cr_expect_str_eq(v, "past_due");
+    get_str(r.body, (const char *const[]){"plan", NULL}, v, sizeof(v));
+    cr_expect_str_eq(v, "monthly");
+    bgt_resp_free(&r);
+    cr_assert_eq(call("POST", "/billing/payment", token, NULL, "{}", &r), 200, "%s", r.body);
     get_str(r.body, (const char *const[]){"transaction_id", NULL}, v, sizeof(v));
     cr_expect_str_eq(v, "txn_due_sub_pay");
     get_str(r.body, (const char *const[]){"checkout_url", NULL}, v, sizeof(v));

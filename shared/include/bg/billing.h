@@ -152,12 +152,14 @@ typedef struct bg_billing_outlook {
     char method_type[24]; /**< "card", "paypal", … */
     char card_brand[24];  /**< "visa", … ("" when not a card) */
     char card_last4[8];
+    char sub_status[12]; /**< the live subscription's status ("past_due", …), "" when none */
 } bg_billing_outlook_t;
 
 /**
- * Reads the user's next bill (a live Paddle subscription that is not cancelled at its period end
- * renews then, at the price of the plan that follows) and the payment method of the last captured
- * payment of their invoices. Returns 0 (the flags say what was found) or a database error.
+ * Reads the user's live subscription's status, the next bill (a live Paddle subscription that is
+ * not cancelled at its period end renews then, at the price of the plan that follows) and the
+ * payment method of the last captured payment of their invoices. Returns 0 (the flags say what was
+ * found) or a database error.
  */
 BG_MUSTCHECK int bg_billing_outlook(PGconn *c, const char *user_id, bg_billing_outlook_t *out);
 
