@@ -217,8 +217,11 @@ static void teardown(void)
 
 TestSuite(telegram_account, .init = setup, .fini = teardown, .timeout = 300);
 
+/* Criterion runs the suite's .init before a test's own: the service it started goes, and a
+ * second one without Paddle replaces it (else the first one's processes and clients would leak). */
 static void setup_no_paddle(void)
 {
+    teardown();
     S.no_paddle = true;
     setup();
 }
