@@ -158,10 +158,18 @@ describe('web client pages in Chromium', { skip, timeout: T(600000) }, () => {
     });
 
     it('creates an API key shown once that works against /v1/models, and revokes it', async () => {
+        const isKeys = (method) => (r) => new URL(r.url()).pathname === '/auth/api-keys' && r.request().method() === method;
+        // the page lists the keys first; typing before that list arrives would be typed into a
+        // form the next render replaces
+        const listed = page.waitForResponse(isKeys('GET'));
         await page.getByRole('link', { name: en['web.nav.keys'] }).click();
         await page.waitForURL(/\/keys$/);
+        await listed;
         await page.getByLabel(en['web.keys.name']).fill('browser key');
+        const created = page.waitForResponse(isKeys('POST'));
         await page.getByRole('button', { name: en['web.keys.create'] }).click();
+        const answer = await created;
+        assert.equal(answer.status(), 201, await answer.text());
         const key = (await page.locator('#new-key').innerText()).trim();
         assert.ok(key.length > 20, key);
         const models = await fetch(`${stack.url}/v1/models`, { headers: { authorization: `Bearer ${key}` } });

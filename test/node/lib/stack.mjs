@@ -14,6 +14,7 @@
 // Helpers below speak the public API as a client would (register, log in, API keys) and use the
 // operator's tools where an operator would (bgctl plan grant, an admin for roles and policies).
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -102,17 +103,32 @@ function installHooks() {
     }
 }
 
-/** A TCP port on 127.0.0.1 that nothing listened on a moment ago (a race is possible, rare). */
-export function freePort() {
-    return new Promise((resolve, reject) => {
+/* Tries to listen on port (0: one the kernel picks); resolves with the port, or 0 when taken. */
+function probePort(port) {
+    return new Promise((resolve) => {
         const srv = net.createServer();
         srv.unref();
-        srv.on('error', reject);
-        srv.listen(0, '127.0.0.1', () => {
-            const { port } = srv.address();
-            srv.close(() => resolve(port));
+        srv.on('error', () => resolve(0));
+        srv.listen(port, '127.0.0.1', () => {
+            const got = srv.address().port;
+            srv.close(() => resolve(got));
         });
     });
+}
+
+/**
+ * A TCP port on 127.0.0.1 that nothing listened on a moment ago. Taken at random below Linux's
+ * ephemeral range (32768–60999), so the outgoing connections of everything else running cannot
+ * land on it before our server binds it; the kernel's choice only when that range is full.
+ */
+export async function freePort() {
+    for (let i = 0; i < 100; i++) {
+        const port = await probePort(crypto.randomInt(20000, 32768));
+        if (port) return port;
+    }
+    const port = await probePort(0);
+    if (!port) throw new Error('no free port');
+    return port;
 }
 
 /** The last lines of a log file, for a failure message. */
