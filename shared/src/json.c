@@ -947,6 +947,12 @@ void bg_json_write_double(bg_json_writer_t *w, double v)
         put_literal(w, "null");
         return;
     }
+    if (v == 0) {
+        /* -0 too (an underflow like -1e-999 parses to it): "-0" would read back as the integer 0
+         * and write as "0", so a document would not survive a second round trip unchanged */
+        put_literal(w, "0");
+        return;
+    }
     snprintf(text, sizeof(text), "%.15g", v);
     if (strtod(text, NULL) != v)
         snprintf(text, sizeof(text), "%.17g", v);

@@ -363,6 +363,7 @@ typedef struct st_worker {
     int idx;
     int wrong;
     int errors;
+    char first_error[300]; /* what the first error was, for the failure message */
 } worker_t;
 
 static void *churn(void *arg)
@@ -370,16 +371,21 @@ static void *churn(void *arg)
     worker_t *w = arg;
     PGconn *c = NULL;
     char err[256];
-    if (bg_pg_connect(w->url, 3, &c, err, sizeof(err)) != 0) {
+    /* more connect attempts than usual: the suite runs other tests' databases beside this one */
+    if (bg_pg_connect(w->url, 15, &c, err, sizeof(err)) != 0) {
         w->errors++;
+        snprintf(w->first_error, sizeof(w->first_error), "connect: %s", err);
         return NULL;
     }
     bg_agent_t *a = malloc(sizeof(*a));
     for (int i = 0; i < 300; i++) {
         int k = (i + w->idx) % 2;
         bg_llm_prompt_t *p = NULL;
-        if (bg_llm_defs_load(w->d, c, w->agents[k], a, &p) != 0 || p == NULL) {
-            w->errors++;
+        int rc = bg_llm_defs_load(w->d, c, w->agents[k], a, &p);
+        if (rc != 0 || p == NULL) {
+            if (w->errors++ == 0)
+                snprintf(w->first_error, sizeof(w->first_error), "load %d: %s%s", i,
+                         bg_strerror(rc), rc == 0 ? " (no prompt)" : "");
             continue;
         }
         if (strcmp(a->id, w->agents[k]) != 0 || a->temperature != w->temps[k] ||
@@ -418,7 +424,8 @@ Test(llm_cache, threads_get_the_right_agent_and_prompt)
     }
     for (int i = 0; i < N; i++) {
         cr_assert_eq(pthread_join(th[i], NULL), 0);
-        cr_assert_eq(w[i].errors, 0);
+        cr_assert_eq(w[i].errors, 0, "thread %d: %d errors, the first: %s", i, w[i].errors,
+                     w[i].first_error);
         cr_assert_eq(w[i].wrong, 0, "thread %d saw another agent's data", i);
     }
     bg_llm_defs_stats_t st;

@@ -307,6 +307,7 @@ Test(json, writer_escapes_and_places_commas)
     bg_json_write_int(&w, -42);
     bg_json_write_double(&w, 0.1);
     bg_json_write_double(&w, 1.0 / 0.0);
+    bg_json_write_double(&w, -0.0); /* as 0: "-0" would read back as an integer and lose it */
     bg_json_write_bool(&w, true);
     bg_json_write_null(&w);
     bg_json_write_begin_object(&w);
@@ -323,7 +324,7 @@ Test(json, writer_escapes_and_places_commas)
                      "b\xef\xbf\xbd\xef\xbf\xbd"
                      "c\","
                      "\"utf8\":\"\xd0\x9f\xe2\x82\xac\","
-                     "\"list\":[-42,0.1,null,true,null,{}],\"n\":7,\"f\":false,\"z\":null}");
+                     "\"list\":[-42,0.1,null,0,true,null,{}],\"n\":7,\"f\":false,\"z\":null}");
     /* What the writer produces, the parser accepts. */
     bg_json_doc_t *doc;
     const char *desc;
