@@ -207,6 +207,13 @@ h2o_iovec_t edge_req_header(const edge_req_t *er, const char *name);
  */
 bool edge_query(const edge_req_t *er, const char *name, char *out, size_t outlen);
 
+/**
+ * Reads the ?limit of a list route into *limit (left as the caller's default when absent). A
+ * value that is not an integer from 1 to max is answered 422 (limit out_of_range, with min and
+ * max) and returns false.
+ */
+bool edge_query_limit(edge_req_t *er, int max, int *limit);
+
 /** Adds a response header (copied into the request's pool). */
 void edge_add_header(edge_req_t *er, const char *name, const char *value);
 

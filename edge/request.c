@@ -8,6 +8,8 @@
  * ended): the in-flight count drops and the request counter and latency histogram are updated with
  * the final status.
  */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -132,6 +134,24 @@ bool edge_query(const edge_req_t *er, const char *name, char *out, size_t outlen
         q = stop + 1;
     }
     return false;
+}
+
+bool edge_query_limit(edge_req_t *er, int max, int *limit)
+{
+    char v[16];
+    if (!edge_query(er, "limit", v, sizeof(v)))
+        return true;
+    char *end;
+    long n = strtol(v, &end, 10);
+    if (end == v || *end != '\0' || n < 1 || n > max) {
+        char maxs[16];
+        snprintf(maxs, sizeof(maxs), "%d", max);
+        const char *params[] = {"min", "1", "max", maxs, NULL};
+        edge_invalid_field(er, "limit", "out_of_range", params);
+        return false;
+    }
+    *limit = (int)n;
+    return true;
 }
 
 void edge_add_header(edge_req_t *er, const char *name, const char *value)

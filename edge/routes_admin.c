@@ -180,21 +180,12 @@ static void list_done(edge_req_t *er, void *arg)
 
 static void users_list(edge_req_t *er)
 {
-    char q[256], cursor[256], limit[16];
+    char q[256], cursor[256];
     admin_op_t *op = op_new(er);
-    op->limit = 50;
-    if (edge_query(er, "limit", limit, sizeof(limit))) {
-        char *end;
-        long n = strtol(limit, &end, 10);
-        if (*end != '\0' || n < 1 || n > PAGE_MAX) {
-            char max[8];
-            snprintf(max, sizeof(max), "%d", PAGE_MAX);
-            const char *params[] = {"min", "1", "max", max, NULL};
-            edge_invalid_field(er, "limit", "out_of_range", params);
-            return;
-        }
-        op->limit = (size_t)n;
-    }
+    int limit = 50;
+    if (!edge_query_limit(er, PAGE_MAX, &limit))
+        return;
+    op->limit = (size_t)limit;
     if (edge_query(er, "q", q, sizeof(q)) && q[0] != '\0')
         op->query = bg_strdup(q);
     if (edge_query(er, "cursor", cursor, sizeof(cursor)) && cursor[0] != '\0')

@@ -390,19 +390,9 @@ static void history_get(edge_req_t *er)
 {
     pay_op_t *op = op_new(er, 0);
     op->limit = 50;
-    char limit[16], cursor[64];
-    if (edge_query(er, "limit", limit, sizeof(limit))) {
-        char *end;
-        long n = strtol(limit, &end, 10);
-        if (end == limit || *end != '\0' || n < 1 || n > BG_BILLING_HISTORY_MAX) {
-            char max[8];
-            snprintf(max, sizeof(max), "%d", BG_BILLING_HISTORY_MAX);
-            const char *params[] = {"min", "1", "max", max, NULL};
-            edge_invalid_field(er, "limit", "out_of_range", params);
-            return;
-        }
-        op->limit = (int)n;
-    }
+    char cursor[64];
+    if (!edge_query_limit(er, BG_BILLING_HISTORY_MAX, &op->limit))
+        return;
     if (edge_query(er, "cursor", cursor, sizeof(cursor)) && cursor[0] != '\0')
         op->cursor = bg_strdup(cursor);
     edge_run(er, history_work, history_done);
@@ -709,19 +699,9 @@ static void invoices_get(edge_req_t *er)
 {
     pay_op_t *op = op_new(er, OP_INVOICES);
     op->limit = 20;
-    char limit[16], cursor[64];
-    if (edge_query(er, "limit", limit, sizeof(limit))) {
-        char *end;
-        long n = strtol(limit, &end, 10);
-        if (end == limit || *end != '\0' || n < 1 || n > BG_BILLING_INVOICES_MAX) {
-            char max[8];
-            snprintf(max, sizeof(max), "%d", BG_BILLING_INVOICES_MAX);
-            const char *params[] = {"min", "1", "max", max, NULL};
-            edge_invalid_field(er, "limit", "out_of_range", params);
-            return;
-        }
-        op->limit = (int)n;
-    }
+    char cursor[64];
+    if (!edge_query_limit(er, BG_BILLING_INVOICES_MAX, &op->limit))
+        return;
     if (edge_query(er, "cursor", cursor, sizeof(cursor)) && cursor[0] != '\0')
         op->cursor = bg_strdup(cursor);
     edge_run(er, invoices_work, invoices_done);

@@ -148,19 +148,11 @@ static void write_next_cursor(bg_json_writer_t *w, const char *cursor)
  */
 static bool page_params(edge_req_t *er, chat_op_t *op)
 {
-    char limit[16], cursor[1024];
-    if (edge_query(er, "limit", limit, sizeof(limit))) {
-        char *end;
-        long n = strtol(limit, &end, 10);
-        if (end == limit || *end != '\0' || n < 1 || n > BG_CHAT_PAGE_MAX) {
-            char max[8];
-            snprintf(max, sizeof(max), "%d", BG_CHAT_PAGE_MAX);
-            const char *params[] = {"min", "1", "max", max, NULL};
-            edge_invalid_field(er, "limit", "out_of_range", params);
-            return false;
-        }
-        op->limit = (size_t)n;
-    }
+    char cursor[1024];
+    int limit = (int)op->limit;
+    if (!edge_query_limit(er, BG_CHAT_PAGE_MAX, &limit))
+        return false;
+    op->limit = (size_t)limit;
     if (edge_query(er, "cursor", cursor, sizeof(cursor)) && cursor[0] != '\0')
         op->cursor = bg_strdup(cursor);
     return true;

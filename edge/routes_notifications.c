@@ -87,20 +87,10 @@ static void list_done(edge_req_t *er, void *arg)
 
 static void list_get(edge_req_t *er)
 {
-    char limit[16], cursor[96], unread[8];
+    char cursor[96], unread[8];
     int n = LIST_DEFAULT;
-    if (edge_query(er, "limit", limit, sizeof(limit))) {
-        char *end;
-        long v = strtol(limit, &end, 10);
-        if (end == limit || *end != '\0' || v < 1 || v > BG_NOTIFY_LIST_MAX) {
-            char max[8];
-            snprintf(max, sizeof(max), "%d", BG_NOTIFY_LIST_MAX);
-            const char *params[] = {"min", "1", "max", max, NULL};
-            edge_invalid_field(er, "limit", "out_of_range", params);
-            return;
-        }
-        n = (int)v;
-    }
+    if (!edge_query_limit(er, BG_NOTIFY_LIST_MAX, &n))
+        return;
     bool unread_only = false;
     if (edge_query(er, "unread", unread, sizeof(unread))) {
         if (strcmp(unread, "1") == 0 || strcmp(unread, "true") == 0) {
