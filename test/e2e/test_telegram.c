@@ -31,6 +31,7 @@
 #include "bg/redis.h"
 #include "bg/timeutil.h"
 #include "bgtest.h"
+#include "bgtest_telegram.h"
 
 #define SHARDS 4
 #define SLUG "123456"
@@ -82,6 +83,12 @@ static void common_env(char vars[][600], int *n)
     snprintf(vars[(*n)++], 600, "BG_JWT_SECRET=0123456789abcdef0123456789abcdef-telegram");
 }
 
+/* What the bot sent (the fake's log; test/support/bgtest_telegram.h). */
+static bgt_tg_call_t calls[MAX_CALLS];
+
+/* Where the waits look: set up with the service. */
+static bgt_tg_watch_t W;
+
 static void setup(void)
 {
     memset(&S, 0, sizeof(S));
@@ -101,6 +108,8 @@ static void setup(void)
     char fports[16];
     snprintf(fports, sizeof(fports), "%d", fport);
     snprintf(S.calls_path, sizeof(S.calls_path), "%s/calls.jsonl", S.dir);
+    W = (bgt_tg_watch_t){
+        .calls_path = S.calls_path, .pg = S.pg, .slug = SLUG, .calls = calls, .max = MAX_CALLS};
     snprintf(S.fake, sizeof(S.fake), "http://127.0.0.1:%d", fport);
     const char *fargv[] = {
         bgt_bin("../test-bin/fake_telegram"), "--port", fports, "--log", S.calls_path, NULL};
@@ -237,158 +246,6 @@ static long long post(const char *body)
     return p.ms;
 }
 
-static void text_update(char *out, size_t outlen, long long update_id, long long user,
-                        const char *lang, const char *text)
-{
-    snprintf(out, outlen,
-             "{\"update_id\":%lld,\"message\":{\"message_id\":%lld,\"from\":{\"id\":%lld,"
-             "\"is_bot\":false,\"first_name\":\"Tester\",\"language_code\":\"%s\"},\"chat\":{"
-             "\"id\":%lld,\"first_name\":\"Tester\",\"type\":\"private\"},\"date\":1700000000,"
-             "\"text\":\"%s\"}}",
-             update_id, update_id, user, lang, user, text);
-}
-
-/* ---- what the bot sent (the fake's log) ---- */
-
-typedef struct st_tg_call {
-    long long t;
-    char method[32];
-    long status;
-    long long chat_id;
-    char *text; /* owned; "" when none */
-    char callback_id[64];
-} tg_call_t;
-
-static size_t read_calls(tg_call_t *out, size_t max)
-{
-    FILE *f = fopen(S.calls_path, "r");
-    if (f == NULL)
-        return 0;
-    static char line[1 << 20];
-    size_t n = 0;
-    while (n < max && fgets(line, sizeof(line), f) != NULL) {
-        bg_json_doc_t *doc = NULL;
-        const char *desc = NULL;
-        if (bg_json_parse(line, strlen(line), NULL, &doc, &desc, NULL) != 0)
-            continue;
-        const bg_json_t *root = bg_json_root(doc);
-        tg_call_t *c = &out[n++];
-        memset(c, 0, sizeof(*c));
-        int64_t v = 0;
-        if (bg_json_get_int(root, "t", &v) == 0)
-            c->t = v;
-        if (bg_json_get_int(root, "status", &v) == 0)
-            c->status = v;
-        const char *s = NULL;
-        if (bg_json_get_str(root, "method", &s) == 0)
-            snprintf(c->method, sizeof(c->method), "%s", s);
-        const bg_json_t *body = bg_json_find(root, "body");
-        c->text = strdup("");
-        if (body != NULL && bg_json_type(body) == BG_JSON_OBJECT) {
-            if (bg_json_get_int(body, "chat_id", &v) == 0)
-                c->chat_id = v;
-            if (bg_json_get_str(body, "text", &s) == 0) {
-                free(c->text);
-                c->text = strdup(s);
-            }
-            if (bg_json_get_str(body, "callback_query_id", &s) == 0)
-                snprintf(c->callback_id, sizeof(c->callback_id), "%s", s);
-        }
-        bg_json_doc_free(doc);
-    }
-    fclose(f);
-    return n;
-}
-
-static void free_calls(tg_call_t *c, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        free(c[i].text);
-}
-
-static tg_call_t calls[MAX_CALLS];
-
-/* Counts the calls of method (NULL: any message or edit) to chat answered with status (0: any). */
-static size_t count(const tg_call_t *c, size_t n, const char *method, long long chat, long status)
-{
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        bool m = method != NULL ? strcmp(c[i].method, method) == 0
-                                : strcmp(c[i].method, "sendMessage") == 0 ||
-                                      strcmp(c[i].method, "editMessageText") == 0;
-        if (m && c[i].chat_id == chat && (status == 0 || c[i].status == status))
-            k++;
-    }
-    return k;
-}
-
-/* The text the chat shows last: the latest accepted sendMessage or editMessageText. */
-static const char *last_text(const tg_call_t *c, size_t n, long long chat)
-{
-    const char *t = NULL;
-    for (size_t i = 0; i < n; i++)
-        if (c[i].chat_id == chat && c[i].status == 200 &&
-            (strcmp(c[i].method, "sendMessage") == 0 ||
-             strcmp(c[i].method, "editMessageText") == 0))
-            t = c[i].text;
-    return t;
-}
-
-/* The assistant's stored reply to update_id ("" while there is none). */
-static void stored_reply(long long update_id, char *out, size_t outlen)
-{
-    char job[64];
-    snprintf(job, sizeof(job), "tg-" SLUG "-%lld", update_id);
-    const char *p[] = {job};
-    PGresult *res = NULL;
-    int rc = bg_pg_exec(S.pg,
-                        "SELECT content FROM messages WHERE job_id = $1 AND role = 'assistant' "
-                        "AND status = 'complete'",
-                        1, p, &res);
-    cr_assert_eq(rc, 0, "%s", bg_strerror(rc));
-    snprintf(out, outlen, "%s", PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "");
-    PQclear(res);
-}
-
-/* Waits until the chat shows the stored reply of update_id; returns the calls read last. */
-static size_t wait_reply(long long update_id, long long chat, char *reply, size_t replylen,
-                         int timeout_ms)
-{
-    long long until = bgt_now_ms() + timeout_ms;
-    size_t n = 0;
-    for (;;) {
-        stored_reply(update_id, reply, replylen);
-        free_calls(calls, n);
-        n = read_calls(calls, MAX_CALLS);
-        const char *t = last_text(calls, n, chat);
-        if (reply[0] != '\0' && t != NULL && strcmp(t, reply) == 0)
-            return n;
-        if (bgt_now_ms() > until) {
-            cr_assert_fail("update %lld: the chat shows \"%.120s\", the reply is \"%.120s\"",
-                           update_id, t != NULL ? t : "(nothing)", reply);
-        }
-        sleep_ms(100);
-    }
-}
-
-/* Waits until at least want calls of method reach chat; returns the calls read last. */
-static size_t wait_calls(const char *method, long long chat, size_t want, int timeout_ms)
-{
-    long long until = bgt_now_ms() + timeout_ms;
-    size_t n = 0;
-    for (;;) {
-        free_calls(calls, n);
-        n = read_calls(calls, MAX_CALLS);
-        if (count(calls, n, method, chat, 200) >= want)
-            return n;
-        if (bgt_now_ms() > until)
-            cr_assert_fail("%zu %s to chat %lld after %d ms (want %zu)",
-                           count(calls, n, method, chat, 200), method != NULL ? method : "messages",
-                           chat, timeout_ms, want);
-        sleep_ms(100);
-    }
-}
-
 static void fail_next(const char *method, long status, long retry_after, long count_)
 {
     char url[200], body[256];
@@ -449,7 +306,7 @@ Test(telegram, a_repeated_update_gets_one_reply)
 {
     char body[1024];
     long long uid = 700001;
-    text_update(body, sizeof(body), 5000, uid, "en", "What is the capital of France?");
+    bgt_tg_text_update(body, sizeof(body), 5000, uid, "en", "What is the capital of France?");
     post_t p[5];
     pthread_t t[5];
     for (int i = 0; i < 5; i++) {
@@ -461,21 +318,21 @@ Test(telegram, a_repeated_update_gets_one_reply)
         cr_expect_eq(p[i].status, 200, "delivery %d answered %ld", i, p[i].status);
     }
     char reply[8192];
-    size_t n = wait_reply(5000, uid, reply, sizeof(reply), 30000);
+    size_t n = bgt_tg_wait_reply(&W, 5000, uid, reply, sizeof(reply), 30000);
     cr_expect(strstr(reply, "Echo: What is the capital of France?") != NULL, "%s", reply);
     /* a little longer, in case a second job were on its way */
     sleep_ms(1500);
-    free_calls(calls, n);
-    n = read_calls(calls, MAX_CALLS);
-    cr_expect_eq(count(calls, n, "sendMessage", uid, 0), 1, "%zu messages for one update",
-                 count(calls, n, "sendMessage", uid, 0));
+    bgt_tg_free_calls(calls, n);
+    n = bgt_tg_read_calls(&W, calls, MAX_CALLS);
+    cr_expect_eq(bgt_tg_count(calls, n, "sendMessage", uid, 0), 1, "%zu messages for one update",
+                 bgt_tg_count(calls, n, "sendMessage", uid, 0));
     const char *p1[] = {"tg-" SLUG "-5000"};
     PGresult *res = NULL;
     cr_assert_eq(bg_pg_exec(S.pg, "SELECT count(*) FROM messages WHERE job_id = $1", 1, p1, &res),
                  0);
     cr_expect_str_eq(PQgetvalue(res, 0, 0), "2", "one user message and one reply");
     PQclear(res);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 }
 
 Test(telegram, the_webhook_answers_at_once_while_a_slow_reply_is_typed)
@@ -483,22 +340,22 @@ Test(telegram, the_webhook_answers_at_once_while_a_slow_reply_is_typed)
     char body[1024];
     long long uid = 700002;
     /* about 11 s of streaming */
-    text_update(body, sizeof(body), 5100, uid, "en", "Tell me a story #fail:slow=150");
+    bgt_tg_text_update(body, sizeof(body), 5100, uid, "en", "Tell me a story #fail:slow=150");
     long long ms = post(body);
     cr_expect_lt(ms, 100, "the webhook took %lld ms", ms);
     char reply[8192];
-    size_t n = wait_reply(5100, uid, reply, sizeof(reply), 60000);
-    cr_expect_geq(count(calls, n, "sendChatAction", uid, 200), 2,
+    size_t n = bgt_tg_wait_reply(&W, 5100, uid, reply, sizeof(reply), 60000);
+    cr_expect_geq(bgt_tg_count(calls, n, "sendChatAction", uid, 200), 2,
                   "typing is sent every ~4 s of a long reply: %zu",
-                  count(calls, n, "sendChatAction", uid, 200));
-    cr_expect_geq(count(calls, n, "editMessageText", uid, 200), 2,
+                  bgt_tg_count(calls, n, "sendChatAction", uid, 200));
+    cr_expect_geq(bgt_tg_count(calls, n, "editMessageText", uid, 200), 2,
                   "the text grows in the chat while it is generated: %zu edits",
-                  count(calls, n, "editMessageText", uid, 200));
+                  bgt_tg_count(calls, n, "editMessageText", uid, 200));
     /* another update while the first still streams: the webhook does not wait either */
-    text_update(body, sizeof(body), 5101, uid + 1, "en", "hi");
+    bgt_tg_text_update(body, sizeof(body), 5101, uid + 1, "en", "hi");
     ms = post(body);
     cr_expect_lt(ms, 100, "the webhook took %lld ms", ms);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 }
 
 Test(telegram, rate_limits_and_429s_do_not_lose_the_final_text)
@@ -507,11 +364,11 @@ Test(telegram, rate_limits_and_429s_do_not_lose_the_final_text)
     long long uid = 700003;
     fail_next("editMessageText", 429, 1, 3);
     fail_next("sendChatAction", 502, 0, 1);
-    text_update(body, sizeof(body), 5200, uid, "en", "Explain rate limits #fail:slow=60");
+    bgt_tg_text_update(body, sizeof(body), 5200, uid, "en", "Explain rate limits #fail:slow=60");
     post(body);
     char reply[8192];
-    size_t n = wait_reply(5200, uid, reply, sizeof(reply), 60000);
-    cr_expect_geq(count(calls, n, "editMessageText", uid, 429), 1, "no 429 was met");
+    size_t n = bgt_tg_wait_reply(&W, 5200, uid, reply, sizeof(reply), 60000);
+    cr_expect_geq(bgt_tg_count(calls, n, "editMessageText", uid, 429), 1, "no 429 was met");
     /* no two messages or edits of the chat within ~1 s of each other (a little clock slack) */
     long long prev = 0;
     size_t msgs = 0;
@@ -525,7 +382,7 @@ Test(telegram, rate_limits_and_429s_do_not_lose_the_final_text)
         prev = calls[i].t;
     }
     cr_expect_geq(msgs, 3, "the reply was shown in %zu steps", msgs);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 }
 
 /* Every fixture of ../shared/fixtures/telegram (copied into test/fixtures/telegram). */
@@ -554,16 +411,16 @@ Test(telegram, every_fixture_is_accepted_and_handled)
     }
     /* the text message is answered by the model */
     char reply[8192];
-    size_t n = wait_reply(892252934, 218485655, reply, sizeof(reply), 30000);
+    size_t n = bgt_tg_wait_reply(&W, 892252934, 218485655, reply, sizeof(reply), 30000);
     cr_expect(strstr(reply, "hello there") != NULL, "%s", reply);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
     /* both callback queries answered, the inaccessible one too */
-    n = wait_calls("answerCallbackQuery", 0, 0, 1000);
+    n = bgt_tg_wait_calls(&W, "answerCallbackQuery", 0, 0, 1000);
     long long until = bgt_now_ms() + 20000;
     bool inline_ok = false, inacc_ok = false;
     while (!(inline_ok && inacc_ok) && bgt_now_ms() < until) {
-        free_calls(calls, n);
-        n = read_calls(calls, MAX_CALLS);
+        bgt_tg_free_calls(calls, n);
+        n = bgt_tg_read_calls(&W, calls, MAX_CALLS);
         for (size_t i = 0; i < n; i++) {
             if (strcmp(calls[i].method, "answerCallbackQuery") != 0 || calls[i].status != 200)
                 continue;
@@ -575,46 +432,46 @@ Test(telegram, every_fixture_is_accepted_and_handled)
     cr_expect(inline_ok, "the inline query was not answered");
     cr_expect(inacc_ok, "the query on an inaccessible message was not answered");
     /* the photo (no language: English) is told what is supported */
-    free_calls(calls, n);
-    n = wait_calls("sendMessage", 1234567, 1, 20000);
-    const char *t = last_text(calls, n, 1234567);
+    bgt_tg_free_calls(calls, n);
+    n = bgt_tg_wait_calls(&W, "sendMessage", 1234567, 1, 20000);
+    const char *t = bgt_tg_last_text(calls, n, 1234567);
     cr_expect(t != NULL && strstr(t, "text messages only") != NULL, "photo: %s", t);
     /* the document and the voice message (Russian) likewise, in Russian; the edit gets nothing */
-    free_calls(calls, n);
-    n = wait_calls("sendMessage", 12345678, 2, 20000);
-    t = last_text(calls, n, 12345678);
+    bgt_tg_free_calls(calls, n);
+    n = bgt_tg_wait_calls(&W, "sendMessage", 12345678, 2, 20000);
+    t = bgt_tg_last_text(calls, n, 12345678);
     cr_expect(t != NULL && strstr(t, "только текстовые") != NULL, "voice: %s", t);
     /* the unknown command in the supergroup is answered there */
-    free_calls(calls, n);
-    n = wait_calls("sendMessage", -1001293752024LL, 1, 20000);
-    t = last_text(calls, n, -1001293752024LL);
+    bgt_tg_free_calls(calls, n);
+    n = bgt_tg_wait_calls(&W, "sendMessage", -1001293752024LL, 1, 20000);
+    t = bgt_tg_last_text(calls, n, -1001293752024LL);
     cr_expect(t != NULL && strstr(t, "/help") != NULL, "group: %s", t);
     sleep_ms(1500);
-    free_calls(calls, n);
-    n = read_calls(calls, MAX_CALLS);
-    cr_expect_eq(count(calls, n, "sendMessage", 12345678, 0), 2,
+    bgt_tg_free_calls(calls, n);
+    n = bgt_tg_read_calls(&W, calls, MAX_CALLS);
+    cr_expect_eq(bgt_tg_count(calls, n, "sendMessage", 12345678, 0), 2,
                  "document and voice get a note each, the edited message nothing: %zu",
-                 count(calls, n, "sendMessage", 12345678, 0));
-    free_calls(calls, n);
+                 bgt_tg_count(calls, n, "sendMessage", 12345678, 0));
+    bgt_tg_free_calls(calls, n);
 }
 
 Test(telegram, a_russian_speaking_newcomer_is_answered_in_russian)
 {
     char body[1024];
     long long uid = 700004;
-    text_update(body, sizeof(body), 5300, uid, "ru", "/start");
+    bgt_tg_text_update(body, sizeof(body), 5300, uid, "ru", "/start");
     post(body);
-    size_t n = wait_calls("sendMessage", uid, 1, 20000);
-    const char *t = last_text(calls, n, uid);
+    size_t n = bgt_tg_wait_calls(&W, "sendMessage", uid, 1, 20000);
+    const char *t = bgt_tg_last_text(calls, n, uid);
     cr_expect(t != NULL && strstr(t, "Привет, Tester!") != NULL, "/start: %s", t);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 
-    text_update(body, sizeof(body), 5301, uid, "ru", "/help");
+    bgt_tg_text_update(body, sizeof(body), 5301, uid, "ru", "/help");
     post(body);
-    n = wait_calls("sendMessage", uid, 2, 20000);
-    t = last_text(calls, n, uid);
+    n = bgt_tg_wait_calls(&W, "sendMessage", uid, 2, 20000);
+    t = bgt_tg_last_text(calls, n, uid);
     cr_expect(t != NULL && strstr(t, "Команды") != NULL, "/help: %s", t);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 
     /* the user was provisioned with the trial and the Russian locale */
     char user[64];
@@ -641,23 +498,23 @@ Test(telegram, a_russian_speaking_newcomer_is_answered_in_russian)
     cr_assert_eq(bg_policy_quota_write(S.r, SHARDS, user, bg_policy_window_start(&st, now),
                                        st.limits.q_limit, 0),
                  0);
-    text_update(body, sizeof(body), 5302, uid, "ru", "Сколько будет 2+2?");
+    bgt_tg_text_update(body, sizeof(body), 5302, uid, "ru", "Сколько будет 2+2?");
     post(body);
-    n = wait_calls("sendMessage", uid, 3, 20000);
-    t = last_text(calls, n, uid);
+    n = bgt_tg_wait_calls(&W, "sendMessage", uid, 3, 20000);
+    t = bgt_tg_last_text(calls, n, uid);
     cr_expect(t != NULL && strstr(t, "израсходовали все запросы") != NULL, "quota: %s", t);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 }
 
 Test(telegram, telegram_turns_draw_on_the_platform_users_quota)
 {
     char body[1024];
     long long uid = 700005;
-    text_update(body, sizeof(body), 5400, uid, "en", "Count me");
+    bgt_tg_text_update(body, sizeof(body), 5400, uid, "en", "Count me");
     post(body);
     char reply[8192];
-    size_t n = wait_reply(5400, uid, reply, sizeof(reply), 30000);
-    free_calls(calls, n);
+    size_t n = bgt_tg_wait_reply(&W, 5400, uid, reply, sizeof(reply), 30000);
+    bgt_tg_free_calls(calls, n);
     char user[64];
     user_of(uid, user, sizeof(user));
     cr_assert_neq(user[0], '\0');
@@ -680,15 +537,15 @@ Test(telegram, telegram_turns_draw_on_the_platform_users_quota)
     /* /usage tells the same state: one request fewer than the plan's limit */
     bg_admission_state_t st;
     cr_assert_eq(bg_policy_compile_user(S.pg, user, bg_timeutil_wall_ms(), &st), 0);
-    text_update(body, sizeof(body), 5401, uid, "en", "/usage");
+    bgt_tg_text_update(body, sizeof(body), 5401, uid, "en", "/usage");
     post(body);
-    n = wait_calls("sendMessage", uid, 2, 20000);
-    const char *t = last_text(calls, n, uid);
+    n = bgt_tg_wait_calls(&W, "sendMessage", uid, 2, 20000);
+    const char *t = bgt_tg_last_text(calls, n, uid);
     char want[128];
     snprintf(want, sizeof(want), "Requests left: %lld of %lld", (long long)st.limits.q_limit - 1,
              (long long)st.limits.q_limit);
     cr_expect(t != NULL && strstr(t, want) != NULL, "/usage: %s (want \"%s\")", t, want);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 }
 
 Test(telegram, a_blocked_bot_stops_and_marks_the_chat)
@@ -696,7 +553,7 @@ Test(telegram, a_blocked_bot_stops_and_marks_the_chat)
     char body[1024];
     long long uid = 700006;
     fail_next("sendMessage", 403, 0, 1);
-    text_update(body, sizeof(body), 5500, uid, "en", "/help");
+    bgt_tg_text_update(body, sizeof(body), 5500, uid, "en", "/help");
     post(body);
     long long until = bgt_now_ms() + 20000;
     char v[8] = "";

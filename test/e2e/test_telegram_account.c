@@ -31,6 +31,7 @@
 #include "bg/telegram.h"
 #include "bg/timeutil.h"
 #include "bgtest.h"
+#include "bgtest_telegram.h"
 
 #define SHARDS 4
 #define SLUG "123456"
@@ -89,6 +90,12 @@ static void common_env(char vars[][600], int *n)
     snprintf(vars[(*n)++], 600, "BG_JWT_SECRET=0123456789abcdef0123456789abcdef-telegram");
 }
 
+/* What the bot sent (the fake's log; test/support/bgtest_telegram.h). */
+static bgt_tg_call_t calls[MAX_CALLS];
+
+/* Where the waits look: set up with the service. */
+static bgt_tg_watch_t W;
+
 static void setup(void)
 {
     bool no_paddle = S.no_paddle;
@@ -110,6 +117,8 @@ static void setup(void)
     char fports[16];
     snprintf(fports, sizeof(fports), "%d", fport);
     snprintf(S.calls_path, sizeof(S.calls_path), "%s/calls.jsonl", S.dir);
+    W = (bgt_tg_watch_t){
+        .calls_path = S.calls_path, .pg = S.pg, .slug = SLUG, .calls = calls, .max = MAX_CALLS};
     snprintf(S.fake, sizeof(S.fake), "http://127.0.0.1:%d", fport);
     const char *fargv[] = {
         bgt_bin("../test-bin/fake_telegram"), "--port", fports, "--log", S.calls_path, NULL};
@@ -268,158 +277,6 @@ static long long post(const char *body)
     return p.ms;
 }
 
-static void text_update(char *out, size_t outlen, long long update_id, long long user,
-                        const char *lang, const char *text)
-{
-    snprintf(out, outlen,
-             "{\"update_id\":%lld,\"message\":{\"message_id\":%lld,\"from\":{\"id\":%lld,"
-             "\"is_bot\":false,\"first_name\":\"Tester\",\"language_code\":\"%s\"},\"chat\":{"
-             "\"id\":%lld,\"first_name\":\"Tester\",\"type\":\"private\"},\"date\":1700000000,"
-             "\"text\":\"%s\"}}",
-             update_id, update_id, user, lang, user, text);
-}
-
-/* ---- what the bot sent (the fake's log) ---- */
-
-typedef struct st_tg_call {
-    long long t;
-    char method[32];
-    long status;
-    long long chat_id;
-    char *text; /* owned; "" when none */
-    char callback_id[64];
-} tg_call_t;
-
-static size_t read_calls(tg_call_t *out, size_t max)
-{
-    FILE *f = fopen(S.calls_path, "r");
-    if (f == NULL)
-        return 0;
-    static char line[1 << 20];
-    size_t n = 0;
-    while (n < max && fgets(line, sizeof(line), f) != NULL) {
-        bg_json_doc_t *doc = NULL;
-        const char *desc = NULL;
-        if (bg_json_parse(line, strlen(line), NULL, &doc, &desc, NULL) != 0)
-            continue;
-        const bg_json_t *root = bg_json_root(doc);
-        tg_call_t *c = &out[n++];
-        memset(c, 0, sizeof(*c));
-        int64_t v = 0;
-        if (bg_json_get_int(root, "t", &v) == 0)
-            c->t = v;
-        if (bg_json_get_int(root, "status", &v) == 0)
-            c->status = v;
-        const char *s = NULL;
-        if (bg_json_get_str(root, "method", &s) == 0)
-            snprintf(c->method, sizeof(c->method), "%s", s);
-        const bg_json_t *body = bg_json_find(root, "body");
-        c->text = strdup("");
-        if (body != NULL && bg_json_type(body) == BG_JSON_OBJECT) {
-            if (bg_json_get_int(body, "chat_id", &v) == 0)
-                c->chat_id = v;
-            if (bg_json_get_str(body, "text", &s) == 0) {
-                free(c->text);
-                c->text = strdup(s);
-            }
-            if (bg_json_get_str(body, "callback_query_id", &s) == 0)
-                snprintf(c->callback_id, sizeof(c->callback_id), "%s", s);
-        }
-        bg_json_doc_free(doc);
-    }
-    fclose(f);
-    return n;
-}
-
-static void free_calls(tg_call_t *c, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        free(c[i].text);
-}
-
-static tg_call_t calls[MAX_CALLS];
-
-/* Counts the calls of method (NULL: any message or edit) to chat answered with status (0: any). */
-static size_t count(const tg_call_t *c, size_t n, const char *method, long long chat, long status)
-{
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        bool m = method != NULL ? strcmp(c[i].method, method) == 0
-                                : strcmp(c[i].method, "sendMessage") == 0 ||
-                                      strcmp(c[i].method, "editMessageText") == 0;
-        if (m && c[i].chat_id == chat && (status == 0 || c[i].status == status))
-            k++;
-    }
-    return k;
-}
-
-/* The text the chat shows last: the latest accepted sendMessage or editMessageText. */
-static const char *last_text(const tg_call_t *c, size_t n, long long chat)
-{
-    const char *t = NULL;
-    for (size_t i = 0; i < n; i++)
-        if (c[i].chat_id == chat && c[i].status == 200 &&
-            (strcmp(c[i].method, "sendMessage") == 0 ||
-             strcmp(c[i].method, "editMessageText") == 0))
-            t = c[i].text;
-    return t;
-}
-
-/* The assistant's stored reply to update_id ("" while there is none). */
-static void stored_reply(long long update_id, char *out, size_t outlen)
-{
-    char job[64];
-    snprintf(job, sizeof(job), "tg-" SLUG "-%lld", update_id);
-    const char *p[] = {job};
-    PGresult *res = NULL;
-    int rc = bg_pg_exec(S.pg,
-                        "SELECT content FROM messages WHERE job_id = $1 AND role = 'assistant' "
-                        "AND status = 'complete'",
-                        1, p, &res);
-    cr_assert_eq(rc, 0, "%s", bg_strerror(rc));
-    snprintf(out, outlen, "%s", PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "");
-    PQclear(res);
-}
-
-/* Waits until the chat shows the stored reply of update_id; returns the calls read last. */
-static size_t wait_reply(long long update_id, long long chat, char *reply, size_t replylen,
-                         int timeout_ms)
-{
-    long long until = bgt_now_ms() + timeout_ms;
-    size_t n = 0;
-    for (;;) {
-        stored_reply(update_id, reply, replylen);
-        free_calls(calls, n);
-        n = read_calls(calls, MAX_CALLS);
-        const char *t = last_text(calls, n, chat);
-        if (reply[0] != '\0' && t != NULL && strcmp(t, reply) == 0)
-            return n;
-        if (bgt_now_ms() > until) {
-            cr_assert_fail("update %lld: the chat shows \"%.120s\", the reply is \"%.120s\"",
-                           update_id, t != NULL ? t : "(nothing)", reply);
-        }
-        sleep_ms(100);
-    }
-}
-
-/* Waits until at least want calls of method reach chat; returns the calls read last. */
-static size_t wait_calls(const char *method, long long chat, size_t want, int timeout_ms)
-{
-    long long until = bgt_now_ms() + timeout_ms;
-    size_t n = 0;
-    for (;;) {
-        free_calls(calls, n);
-        n = read_calls(calls, MAX_CALLS);
-        if (count(calls, n, method, chat, 200) >= want)
-            return n;
-        if (bgt_now_ms() > until)
-            cr_assert_fail("%zu %s to chat %lld after %d ms (want %zu)",
-                           count(calls, n, method, chat, 200), method != NULL ? method : "messages",
-                           chat, timeout_ms, want);
-        sleep_ms(100);
-    }
-}
-
 /* The platform user a Telegram user maps to ("" while none). */
 static void user_of(long long tg_user, char *out, size_t outlen)
 {
@@ -569,9 +426,9 @@ static char *tg_say(long long update_id, long long uid, const char *lang, const 
                     size_t want)
 {
     char body[2048];
-    text_update(body, sizeof(body), update_id, uid, lang, text);
+    bgt_tg_text_update(body, sizeof(body), update_id, uid, lang, text);
     post(body);
-    size_t n = wait_calls("sendMessage", uid, want, 30000);
+    size_t n = bgt_tg_wait_calls(&W, "sendMessage", uid, want, 30000);
     const char *t = NULL;
     size_t k = 0;
     for (size_t i = 0; i < n; i++)
@@ -579,7 +436,7 @@ static char *tg_say(long long update_id, long long uid, const char *lang, const 
             calls[i].status == 200 && ++k == want)
             t = calls[i].text;
     char *out = strdup(t != NULL ? t : "");
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
     return out;
 }
 
@@ -603,11 +460,11 @@ Test(telegram_account, link_joins_the_telegram_user_to_the_web_account_and_one_q
     long long uid = 810001;
     /* a Telegram user with a conversation of their own */
     char body[1024];
-    text_update(body, sizeof(body), 9000, uid, "en", "Remember the word zebra");
+    bgt_tg_text_update(body, sizeof(body), 9000, uid, "en", "Remember the word zebra");
     post(body);
     char reply[8192];
-    size_t n = wait_reply(9000, uid, reply, sizeof(reply), 30000);
-    free_calls(calls, n);
+    size_t n = bgt_tg_wait_reply(&W, 9000, uid, reply, sizeof(reply), 30000);
+    bgt_tg_free_calls(calls, n);
     char tg_user[64];
     user_of(uid, tg_user, sizeof(tg_user));
     cr_assert_neq(tg_user[0], '\0');
@@ -656,10 +513,10 @@ Test(telegram_account, link_joins_the_telegram_user_to_the_web_account_and_one_q
     /* one quota: a web turn and a Telegram turn both count on the web account */
     web_turn(token, "from the web");
     cr_expect_eq(quota_used(web, 1), 1, "the web turn is not counted");
-    text_update(body, sizeof(body), 9005, uid, "en", "and from Telegram");
+    bgt_tg_text_update(body, sizeof(body), 9005, uid, "en", "and from Telegram");
     post(body);
-    n = wait_reply(9005, uid, reply, sizeof(reply), 30000);
-    free_calls(calls, n);
+    n = bgt_tg_wait_reply(&W, 9005, uid, reply, sizeof(reply), 30000);
+    bgt_tg_free_calls(calls, n);
     cr_expect_eq(quota_used(web, 2), 2, "web and Telegram do not share the quota");
     cr_expect(strstr(reply, "zebra") != NULL || strstr(reply, "Telegram") != NULL, "%s", reply);
     bg_admission_state_t st;
@@ -714,10 +571,10 @@ Test(telegram_account, a_web_account_keeps_its_own_telegram_user)
              "\"text\":\"/link %s\"}}",
              b, code);
     post(body);
-    size_t n = wait_calls("sendMessage", -100777, 1, 20000);
-    const char *g = last_text(calls, n, -100777);
+    size_t n = bgt_tg_wait_calls(&W, "sendMessage", -100777, 1, 20000);
+    const char *g = bgt_tg_last_text(calls, n, -100777);
     cr_expect(g != NULL && strstr(g, "privado") != NULL, "group: %s", g);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
     user_of(b, user_b, sizeof(user_b));
     cr_expect_str_neq(user_b, web, "a code in a group linked the account");
 }
@@ -748,12 +605,12 @@ Test(telegram_account, profile_plans_and_a_checkout_link)
              "\"data\":\"plan:monthly\"}}",
              uid, uid);
     post(body);
-    size_t n = wait_calls("sendMessage", uid, 3, 30000);
-    const char *m = last_text(calls, n, uid);
+    size_t n = bgt_tg_wait_calls(&W, "sendMessage", uid, 3, 30000);
+    const char *m = bgt_tg_last_text(calls, n, uid);
     cr_expect(m != NULL && strstr(m, "open this link: http") != NULL, "checkout: %s", m);
-    cr_expect_eq(count(calls, n, "answerCallbackQuery", 0, 200), 1,
+    cr_expect_eq(bgt_tg_count(calls, n, "answerCallbackQuery", 0, 200), 1,
                  "the plan button's query was not answered");
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
     char user[64];
     user_of(uid, user, sizeof(user));
     char needle[128];
@@ -791,11 +648,11 @@ Test(telegram_account, without_paddle_online_payment_is_not_available, .init = s
              "\"data\":\"plan:monthly\"}}",
              uid, uid);
     post(body);
-    size_t n = wait_calls("sendMessage", uid, 1, 30000);
-    const char *m = last_text(calls, n, uid);
+    size_t n = bgt_tg_wait_calls(&W, "sendMessage", uid, 1, 30000);
+    const char *m = bgt_tg_last_text(calls, n, uid);
     cr_expect(m != NULL && strstr(m, "Онлайн-оплата сейчас недоступна") != NULL, "%s", m);
-    cr_expect_eq(count(calls, n, "answerCallbackQuery", 0, 200), 1);
-    free_calls(calls, n);
+    cr_expect_eq(bgt_tg_count(calls, n, "answerCallbackQuery", 0, 200), 1);
+    bgt_tg_free_calls(calls, n);
 }
 
 /* A photo update from uid with file_id and file_size. */
@@ -826,8 +683,8 @@ Test(telegram_account, photos_reach_an_image_model_within_the_20_mb_limit)
     char body[4096], reply[8192];
     photo_update(body, sizeof(body), 9400, uid, "photo-ok", 2048, "What is on it?");
     post(body);
-    size_t n = wait_reply(9400, uid, reply, sizeof(reply), 30000);
-    free_calls(calls, n);
+    size_t n = bgt_tg_wait_reply(&W, 9400, uid, reply, sizeof(reply), 30000);
+    bgt_tg_free_calls(calls, n);
     cr_expect(strstr(reply, "What is on it?") != NULL, "%s", reply);
     cr_expect(file_contains(S.calls_path, "\"file_id\":\"photo-ok\""),
               "getFile was not asked for the largest size");
@@ -857,29 +714,29 @@ Test(telegram_account, photos_reach_an_image_model_within_the_20_mb_limit)
     post(body);
     photo_update(body, sizeof(body), 9403, uid, "photo-liar", 4096, NULL);
     post(body);
-    n = wait_calls("sendMessage", uid, 4, 30000);
+    n = bgt_tg_wait_calls(&W, "sendMessage", uid, 4, 30000);
     size_t large = 0;
     for (size_t i = 0; i < n; i++)
         if (strcmp(calls[i].method, "sendMessage") == 0 && calls[i].chat_id == uid &&
             strstr(calls[i].text, "up to 20 MB") != NULL)
             large++;
     cr_expect_eq(large, 3, "%zu of 3 large photos were refused", large);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
     cr_expect(!file_contains(S.calls_path, "\"file_id\":\"photo-huge\""),
               "a photo over 20 MB by its update was asked for");
     cr_expect(!file_contains(S.calls_path, "\"path\":\"files/photo-big\""),
               "a file over 20 MB by getFile was downloaded");
 
     /* a voice message: what is supported, images included */
-    text_update(body, sizeof(body), 9404, uid, "en", "x");
+    bgt_tg_text_update(body, sizeof(body), 9404, uid, "en", "x");
     char *v = strstr(body, "\"text\":\"x\"");
     cr_assert_not_null(v);
     snprintf(v, sizeof(body) - (size_t)(v - body),
              "\"voice\":{\"duration\":1,\"mime_type\":\"audio/ogg\",\"file_id\":\"v1\","
              "\"file_unique_id\":\"v1u\",\"file_size\":4321}}}");
     post(body);
-    n = wait_calls("sendMessage", uid, 5, 30000);
-    const char *m = last_text(calls, n, uid);
+    n = bgt_tg_wait_calls(&W, "sendMessage", uid, 5, 30000);
+    const char *m = bgt_tg_last_text(calls, n, uid);
     cr_expect(m != NULL && strstr(m, "text messages and photos") != NULL, "voice: %s", m);
-    free_calls(calls, n);
+    bgt_tg_free_calls(calls, n);
 }
