@@ -37,6 +37,23 @@ static void copy(char *dst, size_t len, const PGresult *res, int row, int col)
     (void)bg_strlcpy(dst, v != NULL ? v : "", len);
 }
 
+int bg_billing_account_of(PGconn *c, const char *user_id, char id[37])
+{
+    const char *p[] = {user_id};
+    PGresult *res;
+    int rc = bg_pg_exec(c,
+                        "WITH ins AS (INSERT INTO billing_accounts (user_id) VALUES ($1::uuid) "
+                        "  ON CONFLICT (user_id) DO NOTHING RETURNING id) "
+                        "SELECT id FROM ins UNION ALL "
+                        "SELECT id FROM billing_accounts WHERE user_id = $1::uuid LIMIT 1",
+                        1, p, &res);
+    if (rc != 0)
+        return rc;
+    copy(id, 37, res, 0, 0);
+    PQclear(res);
+    return 0;
+}
+
 int bg_billing_inbox_put(PGconn *c, const char *body, size_t len, bg_billing_inbox_result_t *out)
 {
     memset(out, 0, sizeof(*out));
@@ -191,16 +208,9 @@ static int find_user(PGconn *c, event_t *e)
     rc = bg_pg_run(c, "SELECT 1 FROM users WHERE id = $1::uuid FOR UPDATE", 1, up);
     if (rc != 0)
         return rc;
-    rc = bg_pg_exec(c,
-                    "WITH ins AS (INSERT INTO billing_accounts (user_id) VALUES ($1::uuid) "
-                    "  ON CONFLICT (user_id) DO NOTHING RETURNING id) "
-                    "SELECT id FROM ins UNION ALL "
-                    "SELECT id FROM billing_accounts WHERE user_id = $1::uuid LIMIT 1",
-                    1, up, &res);
+    rc = bg_billing_account_of(c, e->user_id, e->account_id);
     if (rc != 0)
         return rc;
-    copy(e->account_id, sizeof(e->account_id), res, 0, 0);
-    PQclear(res);
     if (e->customer_id[0] != '\0') {
         const char *cp[] = {e->account_id, e->customer_id};
         rc = bg_pg_run(c,

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "bg/billing.h"
 #include "bg/buf.h"
 #include "bg/err.h"
 #include "bg/id.h"
@@ -251,17 +252,10 @@ static int grant_in_tx(PGconn *c, const bg_plan_grant_t *g, const bg_actor_t *ac
     }
 
     const char *up[] = {out->user_id};
-    rc = bg_pg_exec(c,
-                    "WITH ins AS (INSERT INTO billing_accounts (user_id) VALUES ($1::uuid) "
-                    "  ON CONFLICT (user_id) DO NOTHING RETURNING id) "
-                    "SELECT id FROM ins UNION ALL "
-                    "SELECT id FROM billing_accounts WHERE user_id = $1::uuid LIMIT 1",
-                    1, up, &res);
+    char account[37];
+    rc = bg_billing_account_of(c, out->user_id, account);
     if (rc != 0)
         return rc;
-    char account[37];
-    copy_value(account, sizeof(account), res, 0, 0);
-    PQclear(res);
 
     rc = bg_pg_exec(c,
                     "UPDATE subscriptions SET status = 'canceled', canceled_at = now() "

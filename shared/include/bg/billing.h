@@ -124,6 +124,10 @@ BG_MUSTCHECK int bg_billing_change_info(PGconn *c, const char *user_id, const ch
 BG_MUSTCHECK int bg_billing_owns_transaction(PGconn *c, const char *user_id, const char *txn,
                                              const char *customer_id, const char *subscription_id);
 
+/** The user's billing account, made when missing (one statement); writes its id. Returns 0 or a
+ * database error. */
+BG_MUSTCHECK int bg_billing_account_of(PGconn *c, const char *user_id, char id[37]);
+
 /**
  * Reads the user's live Paddle subscription and whether it is past_due. Returns 0 (sub "" when
  * none) or a database error.
