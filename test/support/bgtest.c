@@ -56,15 +56,19 @@ static int probe_port(int port)
 }
 
 /*
- * A port taken at random below Linux's ephemeral range (32768-60999): the outgoing connections of
- * everything else running (clients of Redis, Postgres, the edge) take their local ports from that
- * range, so one of them cannot land on this port before the server meant for it binds it. Other
- * tests picking at random are the only rivals, and the bind check keeps those apart too.
+ * A port below Linux's ephemeral range (32768-60999), so that the outgoing connections of
+ * everything else running (clients of Redis, Postgres, the edge), which take their local ports from
+ * that range, cannot land on it before the server meant for it binds it. Each process takes its
+ * ports in turn from a block of 32 of its own (by its pid, one of 399 blocks from 20000), so two
+ * test processes picking at the same moment do not pick the same port; the bind check skips one in
+ * use, and the kernel picks when the block is full.
  */
 int bgt_free_port(void)
 {
-    for (int i = 0; i < 100; i++) {
-        int port = probe_port(20000 + (int)arc4random_uniform(12768));
+    static int next;
+    int base = 20000 + (int)(getpid() % 399) * 32;
+    for (int i = 0; i < 32; i++) {
+        int port = probe_port(base + (next++ % 32));
         if (port > 0)
             return port;
     }

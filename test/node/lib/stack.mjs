@@ -14,7 +14,6 @@
 // Helpers below speak the public API as a client would (register, log in, API keys) and use the
 // operator's tools where an operator would (bgctl plan grant, an admin for roles and policies).
 import { spawn } from 'node:child_process';
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -116,14 +115,19 @@ function probePort(port) {
     });
 }
 
+let nextPort = 0;
+
 /**
- * A TCP port on 127.0.0.1 that nothing listened on a moment ago. Taken at random below Linux's
- * ephemeral range (32768–60999), so the outgoing connections of everything else running cannot
- * land on it before our server binds it; the kernel's choice only when that range is full.
+ * A TCP port on 127.0.0.1 that nothing listened on a moment ago, below Linux's ephemeral range
+ * (32768–60999) so the outgoing connections of everything else running cannot land on it before
+ * our server binds it. Each process takes its ports in turn from a block of 32 of its own (by its
+ * pid, one of 399 blocks from 20000, as test/support/bgtest.c does), so two tests picking at the
+ * same moment do not pick the same port; the kernel picks when the block is full.
  */
 export async function freePort() {
-    for (let i = 0; i < 100; i++) {
-        const port = await probePort(crypto.randomInt(20000, 32768));
+    const base = 20000 + (process.pid % 399) * 32;
+    for (let i = 0; i < 32; i++) {
+        const port = await probePort(base + (nextPort++ % 32));
         if (port) return port;
     }
     const port = await probePort(0);
