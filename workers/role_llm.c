@@ -68,6 +68,8 @@
 #define REPLY_MAX BG_CHAT_CONTENT_MAX
 /* History loaded for a prompt: what fits a rendered prompt at most. */
 #define HISTORY_BYTES_MAX BG_PROMPT_OUTPUT_MAX
+/* Loop turns that start a provider call's transfer before the worker goes on (stream_start) */
+#define SEND_TURNS 4
 /* How long an agent row (and the version it resolves to) is reused: an admin's change to an
  * agent, or a new current version of its prompt, reaches the jobs within this time. */
 #define AGENT_TTL_MS 5000
@@ -633,10 +635,11 @@ static const char *error_code(bg_llm_error_t e, bool *retryable)
     }
 }
 
-/* Runs the provider call to its end. Returns 0 (run->res says how it ended) or an error of
- * bg_llm_stream (nothing was called). */
-static int stream(llm_run_t *run, const char *model, const char *messages, double temperature,
-                  int64_t max_tokens)
+/* Starts the provider call and sends its request (the loop's first turns start the transfer and,
+ * on a connection kept alive, write the request). Returns 0 or an error of bg_llm_stream
+ * (nothing was called). */
+static int stream_start(llm_run_t *run, const char *model, const char *messages, double temperature,
+                        int64_t max_tokens)
 {
     const bg_llm_request_t req = {.model = model,
                                   .messages_json = messages,
@@ -651,10 +654,17 @@ static int stream(llm_run_t *run, const char *model, const char *messages, doubl
     if (rc != 0)
         return rc;
     (void)uv_timer_start(&run->t->tick, on_tick, BG_JOBOUT_BATCH_MS, BG_JOBOUT_BATCH_MS);
+    for (int i = 0; i < SEND_TURNS && !run->finished; i++)
+        (void)uv_run(&run->t->loop, UV_RUN_NOWAIT);
+    return 0;
+}
+
+/* Runs the started call to its end (run->res says how it ended). */
+static void stream_wait(llm_run_t *run)
+{
     while (!run->finished)
         (void)uv_run(&run->t->loop, UV_RUN_ONCE);
     uv_timer_stop(&run->t->tick);
-    return 0;
 }
 
 /* Where a reply that may be cached goes: its key and TTL; key[0] == '\0' when it is not cached. */
@@ -803,9 +813,47 @@ static int serve_cached(llm_run_t *run, const llm_role_t *l, PGconn *c, const ch
 }
 
 /*
- * Renders a web job's prompt with the conversation into messages. Returns 0 with *ended false to
- * go on; with *ended true the job is over and the result is the handler's (a failure event was
- * appended, or Postgres failed).
+ * Renders a web job's prompt: the agent's memory policy over the earlier messages of the
+ * conversation (prior, oldest first), then the user's message. Returns 0 with *ended false to go
+ * on; with *ended true the job is over and the result is the handler's (a failure event was
+ * appended).
+ */
+static int render_web(llm_job_t *j, const llm_role_t *l, const bg_agent_t *agent,
+                      const bg_prompt_t *prompt, const bg_prompt_builtins_t *b,
+                      const bg_chat_message_list_t *prior, const char *user, size_t user_len,
+                      bg_buf_t *messages, bool *ended)
+{
+    *ended = true;
+    size_t n = prior->count;
+    bg_prompt_msg_t *msgs = bg_calloc(n + 1, sizeof(*msgs));
+    for (size_t i = 0; i < n; i++)
+        msgs[i] = (bg_prompt_msg_t){prior->items[i].role, prior->items[i].content,
+                                    prior->items[i].content_len};
+    size_t keep = bg_prompt_memory_keep(&agent->memory, msgs, n);
+    bg_prompt_err_t perr = {0};
+    int rc =
+        bg_prompt_render(prompt, NULL, b, msgs + (n - keep), keep, user, user_len, messages, &perr);
+    free(msgs);
+    if (rc != 0) {
+        snprintf(j->job->error, sizeof(j->job->error), "render: %s %s", perr.field,
+                 perr.reason != NULL ? perr.reason : "");
+        return fail_internal(j, l, "the prompt does not render");
+    }
+    *ended = false;
+    return 0;
+}
+
+/* Maps a failed read of the conversation to the job's end: the handler's result. */
+static int history_failed(llm_job_t *j, const llm_role_t *l, int rc)
+{
+    snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
+    return rc == BG_ERR_INVALID ? fail_internal(j, l, "the database refused a value of the job")
+                                : BG_ERR_UNAVAILABLE;
+}
+
+/*
+ * Renders a web job whose user message is stored already (message_id) with the conversation up
+ * to it. Returns as render_web; a failed read ends the job too (or is the handler's retry).
  */
 static int build_web(llm_job_t *j, const llm_role_t *l, PGconn *c, const bg_agent_t *agent,
                      const bg_prompt_t *prompt, const bg_prompt_builtins_t *b, bg_buf_t *messages,
@@ -813,44 +861,22 @@ static int build_web(llm_job_t *j, const llm_role_t *l, PGconn *c, const bg_agen
 {
     *ended = true;
     bg_chat_message_list_t history = {0};
-    bg_prompt_msg_t *msgs = NULL;
     int rc = bg_chat_history(c, j->conversation_id, j->message_id, BG_CHAT_HISTORY_MAX,
                              HISTORY_BYTES_MAX, &history);
-    if (rc == BG_ERR_NOT_FOUND) {
-        rc = fail_internal(j, l, "unknown conversation");
-        goto out;
-    }
-    if (rc != 0) {
-        snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
-        rc = rc == BG_ERR_INVALID ? fail_internal(j, l, "the database refused a value of the job")
-                                  : BG_ERR_UNAVAILABLE;
-        goto out;
-    }
+    if (rc == BG_ERR_NOT_FOUND)
+        return fail_internal(j, l, "unknown conversation");
+    if (rc != 0)
+        return history_failed(j, l, rc);
     if (history.count == 0 || history.items[history.count - 1].id != j->message_id ||
         strcmp(history.items[history.count - 1].role, "user") != 0) {
         rc = fail_internal(j, l, "the user message is not in the conversation");
-        goto out;
+    } else {
+        const bg_chat_message_t *user = &history.items[history.count - 1];
+        history.count--; /* the earlier messages; the user's is rendered last */
+        rc = render_web(j, l, agent, prompt, b, &history, user->content, user->content_len,
+                        messages, ended);
+        history.count++;
     }
-
-    size_t n = history.count - 1;
-    msgs = bg_calloc(n + 1, sizeof(*msgs));
-    for (size_t i = 0; i < n; i++)
-        msgs[i] = (bg_prompt_msg_t){history.items[i].role, history.items[i].content,
-                                    history.items[i].content_len};
-    size_t keep = bg_prompt_memory_keep(&agent->memory, msgs, n);
-    const bg_chat_message_t *user = &history.items[n];
-    bg_prompt_err_t perr = {0};
-    rc = bg_prompt_render(prompt, NULL, b, msgs + (n - keep), keep, user->content,
-                          user->content_len, messages, &perr);
-    if (rc != 0) {
-        snprintf(j->job->error, sizeof(j->job->error), "render: %s %s", perr.field,
-                 perr.reason != NULL ? perr.reason : "");
-        rc = fail_internal(j, l, "the prompt does not render");
-        goto out;
-    }
-    *ended = false;
-out:
-    free(msgs);
     bg_chat_message_list_dispose(&history);
     return rc;
 }
@@ -1008,17 +1034,47 @@ out:
 
 /*
  * A web turn whose job carries the user's message (the edge enqueues it without touching
- * Postgres): stores it once per job (a redelivered job finds the message of its first run) and
- * takes the conversation's agent and the user's name from that one statement. Returns 0 with
- * *ended false to go on; with *ended true the job is over, as build_web.
+ * Postgres) is rendered from what the conversation held before it (bg_chat_context: the agent,
+ * the user's name and the history, one statement) and its message is stored once per job (a
+ * redelivered job finds the message of its first run) while the provider works on the reply:
+ * the store and its commit are off the path to the first token. Returns 0 with *ended false to go
+ * on; with *ended true the job is over, as render_web.
  */
+static int load_context(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_context_t *ctx,
+                        bool *ended)
+{
+    *ended = true;
+    int rc = bg_chat_context(c, j->user_id, j->conversation_id, j->job_id, BG_CHAT_HISTORY_MAX,
+                             HISTORY_BYTES_MAX, ctx);
+    if (rc == BG_ERR_NOT_FOUND)
+        /* deleted (through another edge, which remembered it a little longer), or its user gone */
+        return fail_job(j, l, "not_found", "the conversation is gone");
+    if (rc != 0)
+        return history_failed(j, l, rc);
+    j->agent_id = ctx->agent_id;
+    if (j->user_name[0] == '\0')
+        j->user_name = ctx->user_name;
+    *ended = false;
+    return 0;
+}
+
+/* Stores the turn's user message (once per job); sets j->message_id. A bg_chat_post_user error. */
+static int store_user(llm_job_t *j, PGconn *c)
+{
+    int rc = bg_chat_post_user(c, j->user_id, j->conversation_id, j->content, j->job_id,
+                               j->request_id[0] != '\0' ? j->request_id : NULL, &j->posted);
+    if (rc == 0)
+        j->message_id = j->posted.message_id;
+    return rc;
+}
+
+/* store_user, with a failure ending the job as load_context's do. Returns as load_context. */
 static int post_user(llm_job_t *j, const llm_role_t *l, PGconn *c, bool *ended)
 {
     *ended = true;
-    int rc = bg_chat_post_user(c, j->user_id, j->conversation_id, j->content, j->job_id,
-                               j->request_id[0] != '\0' ? j->request_id : NULL, &j->posted);
+    int rc = store_user(j, c);
     if (rc == BG_ERR_NOT_FOUND)
-        /* deleted (through another edge, which remembered it a little longer), or its user gone */
+        /* deleted since the context was read */
         return fail_job(j, l, "not_found", "the conversation is gone");
     if (rc == BG_ERR_INVALID || rc == BG_ERR_CONFLICT)
         return fail_internal(j, l, "the database refused the user's message");
@@ -1026,10 +1082,6 @@ static int post_user(llm_job_t *j, const llm_role_t *l, PGconn *c, bool *ended)
         snprintf(j->job->error, sizeof(j->job->error), "database: %s", bg_strerror(rc));
         return BG_ERR_UNAVAILABLE;
     }
-    j->message_id = j->posted.message_id;
-    j->agent_id = j->posted.agent_id;
-    if (j->user_name[0] == '\0')
-        j->user_name = j->posted.user_name;
     *ended = false;
     return 0;
 }
@@ -1037,17 +1089,22 @@ static int post_user(llm_job_t *j, const llm_role_t *l, PGconn *c, bool *ended)
 /* Loads what the prompt needs, renders it, answers from the cache or streams, and concludes. */
 static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c)
 {
-    if (!j->api && j->message_id == 0 && j->content[0] != '\0' &&
-        bg_id_uuid_is_valid(j->conversation_id)) {
+    /* a web turn whose message comes in the job: stored while the provider works (load_context) */
+    bool store_later = !j->api && j->message_id == 0 && j->content[0] != '\0' &&
+                       bg_id_uuid_is_valid(j->conversation_id);
+    bg_chat_context_t ctx = {0};
+    if (store_later) {
         bool ended = false;
-        int rc = post_user(j, l, c, &ended);
+        int rc = load_context(j, l, c, &ctx, &ended);
         if (ended)
             return rc;
     }
-    if (!bg_id_uuid_is_valid(j->agent_id))
-        return fail_internal(j, l, "malformed agent id");
-    if (!j->api && (!bg_id_uuid_is_valid(j->conversation_id) || j->message_id <= 0))
-        return fail_internal(j, l, "malformed conversation or message id");
+    if (!bg_id_uuid_is_valid(j->agent_id) ||
+        (!j->api && !store_later &&
+         (!bg_id_uuid_is_valid(j->conversation_id) || j->message_id <= 0))) {
+        bg_chat_context_dispose(&ctx);
+        return fail_internal(j, l, "malformed agent, conversation or message id");
+    }
 
     bg_agent_t *agent = bg_malloc(sizeof(*agent));
     bg_llm_prompt_t *pref = NULL;
@@ -1057,6 +1114,7 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
     bg_buf_init(&run.text, REPLY_MAX);
     bg_jobout_batch_init(&run.batch);
     bg_llm_cached_t hit = {0};
+    bool ended = false;
 
     int rc = bg_llm_defs_load(l->defs, c, j->agent_id, agent, &pref);
     if (rc == BG_ERR_NOT_FOUND) {
@@ -1081,9 +1139,14 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
                                            .locale = j->locale[0] != '\0' ? j->locale : NULL,
                                            .channel = j->channel,
                                            .date = NULL};
-    bool ended = false;
-    rc = j->api ? build_api(j, l, bg_llm_prompt_def(pref), &builtins, &messages, &ended)
-                : build_web(j, l, c, agent, bg_llm_prompt_def(pref), &builtins, &messages, &ended);
+    const bg_prompt_t *prompt = bg_llm_prompt_def(pref);
+    if (j->api)
+        rc = build_api(j, l, prompt, &builtins, &messages, &ended);
+    else if (store_later)
+        rc = render_web(j, l, agent, prompt, &builtins, &ctx.history, j->content,
+                        strlen(j->content), &messages, &ended);
+    else
+        rc = build_web(j, l, c, agent, prompt, &builtins, &messages, &ended);
     if (!ended && !j->api && j->image_url[0] != '\0')
         rc = attach_image(j, l, &messages, &ended);
     if (ended)
@@ -1110,19 +1173,45 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
             bg_warn("llm: job %s: response cache unreadable: %s", j->job_id, bg_strerror(crc));
         if (crc == 0 && found) {
             bg_debug("llm: job %s: answered from the response cache", j->job_id);
+            if (store_later) {
+                store_later = false;
+                rc = post_user(j, l, c, &ended);
+                if (ended)
+                    goto out;
+            }
             rc = serve_cached(&run, l, c, model, &hit);
             goto out;
         }
     }
 
-    rc = stream(&run, model, messages.base, temperature, max_tokens);
+    rc = stream_start(&run, model, messages.base, temperature, max_tokens);
     if (rc != 0) {
         rc = fail_internal(j, l, "the provider request was refused before sending");
         goto out;
     }
+    if (store_later) {
+        /* the request is on its way: the user's message is stored while the provider works */
+        store_later = false;
+        rc = post_user(j, l, c, &ended);
+        if (ended) {
+            bg_llm_abort(run.call);
+            stream_wait(&run);
+            goto out;
+        }
+    }
+    stream_wait(&run);
     rc = conclude(&run, l, c, model, &cs);
 
 out:
+    if (store_later && rc == 0) {
+        /* the job ended before its call (a prompt that does not render, say): the user's message
+         * is kept all the same, as if the turn had been stored first */
+        int src = store_user(j, c);
+        if (src != 0)
+            bg_warn("llm: job %s: the user's message was not stored: %s", j->job_id,
+                    bg_strerror(src));
+    }
+    bg_chat_context_dispose(&ctx);
     bg_llm_cached_dispose(&hit);
     bg_jobout_batch_dispose(&run.batch);
     bg_buf_dispose(&run.text);

@@ -678,3 +678,57 @@ int bg_chat_history(PGconn *c, const char *conversation_id, int64_t upto_id, siz
     PQclear(res);
     return rc;
 }
+
+int bg_chat_context(PGconn *c, const char *user_id, const char *conversation_id, const char *job_id,
+                    size_t max_messages, size_t max_bytes, bg_chat_context_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!bg_id_uuid_is_valid(user_id) || !bg_id_uuid_is_valid(conversation_id))
+        return BG_ERR_NOT_FOUND;
+    if (job_id == NULL || job_id[0] == '\0' || max_messages < 1 ||
+        max_messages > BG_CHAT_HISTORY_MAX)
+        return BG_ERR_INVALID;
+    char lim[24], budget[24];
+    snprintf(lim, sizeof(lim), "%zu", max_messages);
+    snprintf(budget, sizeof(budget), "%zu", max_bytes);
+    const char *p[] = {conversation_id, user_id, job_id, lim, budget};
+    /*
+     * As bg_chat_history, with the conversation's agent and the user's name on every row (columns
+     * 8 and 9) and the bound taken from the job's own user message when it is stored (upto = its
+     * id, exclusive). An empty history is one row whose message columns are NULL.
+     */
+    PGresult *res;
+    int rc = bg_pg_exec(
+        c,
+        "SELECT " MSG_COLS ", k.agent_id, coalesce(u.name, '') FROM conversations k "
+        "JOIN users u ON u.id = k.user_id AND u.deleted_at IS NULL AND u.status = 'active' "
+        "LEFT JOIN LATERAL (SELECT * FROM (SELECT s.*, "
+        "sum(octet_length(s.content)) OVER (ORDER BY s.id DESC ROWS UNBOUNDED PRECEDING) AS "
+        "running FROM (SELECT " MSG_INNER " FROM messages m WHERE m.conversation_id = k.id "
+        "AND m.status = 'complete' AND m.id < coalesce((SELECT x.id FROM messages x "
+        "WHERE x.job_id = $3 AND x.role = 'user' AND x.conversation_id = k.id), "
+        "9223372036854775807) ORDER BY m.id DESC LIMIT $4::bigint) s) w "
+        "WHERE $5::bigint = 0 OR w.running <= $5::bigint) t ON true "
+        "WHERE k.id = $1::uuid AND k.user_id = $2::uuid AND k.deleted_at IS NULL "
+        "ORDER BY t.id ASC",
+        5, p, &res);
+    if (rc != 0)
+        return rc;
+    int rows = PQntuples(res);
+    if (rows == 0) {
+        rc = BG_ERR_NOT_FOUND;
+    } else {
+        copy(out->agent_id, sizeof(out->agent_id), res, 0, 8);
+        copy(out->user_name, sizeof(out->user_name), res, 0, 9);
+        if (!(rows == 1 && PQgetisnull(res, 0, 0)))
+            read_messages(res, rows, &out->history);
+    }
+    PQclear(res);
+    return rc;
+}
+
+void bg_chat_context_dispose(bg_chat_context_t *ctx)
+{
+    if (ctx != NULL)
+        bg_chat_message_list_dispose(&ctx->history);
+}

@@ -1067,3 +1067,13 @@ void bg_llm_cancel(bg_llm_call_t *call)
     call->drain_deadline = now_ms(call) + call->llm->cfg.cancel_drain_ms;
     arm(call);
 }
+
+void bg_llm_abort(bg_llm_call_t *call)
+{
+    if (call == NULL || call->state == CS_DONE)
+        return;
+    /* a cancel without the drain: the deadline is now (shortening a cancel's drain, too) */
+    call->canceled = true;
+    call->drain_deadline = now_ms(call);
+    arm(call);
+}

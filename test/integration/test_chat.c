@@ -526,6 +526,57 @@ Test(chat, history_is_bounded_by_count_bytes_and_id)
     cr_assert_eq(bg_chat_history(conn, c.id, 0, 10, 0, &h), BG_ERR_NOT_FOUND);
 }
 
+Test(chat, a_turns_context_is_what_came_before_its_message_with_the_agent_and_name)
+{
+    char uid[BG_ACCT_ID_LEN], other[BG_ACCT_ID_LEN], agent[BG_CHAT_ID_SIZE];
+    user("context@chat.example", uid);
+    user("context-other@chat.example", other);
+    assistant(agent);
+    bg_chat_conversation_t c;
+    start(uid, agent, NULL, &c);
+
+    bg_chat_context_t ctx;
+    cr_assert_eq(bg_chat_context(conn, uid, c.id, "job-ctx-1", 100, 0, &ctx), 0);
+    cr_expect_str_eq(ctx.agent_id, agent, "the conversation's agent, for the job");
+    cr_expect_str_eq(ctx.user_name, "Chat", "and the user's name");
+    cr_expect_eq(ctx.history.count, 0, "a new conversation has nothing before the first turn");
+    bg_chat_context_dispose(&ctx);
+
+    (void)say(uid, c.id, "first");
+    bg_chat_reply_t r = {
+        .job_id = "ctx-r1", .content = "reply", .prompt_tokens = -1, .completion_tokens = -1};
+    int64_t rid = 0;
+    cr_assert_eq(bg_chat_append_assistant(conn, c.id, &r, &rid, NULL), 0);
+    cr_assert_eq(bg_chat_context(conn, uid, c.id, "job-ctx-1", 100, 0, &ctx), 0);
+    cr_assert_eq(ctx.history.count, 2, "everything while the turn's message is not stored");
+    cr_expect_str_eq(ctx.history.items[0].content, "first");
+    cr_expect_str_eq(ctx.history.items[1].content, "reply");
+    bg_chat_context_dispose(&ctx);
+
+    /* stored (a redelivered job): what came before it only, never the message itself, nor later */
+    bg_chat_posted_t p;
+    cr_assert_eq(bg_chat_post_user(conn, uid, c.id, "second", "job-ctx-1", NULL, &p), 0);
+    (void)say(uid, c.id, "a later turn");
+    cr_assert_eq(bg_chat_context(conn, uid, c.id, "job-ctx-1", 100, 0, &ctx), 0);
+    cr_assert_eq(ctx.history.count, 2);
+    cr_expect_str_eq(ctx.history.items[1].content, "reply");
+    bg_chat_context_dispose(&ctx);
+    /* bounded like the history: the newest one */
+    cr_assert_eq(bg_chat_context(conn, uid, c.id, "job-ctx-9", 1, 0, &ctx), 0);
+    cr_assert_eq(ctx.history.count, 1);
+    cr_expect_str_eq(ctx.history.items[0].content, "a later turn");
+    bg_chat_context_dispose(&ctx);
+
+    /* not the caller's, a disabled user, a deleted conversation: not found */
+    cr_expect_eq(bg_chat_context(conn, other, c.id, "job-ctx-2", 100, 0, &ctx), BG_ERR_NOT_FOUND);
+    q("UPDATE users SET status = 'disabled' WHERE id = $1", uid, NULL, NULL, 0);
+    cr_expect_eq(bg_chat_context(conn, uid, c.id, "job-ctx-2", 100, 0, &ctx), BG_ERR_NOT_FOUND);
+    q("UPDATE users SET status = 'active' WHERE id = $1", uid, NULL, NULL, 0);
+    cr_expect_eq(bg_chat_context(conn, uid, c.id, "", 100, 0, &ctx), BG_ERR_INVALID);
+    cr_assert_eq(bg_chat_delete(conn, uid, c.id), 0);
+    cr_expect_eq(bg_chat_context(conn, uid, c.id, "job-ctx-2", 100, 0, &ctx), BG_ERR_NOT_FOUND);
+}
+
 Test(chat, a_posted_turn_is_checked_stored_and_counted_in_one_statement)
 {
     char uid[BG_ACCT_ID_LEN], other[BG_ACCT_ID_LEN], agent[BG_CHAT_ID_SIZE];

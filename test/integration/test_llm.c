@@ -13,6 +13,7 @@
 
 #include "bg/err.h"
 #include "bg/llm.h"
+#include "bg/timeutil.h"
 #include "bgtest.h"
 
 static pid_t demo_pid;
@@ -370,6 +371,32 @@ Test(llm, cancel_of_a_hung_call_ends_at_the_drain_bound)
     cr_assert_eq(s.res.error, BG_LLM_ERR_CANCELED);
     cr_assert_eq(s.res.usage.source, BG_LLM_USAGE_ESTIMATED);
     cr_assert_lt(s.res.latency_ms, 5000);
+    finish_loop(&loop, llm);
+}
+
+Test(llm, abort_ends_at_once_even_when_a_cancel_would_drain)
+{
+    bg_llm_config_t cfg = base_config();
+    cfg.cancel_drain_ms = 20000; /* a cancel would wait this long for the hung provider */
+    cfg.first_token_timeout_ms = 20000;
+    uv_loop_t loop;
+    cr_assert_eq(uv_loop_init(&loop), 0);
+    bg_llm_t *llm = NULL;
+    cr_assert_eq(bg_llm_new(&loop, &cfg, &llm), 0);
+    seen_t s = {0};
+    bg_llm_call_t *call = start(llm, "wait #fail:hang", &s);
+    for (int i = 0; i < 20; i++)
+        (void)uv_run(&loop, UV_RUN_NOWAIT);
+    bg_llm_cancel(call); /* draining... */
+    bg_llm_abort(call);  /* ...cut short */
+    bg_llm_abort(call);  /* twice is harmless */
+    cr_assert_eq(s.done, 0, "no callback from inside bg_llm_abort");
+    uint64_t t0 = bg_timeutil_mono_ms();
+    (void)uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(s.done, 1);
+    cr_assert_eq(s.res.error, BG_LLM_ERR_CANCELED);
+    cr_assert_eq(s.res.usage.source, BG_LLM_USAGE_ESTIMATED);
+    cr_assert_lt(bg_timeutil_mono_ms() - t0, 2000, "ended without the 20 s drain");
     finish_loop(&loop, llm);
 }
 

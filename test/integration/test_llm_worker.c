@@ -719,6 +719,83 @@ Test(llm_worker, a_turn_stores_the_users_message_once_before_the_reply)
     free(ev);
 }
 
+/* Counts the places needle occurs in hay. */
+static int occurrences(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = strstr(hay, needle); p != NULL; p = strstr(p + 1, needle))
+        n++;
+    return n;
+}
+
+/* Admits the next turn of t's conversation under a new job id, as the edge does. */
+static void submit_next(turn_t *t, const char *content)
+{
+    bg_id_uuid_v7_str(t->job);
+    const char *fields[] = {
+        "user_id", t->uid,  "conversation_id", t->conv,       "agent_id",    t->agent,
+        "content", content, "request_id",      "req-of-turn", "channel",     "web",
+        "locale",  "en",    "max_tokens",      "0",           "temperature", ""};
+    admit(t, fields, BG_ARRAY_SIZE(fields) / 2);
+}
+
+Test(llm_worker, a_turn_is_rendered_with_the_conversation_before_it_and_its_message_once)
+{
+    start_worker("w1", 5000);
+    turn_t t;
+    submit(&t, "Name a colour.");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
+    char *first = shown_text(ev);
+    events_free(ev);
+
+    /* the next turn: the provider gets the first question and its reply, then this message */
+    submit_next(&t, "And another? #echo:messages");
+    memset(ev, 0, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
+    char *shown = shown_text(ev);
+    char want[512];
+    snprintf(want, sizeof(want), "user: Name a colour. | assistant: %.40s", first);
+    cr_assert(strstr(shown, want) != NULL, "the earlier turn comes first: %s", shown);
+    cr_assert_eq(occurrences(shown, "And another?"), 1, "the user's message once: %s", shown);
+    cr_assert(strstr(shown, "And another?") > strstr(shown, "Name a colour."), "%s", shown);
+    free(shown);
+    events_free(ev);
+
+    /* a job delivered again after its first run stored the message: still once, stored once */
+    bg_id_uuid_v7_str(t.job);
+    bg_chat_posted_t posted;
+    cr_assert_eq(
+        bg_chat_post_user(conn, t.uid, t.conv, "Once more #echo:messages", t.job, NULL, &posted),
+        0);
+    const char *fields[] = {"user_id",    t.uid,   "conversation_id", t.conv,
+                            "agent_id",   t.agent, "content",         "Once more #echo:messages",
+                            "channel",    "web",   "locale",          "en",
+                            "max_tokens", "0",     "temperature",     ""};
+    admit(&t, fields, BG_ARRAY_SIZE(fields) / 2);
+    memset(ev, 0, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
+    shown = shown_text(ev);
+    cr_assert_eq(occurrences(shown, "Once more"), 1, "the stored message once: %s", shown);
+    cr_assert(strstr(shown, "And another?") != NULL, "with the turns before it: %s", shown);
+    cr_assert_eq(
+        pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = 'user'", t.job), 1,
+        "stored once");
+    const char *pc[] = {t.conv};
+    char v[128];
+    pg_value("SELECT string_agg(role, ',' ORDER BY id) || '|' || (SELECT message_count FROM "
+             "conversations WHERE id = $1::uuid) FROM messages WHERE conversation_id = $1::uuid",
+             1, pc, v, sizeof(v));
+    cr_assert_str_eq(v, "user,assistant,user,assistant,user,assistant|6");
+    free(shown);
+    free(first);
+    events_free(ev);
+    free(ev);
+}
+
 Test(llm_worker, a_turn_whose_conversation_was_deleted_meanwhile_is_not_found_and_refunded)
 {
     turn_t t;

@@ -181,6 +181,29 @@ BG_MUSTCHECK int bg_chat_append_assistant(PGconn *c, const char *conversation_id
                                           const bg_chat_reply_t *reply, int64_t *message_id,
                                           bool *created);
 
+/** What a turn's prompt needs before its user message is stored (bg_chat_context). */
+typedef struct bg_chat_context {
+    char agent_id[BG_CHAT_ID_SIZE];    /**< the conversation's agent */
+    char user_name[BG_CHAT_NAME_SIZE]; /**< the user's display name ("" when none) */
+    bg_chat_message_list_t history;    /**< as bg_chat_history, before the turn's message */
+} bg_chat_context_t;
+
+/**
+ * Reads, in one statement, what the llm worker renders a turn with before it stores the turn's
+ * user message (bg_chat_post_user, which it runs while the provider works on the reply): the
+ * conversation's agent, the user's name, and the history as bg_chat_history gives it (max_messages,
+ * max_bytes alike) of the messages before job_id's user message: all of them while that message
+ * is not stored, those before it when it is (the job was delivered again). The turn's own message
+ * is never in it. BG_ERR_NOT_FOUND when the conversation is not a live one of user_id or the user
+ * is disabled or deleted. Dispose out->history after success (bg_chat_context_dispose).
+ */
+BG_MUSTCHECK int bg_chat_context(PGconn *c, const char *user_id, const char *conversation_id,
+                                 const char *job_id, size_t max_messages, size_t max_bytes,
+                                 bg_chat_context_t *out);
+
+/** Frees what bg_chat_context gave; accepts NULL. */
+void bg_chat_context_dispose(bg_chat_context_t *ctx);
+
 /**
  * Loads the history the llm worker sends with a prompt: the newest complete messages of a live
  * conversation with id ≤ upto_id (0: all), at most max_messages (1..BG_CHAT_HISTORY_MAX) of them

@@ -161,4 +161,12 @@ BG_MUSTCHECK int bg_llm_stream(bg_llm_t *llm, const bg_llm_request_t *req,
  */
 void bg_llm_cancel(bg_llm_call_t *call);
 
+/**
+ * Ends a call at once, without reading on for the provider's usage: for a job that turned out not
+ * to be wanted after its call started (its conversation is gone). on_done follows from the loop as
+ * after bg_llm_cancel(); its usage is what arrived so far (estimated when none did). Aborting a
+ * canceled call cuts its drain short; aborting twice is harmless.
+ */
+void bg_llm_abort(bg_llm_call_t *call);
+
 #endif
