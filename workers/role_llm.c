@@ -68,8 +68,8 @@
 #define REPLY_MAX BG_CHAT_CONTENT_MAX
 /* History loaded for a prompt: what fits a rendered prompt at most. */
 #define HISTORY_BYTES_MAX BG_PROMPT_OUTPUT_MAX
-/* Loop turns that start a provider call's transfer before the worker goes on (stream_start) */
-#define SEND_TURNS 4
+/* Most loop turns (non-blocking) that stream_start runs to get a call's request out */
+#define SEND_TURNS_MAX 64
 /* How long an agent row (and the version it resolves to) is reused: an admin's change to an
  * agent, or a new current version of its prompt, reaches the jobs within this time. */
 #define AGENT_TTL_MS 5000
@@ -654,7 +654,8 @@ static int stream_start(llm_run_t *run, const char *model, const char *messages,
     if (rc != 0)
         return rc;
     (void)uv_timer_start(&run->t->tick, on_tick, BG_JOBOUT_BATCH_MS, BG_JOBOUT_BATCH_MS);
-    for (int i = 0; i < SEND_TURNS && !run->finished; i++)
+    /* without blocking: a few turns of the loop connect (on a new connection) and write it */
+    for (int i = 0; i < SEND_TURNS_MAX && !run->finished && !bg_llm_sent(run->call); i++)
         (void)uv_run(&run->t->loop, UV_RUN_NOWAIT);
     return 0;
 }

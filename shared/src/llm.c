@@ -1068,6 +1068,14 @@ void bg_llm_cancel(bg_llm_call_t *call)
     arm(call);
 }
 
+bool bg_llm_sent(const bg_llm_call_t *call)
+{
+    if (call == NULL || call->state != CS_RUNNING || call->easy == NULL)
+        return false;
+    long size = 0;
+    return curl_easy_getinfo(call->easy, CURLINFO_REQUEST_SIZE, &size) == CURLE_OK && size > 0;
+}
+
 void bg_llm_abort(bg_llm_call_t *call)
 {
     if (call == NULL || call->state == CS_DONE)

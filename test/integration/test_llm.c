@@ -400,6 +400,33 @@ Test(llm, abort_ends_at_once_even_when_a_cancel_would_drain)
     finish_loop(&loop, llm);
 }
 
+Test(llm, a_request_is_known_sent_before_any_answer)
+{
+    bg_llm_config_t cfg = base_config();
+    uv_loop_t loop;
+    cr_assert_eq(uv_loop_init(&loop), 0);
+    bg_llm_t *llm = NULL;
+    cr_assert_eq(bg_llm_new(&loop, &cfg, &llm), 0);
+    for (int round = 0; round < 2; round++) {
+        seen_t s = {0};
+        bg_llm_call_t *call = start(llm, "wait #fail:hang", &s);
+        cr_assert_not(bg_llm_sent(call), "nothing is sent before the loop runs");
+        int turns = 0;
+        while (!bg_llm_sent(call) && turns < 1000) {
+            (void)uv_run(&loop, UV_RUN_NOWAIT);
+            turns++;
+        }
+        cr_assert(bg_llm_sent(call), "the request went out in %d turns of the loop", turns);
+        cr_log_info("request sent after %d turn(s) of the loop", turns);
+        cr_assert_eq(s.deltas, 0, "and the hung provider has not answered");
+        bg_llm_abort(call);
+        while (s.done == 0)
+            (void)uv_run(&loop, UV_RUN_ONCE);
+        cr_assert_eq(s.res.error, BG_LLM_ERR_CANCELED);
+    }
+    finish_loop(&loop, llm);
+}
+
 Test(llm, hundred_concurrent_streams_on_one_loop)
 {
     enum { N = 100 };

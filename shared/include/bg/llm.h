@@ -162,6 +162,14 @@ BG_MUSTCHECK int bg_llm_stream(bg_llm_t *llm, const bg_llm_request_t *req,
 void bg_llm_cancel(bg_llm_call_t *call);
 
 /**
+ * Whether the call's current attempt has written its request (the provider is working on it);
+ * false while it waits to start or to connect, and once it is over. For a caller that runs the
+ * loop just until the request is out and then does other work (role_llm: storing the user's
+ * message while the provider starts on the reply).
+ */
+bool bg_llm_sent(const bg_llm_call_t *call);
+
+/**
  * Ends a call at once, without reading on for the provider's usage: for a job that turned out not
  * to be wanted after its call started (its conversation is gone). on_done follows from the loop as
  * after bg_llm_cancel(); its usage is what arrived so far (estimated when none did). Aborting a
