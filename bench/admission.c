@@ -148,7 +148,7 @@ static int read_evalsha(bg_redis_t *r, stat_t *out)
 static int put_config(bg_redis_t *r, const char *user)
 {
     bg_admission_keys_t k;
-    if (bg_admission_keys(&k, SHARDS, user, NULL) != 0)
+    if (bg_admission_keys(&k, SHARDS, user) != 0)
         return BG_ERR_INVALID;
     char anchor[24], until[24];
     int64_t now = bg_timeutil_wall_ms();
@@ -168,17 +168,17 @@ static int put_config(bg_redis_t *r, const char *user)
     return rc;
 }
 
-/* Removes what the run left: the users' state, the key's limiter, the markers, the streams. */
+/* Removes what the run left: the users' state (the key's limit with it), the markers, the
+ * streams. */
 static void clean_up(bg_redis_t *r, const worker_t *w, int threads)
 {
     for (int t = 0; t < threads; t++) {
         bg_admission_keys_t k;
         char stream[BG_REDIS_KEY_MAX];
-        if (bg_admission_keys(&k, SHARDS, w[t].user, "bench-key") != 0 ||
+        if (bg_admission_keys(&k, SHARDS, w[t].user) != 0 ||
             bg_redis_key_queue(stream, sizeof(stream), k.shard, ROLE) != 0)
             continue;
-        const char *argv[] = {"DEL",  k.adm,       k.quota,    k.res,
-                              k.resd, k.gcra_user, k.gcra_key, stream};
+        const char *argv[] = {"DEL", k.adm, k.quota, k.res, k.resd, stream};
         redisReply *reply = NULL;
         if (bg_redis_argv(r, (int)BG_ARRAY_SIZE(argv), argv, NULL, &reply) == 0)
             freeReplyObject(reply);

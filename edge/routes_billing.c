@@ -429,7 +429,7 @@ static void account_get(edge_req_t *er)
 {
     const bg_config_t *cfg = er->thread->server->cfg;
     bg_admission_keys_t keys;
-    if (bg_admission_keys(&keys, cfg->shards, er->auth.user_id, NULL) != 0) {
+    if (bg_admission_keys(&keys, cfg->shards, er->auth.user_id) != 0) {
         edge_error(er, "unauthorized", NULL, NULL, 0);
         return;
     }

@@ -1,20 +1,19 @@
 -- Admission of one request: rate limits (GCRA, the user's and the API key's), feature, tokens cap,
 -- concurrency, request and token quota, and the job's XADD, all or nothing. A denial writes
--- nothing (not even the purge of expired reservations, nor a rate-limit step), so a flood of
--- denied requests costs the user nothing and cannot move any counter.
+-- nothing (not even a rate-limit step), so a flood of denied requests costs the user nothing and
+-- cannot move any counter.
 --
 -- KEYS[1] config      bg:{sN}:adm:<uid>   (hash, written by the plan compiler; read only here)
--- KEYS[2] quota       bg:{sN}:quota:<uid> (hash: win, used, tused, tmax)
+-- KEYS[2] quota       bg:{sN}:quota:<uid> (hash: win, used, tused, tmax, rmin; and the rate limits'
+--                     TATs: tat for the user's, tat:<key id> for each API key's)
 -- KEYS[3] reservations bg:{sN}:res:<uid>  (zset: job id -> expiry ms)
 -- KEYS[4] details     bg:{sN}:resd:<uid>  (hash: job id -> "<window start>|<reserved tokens>")
--- KEYS[5] user rate   bg:{sN}:gcra:<uid>
--- KEYS[6] key rate    bg:{sN}:gcra:key:<key id> (a same-slot dummy, never touched, without a key)
--- KEYS[7] job stream  bg:{sN}:q:<role>
--- KEYS[8] job owner   bg:{sN}:job:<job id> (written only when ARGV[8] is not "")
+-- KEYS[5] job stream  bg:{sN}:q:<role>
+-- KEYS[6] job owner   bg:{sN}:job:<job id> (written only when ARGV[9] is not "")
 -- ARGV[1] job id  ARGV[2] feature needed ("" none)  ARGV[3] max tokens (0 none)
--- ARGV[4] key rpm (0 no key limit)  ARGV[5] key burst  ARGV[6] reservation ttl ms
--- ARGV[7] stream maxlen  ARGV[8] the job's owner to record ("" none)  ARGV[9] its ttl in seconds
--- ARGV[10..] field, value, ... of the job
+-- ARGV[4] API key id ("" none)  ARGV[5] key rpm (0 no key limit)  ARGV[6] key burst
+-- ARGV[7] reservation ttl ms  ARGV[8] stream maxlen  ARGV[9] the job's owner to record ("" none)
+-- ARGV[10] its ttl in seconds  ARGV[11..] field, value, ... of the job
 --
 -- Returns {decision, q_limit, q_remaining, q_reset_ms, rl_limit, rl_remaining, rl_reset_ms,
 -- retry_after_ms, entry_id}: q_reset_ms is a unix time (the end of the quota window, never after
@@ -23,8 +22,8 @@
 -- that denied, on a rate denial), 0 when none applies. entry_id is "" unless the decision is "ok".
 --
 -- Held reservations are counted live (score > now), so a reservation past its expiry stops
--- counting at once, whether or not it has been purged yet: the purge only tidies up, and is bounded
--- per call to keep the script short.
+-- counting at once, whether or not it has been removed yet: removing lapsed ones (here once the
+-- quota hash's rmin says one may have lapsed, and in settle.lua) only tidies up, bounded per call.
 --
 -- KEYS[2] also keeps "tmax", a bound on the tokens of every live reservation (the script raises it
 -- when it reserves more and lowers it to the exact maximum whenever it sums the live reservations):
@@ -34,20 +33,23 @@
 --
 -- Cost: the script's time in Redis is mostly its redis.call()s (each one, with its arguments and
 -- its reply converted, costs several thousand instructions) and tonumber()/string.format() on
--- 13-digit numbers (strtod, printf). The admitting path makes 8 calls without rate limits or token
--- quota, 12 with both rate limits and a token quota (it was 9 and 15): no token sum while the tmax
--- bound settles it, HSETNX as the duplicate check and first write, the score bounds built once as
--- strings instead of numbers that Redis formats with %.17g on every call.
-local adm, quota, res, resd, gcra_user, gcra_key, stream, owner_key =
-    KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+-- 13-digit numbers (strtod, printf). The admitting path makes 7 calls without rate limits or token
+-- quota (8 recording the job's owner), and as many with both rate limits and a token quota (it was
+-- 9 and 15, then 8 and 12): the rate limits' TATs are fields of the quota hash, read with it and
+-- written in its one HSET; lapsed reservations are looked for only once rmin says one may have
+-- lapsed, not on every call; no token sum
+-- while the tmax bound settles it; HSETNX as the duplicate check and first write; the score bound
+-- built once as a string instead of a number that Redis formats with %.17g on every call.
+local adm, quota, res, resd, stream, owner_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local job_id, feature = ARGV[1], ARGV[2]
 local floor, ceil, max, min, tonumber = math.floor, math.ceil, math.max, math.min, tonumber
 local max_tok = floor(tonumber(ARGV[3]) or -1)
-local key_rpm = ARGV[4] == '0' and 0 or floor(tonumber(ARGV[4]) or -1)
-local ttl = floor(tonumber(ARGV[6]) or 0)
-local maxlen = floor(tonumber(ARGV[7]) or 0)
-local owner, owner_ttl = ARGV[8], ARGV[9]
-if job_id == '' or max_tok < 0 or key_rpm < 0 or ttl <= 0 or maxlen <= 0 or #ARGV % 2 ~= 1 or
+local key_id = ARGV[4]
+local key_rpm = (key_id == '' or ARGV[5] == '0') and 0 or floor(tonumber(ARGV[5]) or -1)
+local ttl = floor(tonumber(ARGV[7]) or 0)
+local maxlen = floor(tonumber(ARGV[8]) or 0)
+local owner, owner_ttl = ARGV[9], ARGV[10]
+if job_id == '' or max_tok < 0 or key_rpm < 0 or ttl <= 0 or maxlen <= 0 or #ARGV % 2 ~= 0 or
     (owner ~= '' and not tonumber(owner_ttl)) then
     return redis.error_reply('ERR admit: bad arguments')
 end
@@ -97,7 +99,13 @@ local reset = win + w_len
 if w_until > 0 and reset > w_until then
     reset = w_until
 end
-local qs = redis.call('HMGET', quota, 'win', 'used', 'tused', 'tmax')
+local key_tat = key_rpm > 0 and 'tat:' .. key_id or nil
+local qs
+if key_tat then
+    qs = redis.call('HMGET', quota, 'win', 'used', 'tused', 'tmax', 'rmin', 'tat', key_tat)
+else
+    qs = redis.call('HMGET', quota, 'win', 'used', 'tused', 'tmax', 'rmin', 'tat')
+end
 local used, tused = 0, 0
 local fresh = tonumber(qs[1]) ~= win
 if not fresh then
@@ -129,14 +137,14 @@ end
 
 local user, key
 if rpm > 0 then
-    user = gcra(redis.call('GET', gcra_user), rpm, burst)
+    user = gcra(qs[6], rpm, burst)
 end
-if key_rpm > 0 then
-    local key_burst = floor(tonumber(ARGV[5]) or 0)
+if key_tat then
+    local key_burst = floor(tonumber(ARGV[6]) or 0)
     if key_burst < 1 then
         key_burst = 1
     end
-    key = gcra(redis.call('GET', gcra_key), key_rpm, key_burst)
+    key = gcra(qs[7], key_rpm, key_burst)
 end
 -- The rate limit reported: the tighter of the two, the one a client has to pace itself by.
 local function rate_info(when)
@@ -224,41 +232,57 @@ if redis.call('HSETNX', resd, job_id, sformat('%d|%d', win, reserve_tok)) == 0 t
     return redis.error_reply('ERR admit: job id already reserved')
 end
 local entry_id = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'job_id', job_id,
-    unpack(ARGV, 10))
+    unpack(ARGV, 11))
 if type(entry_id) == 'table' and entry_id.err then
     redis.call('HDEL', resd, job_id)
     return entry_id
 end
 
-redis.call('ZADD', res, now_ms + ttl, job_id)
+local expiry = now_ms + ttl
+redis.call('ZADD', res, expiry, job_id)
 -- who may read the job's output and cancel it (/chat/jobs/<id>/...), in the same step
 if owner ~= '' then
     redis.call('SET', owner_key, owner, 'EX', owner_ttl)
 end
+-- The quota hash in one write: a new window's counters, the tokens bound, the rate limits' TATs
+-- (kept in ms with microsecond decimals; a TAT in the past is worth nothing, as if never set).
+local w, n = {}, 0
+local function put(field, value)
+    w[n + 1], w[n + 2] = field, value
+    n = n + 2
+end
 if fresh then
     -- a new window (renewal, a new day): what was used before no longer counts
-    if new_tmax then
-        redis.call('HSET', quota, 'win', sformat('%d', win), 'used', '0', 'tused', '0', 'tmax', new_tmax)
-    else
-        redis.call('HSET', quota, 'win', sformat('%d', win), 'used', '0', 'tused', '0')
-    end
-elseif new_tmax then
-    redis.call('HSET', quota, 'tmax', new_tmax)
+    put('win', sformat('%d', win))
+    put('used', '0')
+    put('tused', '0')
 end
--- The TAT is kept in ms with microsecond decimals; once it is in the past the key is worth
--- nothing, hence the expiry.
+if new_tmax then
+    put('tmax', new_tmax)
+end
 if user then
-    redis.call('SET', gcra_user, sformat('%.3f', user.tat), 'PX', ceil(user.tat - now) + 1)
+    put('tat', sformat('%.3f', user.tat))
 end
 if key then
-    redis.call('SET', gcra_key, sformat('%.3f', key.tat), 'PX', ceil(key.tat - now) + 1)
+    put(key_tat, sformat('%.3f', key.tat))
 end
-
--- Tidy up reservations past their expiry (they stopped counting already); bounded per call.
-local expired = redis.call('ZRANGEBYSCORE', res, '-inf', now_ms_s, 'LIMIT', '0', PURGE_MAX_S)
-if #expired > 0 then
-    redis.call('ZREM', res, unpack(expired))
-    redis.call('HDEL', resd, unpack(expired))
+-- rmin: no reservation expires before it (a lower bound, kept in the same write), so lapsed
+-- reservations are looked for only once one may have lapsed: up to 64 are removed here, then
+-- rmin moves to the earliest left. Settling moves nothing, so rmin may come early; that costs
+-- one look that finds nothing.
+local rmin = tonumber(qs[5])
+if rmin and rmin <= now_ms then
+    local expired = redis.call('ZRANGEBYSCORE', res, '-inf', now_ms_s, 'LIMIT', '0', PURGE_MAX_S)
+    if #expired > 0 then
+        redis.call('ZREM', res, unpack(expired))
+        redis.call('HDEL', resd, unpack(expired))
+    end
+    put('rmin', redis.call('ZRANGE', res, '0', '0', 'WITHSCORES')[2]) -- this job's, at the latest
+elseif not rmin or expiry < rmin then
+    put('rmin', sformat('%d', expiry))
+end
+if n > 0 then
+    redis.call('HSET', quota, unpack(w, 1, n))
 end
 
 rl = rate_info('after')

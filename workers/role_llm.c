@@ -321,7 +321,7 @@ static int read_quota(const llm_job_t *j, const llm_role_t *l, bool *known, int6
 {
     *known = false;
     bg_admission_keys_t k;
-    if (bg_admission_keys(&k, l->shards, j->user_id, NULL) != 0)
+    if (bg_admission_keys(&k, l->shards, j->user_id) != 0)
         return 0;
     redisReply *adm = NULL, *quota = NULL, *held = NULL;
     int rc = bg_redis_command(j->r, &adm, "HMGET %s q_limit w_anchor w_len w_until", k.adm);

@@ -563,7 +563,7 @@ static int quota_now(tg_ctx_t *x, quota_now_t *q)
         return 0;
     /* what the admission script counts: used in this window, and reservations still held */
     bg_admission_keys_t keys;
-    rc = bg_admission_keys(&keys, x->role->shards, x->who.user_id, NULL);
+    rc = bg_admission_keys(&keys, x->role->shards, x->who.user_id);
     if (rc != 0)
         return rc;
     int64_t win = bg_policy_window_start(&q->st, now);

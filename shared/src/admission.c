@@ -17,8 +17,8 @@
 #include "bg/log.h"
 #include "bg/timeutil.h"
 
-#define ADMIT_KEYS 8
-#define ADMIT_FIXED_ARGS 9
+#define ADMIT_KEYS 6
+#define ADMIT_FIXED_ARGS 10
 #define SETTLE_KEYS 4
 #define REPLY_ELEMENTS 9
 
@@ -72,11 +72,9 @@ static int key_of(char *out, size_t outlen, int shard, const char *what, const c
     return 0;
 }
 
-int bg_admission_keys(bg_admission_keys_t *out, int shards, const char *user_id,
-                      const char *api_key_id)
+int bg_admission_keys(bg_admission_keys_t *out, int shards, const char *user_id)
 {
-    if (out == NULL || !bg_str_present(user_id) || shards < 1 ||
-        (api_key_id != NULL && api_key_id[0] == '\0'))
+    if (out == NULL || !bg_str_present(user_id) || shards < 1)
         return BG_ERR_INVALID;
     int s = bg_shard_of(user_id, shards);
     out->shard = s;
@@ -87,14 +85,6 @@ int bg_admission_keys(bg_admission_keys_t *out, int shards, const char *user_id,
         rc = key_of(out->res, sizeof(out->res), s, "res:", user_id);
     if (rc == 0)
         rc = key_of(out->resd, sizeof(out->resd), s, "resd:", user_id);
-    if (rc == 0)
-        rc = key_of(out->gcra_user, sizeof(out->gcra_user), s, "gcra:", user_id);
-    if (rc == 0) {
-        /* Without a key the script still needs a key of the same slot; it never touches it. */
-        rc = api_key_id != NULL
-                 ? key_of(out->gcra_key, sizeof(out->gcra_key), s, "gcra:key:", api_key_id)
-                 : key_of(out->gcra_key, sizeof(out->gcra_key), s, "gcra:nokey", "");
-    }
     return rc;
 }
 
@@ -141,7 +131,9 @@ static int build_admit(admit_call_t *call, int shards, const bg_admission_req_t 
         req->stream_maxlen < 1 || req->nfields > BG_JOBS_MAX_FIELDS ||
         (req->nfields > 0 && req->fields == NULL))
         return BG_ERR_INVALID;
-    int rc = bg_admission_keys(&call->keys, shards, req->user_id, req->api_key_id);
+    if (req->api_key_id != NULL && req->api_key_id[0] == '\0')
+        return BG_ERR_INVALID;
+    int rc = bg_admission_keys(&call->keys, shards, req->user_id);
     if (rc != 0)
         return rc;
     if (bg_redis_key_queue(call->stream, sizeof(call->stream), call->keys.shard, req->role) != 0)
@@ -150,13 +142,11 @@ static int build_admit(admit_call_t *call, int shards, const bg_admission_req_t 
     call->keyv[1] = call->keys.quota;
     call->keyv[2] = call->keys.res;
     call->keyv[3] = call->keys.resd;
-    call->keyv[4] = call->keys.gcra_user;
-    call->keyv[5] = call->keys.gcra_key;
-    call->keyv[6] = call->stream;
+    call->keyv[4] = call->stream;
     if (bg_admission_key_owner(call->owner, sizeof(call->owner), call->keys.shard, req->job_id) !=
         0)
         return BG_ERR_INVALID;
-    call->keyv[7] = call->owner;
+    call->keyv[5] = call->owner;
 
     fmt_i64(call->max_tokens, sizeof(call->max_tokens), req->max_tokens);
     /* a key limit only exists with a key */
@@ -168,6 +158,7 @@ static int build_admit(admit_call_t *call, int shards, const bg_admission_req_t 
     call->argv[n++] = req->job_id;
     call->argv[n++] = req->feature != NULL ? req->feature : "";
     call->argv[n++] = call->max_tokens;
+    call->argv[n++] = req->api_key_id != NULL ? req->api_key_id : "";
     call->argv[n++] = call->key_rpm;
     call->argv[n++] = call->key_burst;
     call->argv[n++] = call->ttl;
@@ -270,7 +261,7 @@ int bg_admission_settle(bg_redis_t *r, int shards, const char *user_id, const ch
         return BG_ERR_INVALID;
     bg_admission_keys_t keys;
     char marker[BG_REDIS_KEY_MAX];
-    int rc = bg_admission_keys(&keys, shards, user_id, NULL);
+    int rc = bg_admission_keys(&keys, shards, user_id);
     if (rc != 0 || bg_admission_key_marker(marker, sizeof(marker), keys.shard, job_id) != 0)
         return BG_ERR_INVALID;
     const char *keyv[SETTLE_KEYS] = {keys.quota, keys.res, keys.resd, marker};

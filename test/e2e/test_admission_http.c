@@ -287,14 +287,13 @@ static int64_t state_field(const user_t *u, const char *field)
 static void reset_user(const user_t *u, int64_t q_limit, int64_t used, int64_t rpm, int64_t burst,
                        int64_t conc)
 {
-    char adm[160], quota[160], res[160], resd[160], gcra[160], stream[160];
+    char adm[160], quota[160], res[160], resd[160], stream[160];
     key_of(adm, sizeof(adm), u, "adm");
     key_of(quota, sizeof(quota), u, "quota");
     key_of(res, sizeof(res), u, "res");
     key_of(resd, sizeof(resd), u, "resd");
-    key_of(gcra, sizeof(gcra), u, "gcra");
     stream_of(stream, sizeof(stream), u);
-    freeReplyObject(redis("DEL %s %s %s %s %s", quota, res, resd, gcra, stream));
+    freeReplyObject(redis("DEL %s %s %s %s", quota, res, resd, stream));
     freeReplyObject(redis("HSET %s q_limit %" PRId64 " rpm %" PRId64 " burst %" PRId64
                           " conc %" PRId64 " tq_limit 0",
                           adm, q_limit, rpm, burst, conc));

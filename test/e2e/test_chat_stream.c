@@ -342,8 +342,8 @@ static void generous_limits(const user_t *u)
         redis("HSET %s q_limit 100000 rpm 100000 burst 10000 conc 1000", key, NULL, NULL, NULL);
     freeReplyObject(r);
     /* the theoretical arrival time the plan's own rate limit left (seconds ahead) goes too */
-    snprintf(key, sizeof(key), "bg:{s%d}:gcra:%s", u->shard, u->id);
-    r = redis("DEL %s", key, NULL, NULL, NULL);
+    snprintf(key, sizeof(key), "bg:{s%d}:quota:%s", u->shard, u->id);
+    r = redis("HDEL %s tat", key, NULL, NULL, NULL);
     freeReplyObject(r);
 }
 

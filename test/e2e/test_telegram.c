@@ -521,7 +521,7 @@ Test(telegram, telegram_turns_draw_on_the_platform_users_quota)
 
     /* the platform user's admission state counts the turn once the usage worker settled it */
     bg_admission_keys_t keys;
-    cr_assert_eq(bg_admission_keys(&keys, SHARDS, user, NULL), 0);
+    cr_assert_eq(bg_admission_keys(&keys, SHARDS, user), 0);
     long long used = -1;
     for (long long until = bgt_now_ms() + 15000; bgt_now_ms() < until; sleep_ms(100)) {
         redisReply *r = NULL;

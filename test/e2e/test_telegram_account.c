@@ -397,7 +397,7 @@ static void web_turn(const char *token, const char *text)
 static long long quota_used(const char *user, long long want)
 {
     bg_admission_keys_t keys;
-    cr_assert_eq(bg_admission_keys(&keys, SHARDS, user, NULL), 0);
+    cr_assert_eq(bg_admission_keys(&keys, SHARDS, user), 0);
     long long used = -1;
     for (long long until = bgt_now_ms() + 15000; bgt_now_ms() < until; sleep_ms(100)) {
         redisReply *r = NULL;

@@ -85,10 +85,10 @@ static cfg_t cfg_default(void)
     return c;
 }
 
-static bg_admission_keys_t keys_of(const char *uid, const char *kid)
+static bg_admission_keys_t keys_of(const char *uid)
 {
     bg_admission_keys_t k;
-    cr_assert_eq(bg_admission_keys(&k, SHARDS, uid, kid), 0);
+    cr_assert_eq(bg_admission_keys(&k, SHARDS, uid), 0);
     return k;
 }
 
@@ -107,7 +107,7 @@ static void cmd_ok(bg_redis_t *r, int argc, const char *const *argv)
 
 static void put_config(bg_redis_t *r, const char *uid, const cfg_t *c)
 {
-    bg_admission_keys_t k = keys_of(uid, NULL);
+    bg_admission_keys_t k = keys_of(uid);
     char v[10][24];
     long long n[] = {c->q_limit, c->w_anchor, c->w_len,   c->w_until, c->rpm,
                      c->burst,   c->conc,     c->tok_cap, c->tq_limit};
@@ -126,7 +126,7 @@ static void put_config(bg_redis_t *r, const char *uid, const cfg_t *c)
 /* Sets one field of the config hash. */
 static void put_field(bg_redis_t *r, const char *uid, const char *field, long long value)
 {
-    bg_admission_keys_t k = keys_of(uid, NULL);
+    bg_admission_keys_t k = keys_of(uid);
     char v[24];
     snprintf(v, sizeof(v), "%lld", value);
     const char *argv[] = {"HSET", k.adm, field, v};
@@ -136,7 +136,7 @@ static void put_field(bg_redis_t *r, const char *uid, const char *field, long lo
 /* Writes the quota hash: used requests in the window starting at win. */
 static void put_used(bg_redis_t *r, const char *uid, long long win, long long used)
 {
-    bg_admission_keys_t k = keys_of(uid, NULL);
+    bg_admission_keys_t k = keys_of(uid);
     char w[24], u[24];
     snprintf(w, sizeof(w), "%lld", win);
     snprintf(u, sizeof(u), "%lld", used);
@@ -299,7 +299,7 @@ Test(admission, admits_reserves_and_enqueues_the_job)
     bg_redis_t *r = client();
     cfg_t c = cfg_default();
     put_config(r, "u-1", &c);
-    bg_admission_keys_t k = keys_of("u-1", NULL);
+    bg_admission_keys_t k = keys_of("u-1");
     char stream[BG_REDIS_KEY_MAX];
     stream_of("u-1", stream, sizeof(stream));
 
@@ -442,7 +442,7 @@ Test(admission, refund_frees_the_reservation)
     cfg_t c = cfg_default();
     c.q_limit = 1;
     put_config(r, "u-r", &c);
-    bg_admission_keys_t k = keys_of("u-r", NULL);
+    bg_admission_keys_t k = keys_of("u-r");
     expect(r, "u-r", "j1", NULL, BG_ADMISSION_OK);
     bg_admission_decision_t d = expect(r, "u-r", "j2", NULL, BG_ADMISSION_QUOTA_EXCEEDED);
     cr_assert_eq(d.q_remaining, 0);
@@ -466,7 +466,7 @@ Test(admission, settle_use_counts_once)
     cfg_t c = cfg_default();
     c.q_limit = 3;
     put_config(r, "u-s", &c);
-    bg_admission_keys_t k = keys_of("u-s", NULL);
+    bg_admission_keys_t k = keys_of("u-s");
     expect(r, "u-s", "j1", NULL, BG_ADMISSION_OK);
     int64_t used = -1;
     cr_assert_eq(settle(r, "u-s", "j1", BG_ADMISSION_USE, 120, &used), BG_ADMISSION_SETTLED);
@@ -512,7 +512,7 @@ Test(admission, expired_reservation_frees_quota_and_concurrency)
     c.q_limit = 1;
     c.conc = 1;
     put_config(r, "u-x", &c);
-    bg_admission_keys_t k = keys_of("u-x", NULL);
+    bg_admission_keys_t k = keys_of("u-x");
     ask_t a = {.ttl_ms = 100};
     expect(r, "u-x", "lost", &a, BG_ADMISSION_OK);
     bg_admission_decision_t d = expect(r, "u-x", "j2", &a, BG_ADMISSION_CONCURRENCY);
@@ -544,7 +544,7 @@ Test(admission, settle_purges_lapsed_reservations)
     bg_redis_t *r = client();
     cfg_t c = cfg_default();
     put_config(r, "u-p", &c);
-    bg_admission_keys_t k = keys_of("u-p", NULL);
+    bg_admission_keys_t k = keys_of("u-p");
     ask_t a = {.ttl_ms = 50};
     expect(r, "u-p", "a", &a, BG_ADMISSION_OK);
     expect(r, "u-p", "b", &a, BG_ADMISSION_OK);
@@ -563,7 +563,7 @@ Test(admission, a_new_window_resets_used)
     cfg_t c = cfg_default();
     c.q_limit = 3;
     put_config(r, "u-w", &c);
-    bg_admission_keys_t k = keys_of("u-w", NULL);
+    bg_admission_keys_t k = keys_of("u-w");
     expect(r, "u-w", "j1", NULL, BG_ADMISSION_OK);
     cr_assert_eq(settle(r, "u-w", "j1", BG_ADMISSION_USE, 0, NULL), BG_ADMISSION_SETTLED);
     expect(r, "u-w", "j2", NULL, BG_ADMISSION_OK);
@@ -602,7 +602,7 @@ Test(admission, used_counts_in_the_window_recorded_until_the_next_admit)
     cfg_t c = cfg_default();
     c.q_limit = 5;
     put_config(r, "u-lw", &c);
-    bg_admission_keys_t k = keys_of("u-lw", NULL);
+    bg_admission_keys_t k = keys_of("u-lw");
     expect(r, "u-lw", "j1", NULL, BG_ADMISSION_OK);
     /* the window turns while j1 runs, and no admit has rewritten the quota hash yet */
     put_field(r, "u-lw", "w_anchor", c.w_anchor - DAY_MS / 2);
@@ -622,7 +622,7 @@ Test(admission, tokens_cap_and_token_quota)
     c.tok_cap = 4000;
     c.tq_limit = 5000;
     put_config(r, "u-t", &c);
-    bg_admission_keys_t k = keys_of("u-t", NULL);
+    bg_admission_keys_t k = keys_of("u-t");
 
     ask_t a = {.max_tokens = 4001};
     bg_admission_decision_t d = expect(r, "u-t", "j0", &a, BG_ADMISSION_TOO_MANY_TOKENS);
@@ -731,8 +731,9 @@ Test(admission, key_rate_limit_is_independent_of_the_users)
     ask_t k3 = {.key = "key-3", .key_rpm = 100, .key_burst = 100};
     d = expect(r, "u-k", "c1", &k3, BG_ADMISSION_RATE_LIMITED);
     cr_assert_eq(d.rl_limit, 1, "the user's limit denied");
-    bg_admission_keys_t k = keys_of("u-k", "key-3");
-    cr_assert_eq(get_int(r, "EXISTS %s%s", k.gcra_key, ""), 0, "a denial leaves the key untouched");
+    bg_admission_keys_t k = keys_of("u-k");
+    cr_assert_eq(get_int(r, "HEXISTS %s %s", k.quota, "tat:key-3"), 0,
+                 "a denial leaves the key's limit untouched");
 
     /* a key without a limit of its own: only the user's applies */
     put_field(r, "u-k", "rpm", 0);
@@ -1006,7 +1007,7 @@ Test(admission, exactly_the_quota_left_is_admitted)
         cr_assert_eq(counts[BG_ADMISSION_OK], left, "seed %d: %d admitted, %d left", seed,
                      counts[BG_ADMISSION_OK], left);
         cr_assert_eq(counts[BG_ADMISSION_QUOTA_EXCEEDED], ATTEMPTS - left);
-        bg_admission_keys_t k = keys_of(uid, NULL);
+        bg_admission_keys_t k = keys_of(uid);
         cr_assert_eq(zcard(r, k.res), left);
         cr_assert_eq(hget(r, k.quota, "used"), c.q_limit - left, "admits do not count use");
         cr_assert_eq(xlen(r, stream) - len_before, left, "seed %d: one entry per admit", seed);
@@ -1084,7 +1085,7 @@ Test(admission, exactly_the_concurrency_cap_is_admitted)
         cr_assert_eq(counts[BG_ADMISSION_OK], cap, "seed %d: %d admitted, cap %d", seed,
                      counts[BG_ADMISSION_OK], cap);
         cr_assert_eq(counts[BG_ADMISSION_CONCURRENCY], ATTEMPTS - cap);
-        bg_admission_keys_t k = keys_of(uid, NULL);
+        bg_admission_keys_t k = keys_of(uid);
         cr_assert_eq(zcard(r, k.res), cap);
     }
     bg_redis_free(r);

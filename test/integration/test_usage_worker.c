@@ -249,7 +249,7 @@ static void cmd_ok(int argc, const char *const *argv)
 static void put_config(const char *uid)
 {
     bg_admission_keys_t k;
-    cr_assert_eq(bg_admission_keys(&k, SHARDS, uid, NULL), 0);
+    cr_assert_eq(bg_admission_keys(&k, SHARDS, uid), 0);
     long long now = bg_timeutil_wall_ms();
     char anchor[24], len[24], until[24];
     snprintf(anchor, sizeof(anchor), "%lld", now - 1000);
@@ -283,7 +283,7 @@ static void admit(const char *uid, const char *job)
 static bg_admission_keys_t keys_of(const char *uid)
 {
     bg_admission_keys_t k;
-    cr_assert_eq(bg_admission_keys(&k, SHARDS, uid, NULL), 0);
+    cr_assert_eq(bg_admission_keys(&k, SHARDS, uid), 0);
     return k;
 }
 

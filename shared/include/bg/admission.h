@@ -8,15 +8,15 @@
  * State (DESIGN.md §3), all under the user's hash tag {s<N>}, N = bg_shard_of(user id, shards):
  *   bg:{s<N>}:adm:<uid>        config hash compiled from Postgres (status, plan, q_limit, w_anchor,
  *                              w_len, w_until, rpm, burst, conc, tok_cap, tq_limit, features)
- *   bg:{s<N>}:quota:<uid>      win, used, tused of the current window (reset lazily)
+ *   bg:{s<N>}:quota:<uid>      win, used, tused of the current window (reset lazily), tmax (a
+ *                              bound on live reservations' tokens), and the rate limits' TATs (ms):
+ *                              tat (the user's), tat:<api key id> (each key's)
  *   bg:{s<N>}:res:<uid>        live reservations, job id -> expiry ms (held = concurrency)
  *   bg:{s<N>}:resd:<uid>       job id -> "<window start>|<reserved tokens>"
- *   bg:{s<N>}:gcra:<uid>       the user's rate limit (TAT, ms)
- *   bg:{s<N>}:gcra:key:<kid>   an API key's rate limit
  *   bg:{s<N>}:stl:<job id>     settled marker (a day)
  *   bg:{s<N>}:q:<role>         the job stream (bg/jobs.h)
  * Reservations expire (the caller's ttl) so a lost job cannot hold quota forever: past its expiry
- * a reservation stops counting at once and is purged by a later admit or settle.
+ * a reservation stops counting at once and is removed by a later settle of the user's.
  *
  * Fail closed: every function here returns an error when Redis cannot answer, and the caller
  * answers 503 with Retry-After; there is no local fallback.
@@ -38,16 +38,13 @@
 /** Size of a header value written by bg_admission_headers, NUL included. */
 #define BG_ADMISSION_HEADER_VALUE_MAX 40
 
-/** The keys of one user's admission state (and of an API key's rate limit). */
+/** The keys of one user's admission state. */
 typedef struct bg_admission_keys {
     int shard;
     char adm[BG_REDIS_KEY_MAX];
     char quota[BG_REDIS_KEY_MAX];
     char res[BG_REDIS_KEY_MAX];
     char resd[BG_REDIS_KEY_MAX];
-    char gcra_user[BG_REDIS_KEY_MAX];
-    /** the key's limiter, or a same-slot dummy the script never touches when there is no key */
-    char gcra_key[BG_REDIS_KEY_MAX];
 } bg_admission_keys_t;
 
 /** How long an admitted job's owner is recorded: as long as its output stream lives. */
@@ -61,12 +58,10 @@ typedef struct bg_admission_keys {
 BG_MUSTCHECK int bg_admission_key_owner(char *out, size_t outlen, int shard, const char *job_id);
 
 /**
- * Fills out with the keys of user_id (non-empty) in its shard among shards (≥ 1); api_key_id is
- * NULL when the request came without an API key (else non-empty). Returns 0, or BG_ERR_INVALID
- * for a missing id or one too long for a key (out is then unusable).
+ * Fills out with the keys of user_id (non-empty) in its shard among shards (≥ 1). Returns 0, or
+ * BG_ERR_INVALID for a missing id or one too long for a key (out is then unusable).
  */
-BG_MUSTCHECK int bg_admission_keys(bg_admission_keys_t *out, int shards, const char *user_id,
-                                   const char *api_key_id);
+BG_MUSTCHECK int bg_admission_keys(bg_admission_keys_t *out, int shards, const char *user_id);
 
 /** Writes the settled marker of a job, "bg:{s<shard>}:stl:<job id>". Returns 0 or BG_ERR_INVALID.
  */
