@@ -3,22 +3,28 @@
  *
  *   bgctl billing reconcile [--since RFC3339]
  *
- * It lists the subscriptions and the transactions (completed, paid, past_due) Paddle holds
- * (GET /subscriptions, GET /transactions?status=…&updated_at[GTE]=…; both paginated as Paddle
- * does: meta.pagination.next is the URL of the next page while has_more), and feeds every entity
+ * It lists the subscriptions, the transactions (completed, paid, past_due) and the adjustments
+ * (refunds, chargebacks, credits) Paddle holds (GET /subscriptions,
+ * GET /transactions?status=…&updated_at[GTE]=…, GET /adjustments; all paginated as Paddle does:
+ * meta.pagination.next is the URL of the next page while has_more), and feeds every entity
  * through the path a webhook takes: a synthetic event stored in webhook_inbox, then
  * bg_billing_apply() and the user's admission state written to Redis. The synthetic event is the
  * entity's snapshot as of its updated_at:
  *   event_id    "reconcile:<entity id>:<updated_at>"  (a second run stores nothing new)
- *   event_type  subscription.updated, or transaction.completed / .paid / .payment_failed
+ *   event_type  subscription.updated, transaction.completed / .paid / .payment_failed, or
+ *               adjustment.updated
  *   occurred_at the entity's updated_at
  * so the apply rules decide as for any delivery: an older snapshot than one applied is stale and
  * changes nothing, money posts once per transaction (its ledger keys name the transaction), and a
- * real webhook arriving later is a newer snapshot of the same state or a duplicate effect.
+ * real webhook arriving later is a newer snapshot of the same state or a duplicate effect. An
+ * adjustment's refund posts once too (its ledger key names the adjustment), and a pending one is
+ * recorded as pending until a later snapshot says approved.
  *
- * --since narrows both lists to entities updated at or after that time (transactions through
- * Paddle's filter, subscriptions here). Prints one line per event that changed something
- * ("repaired"), then a summary; exit status 0, or 1 when Paddle or a store failed.
+ * --since narrows the lists to entities updated at or after that time (transactions through
+ * Paddle's filter; subscriptions and adjustments here: GET /adjustments has no time filter and
+ * orders by id only, so every page is read). Prints one line per event that changed something
+ * ("repaired"), then a summary with how many entities each list held; exit status 0, or 1 when
+ * Paddle or a store failed.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,7 +45,10 @@
 
 typedef struct st_totals {
     long stored, repaired, unchanged, failed;
+    long listed[3]; /* entities on the pages of each list (LIST_* below) */
 } totals_t;
+
+enum { LIST_SUBSCRIPTIONS, LIST_TRANSACTIONS, LIST_ADJUSTMENTS };
 
 static int usage(void)
 {
@@ -48,8 +57,9 @@ static int usage(void)
 }
 
 /*
- * Stores the page's entities of kind ("subscriptions" or "transactions") updated at or after since
- * (NULL: all) as synthetic events, and returns the new event ids (a result the caller clears).
+ * Stores the page's entities of kind ("subscriptions", "transactions" or "adjustments") updated at
+ * or after since (NULL: all) as synthetic events, and returns the new event ids (a result the
+ * caller clears).
  */
 static int store_page(PGconn *c, const bg_buf_t *page, const char *kind, const char *since,
                       PGresult **res)
@@ -59,6 +69,7 @@ static int store_page(PGconn *c, const bg_buf_t *page, const char *kind, const c
     int rc = bg_pg_exec(
         c,
         "WITH l AS (SELECT d, CASE WHEN $2 = 'subscriptions' THEN 'subscription.updated' "
+        "  WHEN $2 = 'adjustments' THEN 'adjustment.updated' "
         "  ELSE CASE d ->> 'status' WHEN 'completed' THEN 'transaction.completed' "
         "  WHEN 'paid' THEN 'transaction.paid' WHEN 'past_due' THEN "
         "  'transaction.payment_failed' END END AS t "
@@ -119,14 +130,20 @@ static const char *path_of(const char *url)
     return p != NULL ? strchr(p + 3, '/') : NULL;
 }
 
-/* Reads meta.pagination: the next page's path into next ("" when this was the last page). */
-static int next_page(const bg_buf_t *page, char *next, size_t nextlen)
+/*
+ * Reads meta.pagination: the next page's path into next ("" when this was the last page), and adds
+ * the number of entities in data to *listed.
+ */
+static int next_page(const bg_buf_t *page, char *next, size_t nextlen, long *listed)
 {
     next[0] = '\0';
     bg_json_doc_t *doc = NULL;
     const char *desc;
     if (bg_json_parse(page->base, page->len, NULL, &doc, &desc, NULL) != 0)
         return BG_ERR_PROTOCOL;
+    const bg_json_t *data = bg_json_find(bg_json_root(doc), "data");
+    if (data != NULL && bg_json_is_array(data))
+        *listed += (long)bg_json_len(data);
     const bg_json_t *pg = bg_json_find(bg_json_root(doc), "meta");
     pg = pg != NULL ? bg_json_find(pg, "pagination") : NULL;
     const bg_json_t *more = pg != NULL ? bg_json_find(pg, "has_more") : NULL;
@@ -147,9 +164,11 @@ static int next_page(const bg_buf_t *page, char *next, size_t nextlen)
 }
 
 /* Walks every page of one list and repairs what it finds. Returns 0 or the first error. */
-static int reconcile_list(PGconn *c, bg_redis_t *r, const bg_config_t *cfg, const char *kind,
+static int reconcile_list(PGconn *c, bg_redis_t *r, const bg_config_t *cfg, int list,
                           const char *first, const char *since, totals_t *t)
 {
+    static const char *const kinds[] = {"subscriptions", "transactions", "adjustments"};
+    const char *kind = kinds[list];
     bg_paddle_api_t api = {.base_url = cfg->paddle_api_url, .api_key = cfg->paddle_api_key};
     char path[2048];
     (void)bg_strlcpy(path, first, sizeof(path));
@@ -176,7 +195,7 @@ static int reconcile_list(PGconn *c, bg_redis_t *r, const bg_config_t *cfg, cons
             apply_one(c, r, cfg, PQgetvalue(res, i, 0), t);
         PQclear(res);
         char next[2048];
-        rc = next_page(&page, next, sizeof(next));
+        rc = next_page(&page, next, sizeof(next), &t->listed[list]);
         if (rc != 0) {
             fprintf(stderr, "bgctl billing: %s: a page without a usable meta.pagination\n", kind);
             break;
@@ -238,11 +257,17 @@ static int reconcile(int argc, char **argv, const bg_config_t *cfg)
              "&per_page=100%s",
              since_q);
     totals_t t = {0};
-    rc = reconcile_list(c, r, cfg, "subscriptions", "/subscriptions?per_page=100", since, &t);
+    rc = reconcile_list(c, r, cfg, LIST_SUBSCRIPTIONS, "/subscriptions?per_page=100", since, &t);
     if (rc == 0)
-        rc = reconcile_list(c, r, cfg, "transactions", txn_path, since, &t);
-    printf("reconcile: %ld new snapshots, %ld repaired, %ld already known, %ld failed\n", t.stored,
-           t.repaired, t.unchanged, t.failed);
+        rc = reconcile_list(c, r, cfg, LIST_TRANSACTIONS, txn_path, since, &t);
+    /* after the transactions, whose invoices refunds update; 50 is Paddle's maximum page here */
+    if (rc == 0)
+        rc = reconcile_list(c, r, cfg, LIST_ADJUSTMENTS,
+                            "/adjustments?order_by=id%5BASC%5D&per_page=50", since, &t);
+    printf("reconcile: %ld new snapshots, %ld repaired, %ld already known, %ld failed; listed %ld "
+           "subscriptions, %ld transactions, %ld adjustments\n",
+           t.stored, t.repaired, t.unchanged, t.failed, t.listed[LIST_SUBSCRIPTIONS],
+           t.listed[LIST_TRANSACTIONS], t.listed[LIST_ADJUSTMENTS]);
     bg_redis_free(r);
     PQfinish(c);
     return rc == 0 && t.failed == 0 ? 0 : 1;

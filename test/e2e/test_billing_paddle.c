@@ -932,7 +932,8 @@ static void fake_put(const char *path, const char *body)
     bgt_resp_free(&r);
 }
 
-static int reconcile_run(char *out, size_t outlen)
+/* Runs bgctl billing reconcile [--since since]; returns its exit status, its output in out. */
+static int reconcile_run_since(const char *since, char *out, size_t outlen)
 {
     static char vars[4][600];
     snprintf(vars[0], 600, "BG_REDIS_URL=%s", S.redis.url);
@@ -945,8 +946,14 @@ static int reconcile_run(char *out, size_t outlen)
                          "BG_ENV_FILE=/nonexistent",
                          "BG_LOG_FORMAT=text",
                          NULL};
-    const char *argv[] = {bgt_bin("bgctl"), "billing", "reconcile", NULL};
+    const char *argv[] = {
+        bgt_bin("bgctl"), "billing", "reconcile", since != NULL ? "--since" : NULL, since, NULL};
     return bgt_run(argv, env, out, outlen);
+}
+
+static int reconcile_run(char *out, size_t outlen)
+{
+    return reconcile_run_since(NULL, out, outlen);
 }
 
 /* The user's subscription, ledger and invoices, without ids. */
@@ -1056,6 +1063,185 @@ Test(billing_paddle, reconcile_repairs_missed_webhooks_like_the_webhook_path_and
     free(state_a);
     free(state_b);
     free(after_b);
+}
+
+/* An adjustment entity as GET /adjustments lists it: action on txn for total cents in status. */
+static char *adj_entity(const char *adj, const char *action, const char *status, const char *sub,
+                        const char *txn, const char *total, const char *created,
+                        const char *updated)
+{
+    return bg_asprintf(
+        "{\"id\":\"%s\",\"action\":\"%s\",\"type\":\"partial\",\"transaction_id\":\"%s\","
+        "\"subscription_id\":\"%s\",\"customer_id\":\"ctm_%s\",\"reason\":\"requested by "
+        "customer\",\"credit_applied_to_balance\":null,\"currency_code\":\"USD\",\"status\":\"%s\","
+        "\"items\":[{\"id\":\"adjitm_%s\",\"item_id\":\"txnitm_%s\",\"type\":\"partial\","
+        "\"amount\":\"%s\",\"proration\":null,\"totals\":{\"subtotal\":\"%s\",\"tax\":\"0\","
+        "\"total\":\"%s\"}}],\"totals\":{\"subtotal\":\"%s\",\"tax\":\"0\",\"total\":\"%s\","
+        "\"fee\":\"0\",\"earnings\":\"%s\",\"currency_code\":\"USD\"},\"payout_totals\":{"
+        "\"subtotal\":\"%s\",\"tax\":\"0\",\"total\":\"%s\",\"fee\":\"0\",\"earnings\":\"%s\","
+        "\"currency_code\":\"USD\"},\"tax_rates_used\":[],\"created_at\":\"%s\","
+        "\"updated_at\":\"%s\"}",
+        adj, action, txn, sub, sub, status, adj, txn, total, total, total, total, total, total,
+        total, total, total, created, updated);
+}
+
+/* The status of the invoice of txn as GET /billing/invoices/{id} answers it. */
+static void invoice_status(const char *token, const char *txn, char *out, size_t outlen)
+{
+    const char *p[] = {txn};
+    PGresult *res = PQexecParams(S.pg, "SELECT id FROM invoices WHERE paddle_transaction_id = $1",
+                                 1, NULL, p, NULL, NULL, 0);
+    cr_assert_eq(PQntuples(res), 1, "no invoice of %s", txn);
+    char path[128];
+    snprintf(path, sizeof(path), "/billing/invoices/%s", PQgetvalue(res, 0, 0));
+    PQclear(res);
+    bgt_resp_t r;
+    cr_assert_eq(call("GET", path, token, NULL, NULL, &r), 200, "%s", r.body);
+    get_str(r.body, (const char *const[]){"status", NULL}, out, outlen);
+    bgt_resp_free(&r);
+}
+
+Test(billing_paddle, reconcile_lists_adjustments_posts_a_missed_refund_once_and_records_pending)
+{
+    fix_period();
+    char token[2048], user[64];
+    register_user("refunded@paddle.example", token, sizeof(token), user, sizeof(user));
+    int64_t now = bg_timeutil_wall_ms();
+    char t0[40], t1[40], t2[40];
+    rfc3339(now - 600000, t0, sizeof(t0));
+    rfc3339(now - 300000, t1, sizeof(t1));
+    rfc3339(now - 60000, t2, sizeof(t2));
+    /* the purchase's webhooks arrived: an active subscription and a paid invoice of 19.99 */
+    char *ws = snap("evt_radj_1", "subscription.created", "active", user, "sub_radj", PRICE_MONTHLY,
+                    now - 900000);
+    char *wt = paid_txn("evt_radj_2", user, "sub_radj", "txn_radj", "inv-radj", "1999", "0");
+    deliver_ok(ws);
+    deliver_ok(wt);
+    wait_processed();
+    char v[64];
+    invoice_status(token, "txn_radj", v, sizeof(v));
+    cr_assert_str_eq(v, "paid");
+    long ledger0 = count("SELECT count(*) FROM ledger_entries");
+
+    /* the adjustments' webhooks never came: an approved partial refund, a pending one, a credit */
+    char *aa =
+        adj_entity("adj_radj_a", "refund", "approved", "sub_radj", "txn_radj", "1499", t0, t1);
+    char *ab = adj_entity("adj_radj_b", "refund", "pending_approval", "sub_radj", "txn_radj", "500",
+                          t1, t1);
+    char *ac =
+        adj_entity("adj_radj_c", "credit", "approved", "sub_radj", "txn_radj", "100", t0, t0);
+    fake_put("/__adj", aa);
+    fake_put("/__adj", ab);
+    fake_put("/__adj", ac);
+
+    /* --since after all of them: the list is read (no time filter at Paddle), nothing is stored */
+    char later[40];
+    rfc3339(now + 3600000, later, sizeof(later));
+    char out[8192];
+    int st = reconcile_run_since(later, out, sizeof(out));
+    cr_assert_eq(st, 0, "%s", out);
+    cr_expect(strstr(out, "reconcile: 0 new snapshots, 0 repaired, 0 already known, 0 failed; "
+                          "listed 0 subscriptions, 0 transactions, 3 adjustments") != NULL,
+              "%s", out);
+    cr_expect_eq(count("SELECT count(*) FROM ledger_entries"), ledger0);
+
+    /* Paddle answers the first page 429 (Retry-After) then 503: the reconciler waits and retries */
+    fake_put("/__fail", "/adjustments 429,503");
+    st = reconcile_run(out, sizeof(out));
+    cr_assert_eq(st, 0, "bgctl billing reconcile: %d\n%s", st, out);
+    cr_expect(strstr(out, "repaired adjustment.updated adj_radj_a:") != NULL, "%s", out);
+    cr_expect(strstr(out, "repaired adjustment.updated adj_radj_b") == NULL &&
+                  strstr(out, "repaired adjustment.updated adj_radj_c") == NULL,
+              "a pending refund and a credit post nothing: %s", out);
+    cr_expect(strstr(out, "reconcile: 3 new snapshots, 1 repaired, 2 already known, 0 failed; "
+                          "listed 0 subscriptions, 0 transactions, 3 adjustments") != NULL,
+              "%s", out);
+    const char *calls = read_calls();
+    cr_expect(strstr(calls, "GET /adjustments?order_by=id%5BASC%5D&per_page=50 429") != NULL &&
+                  strstr(calls, "GET /adjustments?order_by=id%5BASC%5D&per_page=50 503") != NULL &&
+                  strstr(calls, "GET /adjustments?order_by=id%5BASC%5D&per_page=50 200") != NULL,
+              "%s", calls);
+    cr_expect(strstr(calls, "GET /adjustments?after=adj_radj_a&per_page=1 200") != NULL &&
+                  strstr(calls, "GET /adjustments?after=adj_radj_b&per_page=1 200") != NULL,
+              "every page was read: %s", calls);
+
+    /* the approved refund: one reversing ledger transaction; the pending one only recorded */
+    cr_expect_eq(count("SELECT count(*) FROM ledger_transactions WHERE kind = 'refund.paddle'"), 1);
+    cr_expect_eq(count("SELECT count(*) FROM ledger_entries e JOIN ledger_transactions t ON "
+                       "t.id = e.transaction_id WHERE t.kind = 'refund.paddle' AND e.amount = "
+                       "-1499 AND e.unit = 'USD'"),
+                 1);
+    cr_expect_eq(count("SELECT count(*) FROM payments WHERE provider_payment_id = 'adj_radj_a' "
+                       "AND kind = 'refund' AND status = 'succeeded' AND amount_minor = 1499"),
+                 1);
+    cr_expect_eq(count("SELECT count(*) FROM payments WHERE provider_payment_id = 'adj_radj_b' "
+                       "AND kind = 'refund' AND status = 'pending' AND amount_minor = 500"),
+                 1);
+    cr_expect_eq(count("SELECT count(*) FROM payments WHERE provider_payment_id = 'adj_radj_c'"),
+                 0);
+    cr_expect_eq(count("SELECT count(*) FROM (SELECT transaction_id FROM ledger_entries GROUP BY "
+                       "transaction_id, unit HAVING sum(amount) <> 0) u"),
+                 0, "every ledger transaction balances");
+    /* 14.99 of 19.99 refunded: the invoice stays paid; the history shows the refund */
+    invoice_status(token, "txn_radj", v, sizeof(v));
+    cr_expect_str_eq(v, "paid");
+    bgt_resp_t r;
+    cr_assert_eq(call("GET", "/billing/history", token, NULL, NULL, &r), 200, "%s", r.body);
+    cr_expect(strstr(r.body, "\"type\": \"refund\"") != NULL &&
+                  strstr(r.body, "\"amount\": -1499") != NULL,
+              "%s", r.body);
+    bgt_resp_free(&r);
+
+    /* a second run posts nothing */
+    long ledger1 = count("SELECT count(*) FROM ledger_entries");
+    st = reconcile_run(out, sizeof(out));
+    cr_assert_eq(st, 0, "%s", out);
+    cr_expect(strstr(out, "0 new snapshots, 0 repaired") != NULL &&
+                  strstr(out, "repaired ") == NULL,
+              "%s", out);
+    cr_expect_eq(count("SELECT count(*) FROM ledger_entries"), ledger1);
+
+    /* Paddle approves the pending refund (its webhook missed too): the next run posts it, once */
+    char *ab2 =
+        adj_entity("adj_radj_b", "refund", "approved", "sub_radj", "txn_radj", "500", t1, t2);
+    fake_put("/__adj", ab2);
+    st = reconcile_run(out, sizeof(out));
+    cr_assert_eq(st, 0, "%s", out);
+    char want[256];
+    snprintf(want, sizeof(want), "repaired adjustment.updated adj_radj_b:%s (user %s)", t2, user);
+    cr_expect(strstr(out, want) != NULL, "%s", out);
+    cr_expect(strstr(out, "reconcile: 1 new snapshots, 1 repaired, 0 already known, 0 failed") !=
+                  NULL,
+              "%s", out);
+    cr_expect_eq(count("SELECT count(*) FROM ledger_transactions WHERE kind = 'refund.paddle'"), 2);
+    cr_expect_eq(count("SELECT count(*) FROM payments WHERE provider_payment_id = 'adj_radj_b' "
+                       "AND status = 'succeeded'"),
+                 1);
+    invoice_status(token, "txn_radj", v, sizeof(v));
+    cr_expect_str_eq(v, "refunded", "14.99 + 5.00 refunded of 19.99");
+
+    /* Paddle's late webhooks for both refunds change nothing */
+    long ledger2 = count("SELECT count(*) FROM ledger_entries");
+    char *la = adjustment("evt_radj_3", "adjustment.updated", "adj_radj_a", "refund", "approved",
+                          "sub_radj", "txn_radj", "1499");
+    char *lb = adjustment("evt_radj_4", "adjustment.updated", "adj_radj_b", "refund", "approved",
+                          "sub_radj", "txn_radj", "500");
+    deliver_ok(la);
+    deliver_ok(lb);
+    wait_processed();
+    cr_expect_eq(count("SELECT count(*) FROM ledger_entries"), ledger2);
+    cr_expect_eq(count("SELECT count(*) FROM ledger_transactions WHERE kind = 'refund.paddle'"), 2);
+    cr_expect_eq(count("SELECT count(*) FROM (SELECT transaction_id FROM ledger_entries GROUP BY "
+                       "transaction_id, unit HAVING sum(amount) <> 0) u"),
+                 0, "every ledger transaction balances");
+    free(ws);
+    free(wt);
+    free(aa);
+    free(ab);
+    free(ac);
+    free(ab2);
+    free(la);
+    free(lb);
 }
 
 /* ---- Postgres going away, a billing worker killed ---- */

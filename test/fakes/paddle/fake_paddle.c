@@ -22,18 +22,22 @@
  * A wrong or missing "Authorization: Bearer API_KEY" gets 403 forbidden, a body without
  * items[0].price_id on /transactions 400 invalid_field, an unknown path 404 not_found.
  *
- *   GET   /subscriptions?…, /transactions?…
- *                                     the entities set with POST /__sub and /__txn_entity (their
- *                                     bodies: Paddle's entity JSON, "id" first), one per page as
- *                                     Paddle paginates: meta.pagination {per_page, next (absolute
- *                                     URL with after=<last id>), has_more, estimated_total};
- *                                     filters other than after are not applied
+ *   GET   /subscriptions?…, /transactions?…, /adjustments[?…]
+ *                                     the entities set with POST /__sub, /__txn_entity and /__adj
+ *                                     (their bodies: Paddle's entity JSON, "id" first; one with the
+ *                                     id of an entity set before replaces it, as a later state of
+ *                                     that entity), in the order set, one per page as Paddle
+ *                                     paginates: meta.pagination {per_page, next (absolute URL with
+ *                                     after=<last id>), has_more, estimated_total}; filters other
+ *                                     than after are not applied
  * GET /__health answers 200 (for start-up). POST /__txn with "ID STATUS USER_ID" sets a
  * transaction GET /transactions/{id} answers (USER_ID "-" for none).
  * Failures on demand: POST /__fail with a body such as "429,500" makes the next requests answer
  * those statuses in turn (429 carries Retry-After: 1, as Paddle's does) before it answers normally
- * again. Every request is appended to LOGFILE as one line "METHOD PATH STATUS AUTH_OK BODY", so a
- * test can check what was called, how often and with what.
+ * again; a body such as "/adjustments 429,503" does so for the next requests whose path starts
+ * with /adjustments only, the others answering normally. Every request is appended to LOGFILE as
+ * one line "METHOD PATH STATUS AUTH_OK BODY", so a test can check what was called, how often and
+ * with what.
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -50,14 +54,40 @@
 
 static int fails[32];
 static size_t nfails, fail_at;
+static char fail_prefix[128]; /* "" or the path prefix the failures are for */
 static int txn_seq;
 static const char *self_port;
 
 static void reply(int fd, int status, const char *extra_headers, const char *body);
 
 /* Entities the list endpoints answer (owned JSON texts). */
-static char *subs_list[32], *txns_list[32];
-static size_t nsubs, ntxns_list;
+static char *subs_list[32], *txns_list[32], *adjs_list[32];
+static size_t nsubs, ntxns_list, nadjs;
+
+/* Copies the value of the entity's first "id" into id ("" when none). */
+static void entity_id(const char *entity, char *id, size_t idlen)
+{
+    const char *p = strstr(entity, "\"id\":\"");
+    size_t il = p != NULL ? strcspn(p + 6, "\"") : 0;
+    snprintf(id, idlen, "%.*s", (int)il, p != NULL ? p + 6 : "");
+}
+
+/* Adds entity (copied) to list, or replaces the one with its id. */
+static void put_entity(char *list[], size_t *n, const char *entity)
+{
+    char id[128], other[128];
+    entity_id(entity, id, sizeof(id));
+    for (size_t i = 0; i < *n; i++) {
+        entity_id(list[i], other, sizeof(other));
+        if (id[0] != '\0' && strcmp(id, other) == 0) {
+            free(list[i]);
+            list[i] = strdup(entity);
+            return;
+        }
+    }
+    if (*n < 32)
+        list[(*n)++] = strdup(entity);
+}
 
 /* Answers one page (one entity) of list after the id in query (after=…). */
 static int list_page(int fd, const char *path, char *const list[], size_t n)
@@ -70,9 +100,7 @@ static int list_page(int fd, const char *path, char *const list[], size_t n)
         size_t alen = strcspn(after, "&");
         for (size_t i = 0; i < n; i++) {
             char id[128];
-            const char *p = strstr(list[i], "\"id\":\"");
-            size_t il = p != NULL ? strcspn(p + 6, "\"") : 0;
-            snprintf(id, sizeof(id), "%.*s", (int)il, p != NULL ? p + 6 : "");
+            entity_id(list[i], id, sizeof(id));
             if (strlen(id) == alen && strncmp(id, after, alen) == 0)
                 start = i + 1;
         }
@@ -85,10 +113,10 @@ static int list_page(int fd, const char *path, char *const list[], size_t n)
     char next[256] = "null";
     bool more = start + 1 < n;
     if (start < n) {
-        const char *p = strstr(list[start], "\"id\":\"");
-        size_t il = p != NULL ? strcspn(p + 6, "\"") : 0;
-        snprintf(next, sizeof(next), "\"http://127.0.0.1:%s%s?after=%.*s&per_page=1\"", self_port,
-                 base, (int)il, p != NULL ? p + 6 : "");
+        char id[128];
+        entity_id(list[start], id, sizeof(id));
+        snprintf(next, sizeof(next), "\"http://127.0.0.1:%s%s?after=%s&per_page=1\"", self_port,
+                 base, id);
     }
     snprintf(out, cap,
              "{\"data\":[%s],\"meta\":{\"request_id\":\"fake-%d\",\"pagination\":{"
@@ -176,6 +204,12 @@ static int handle(int fd, const char *method, const char *path, bool auth_ok, co
     }
     if (strcmp(path, "/__fail") == 0) {
         nfails = fail_at = 0;
+        fail_prefix[0] = '\0';
+        if (body[0] == '/') {
+            size_t pl = strcspn(body, " ");
+            snprintf(fail_prefix, sizeof(fail_prefix), "%.*s", (int)pl, body);
+            body += pl + (body[pl] == ' ' ? 1 : 0);
+        }
         for (const char *p = body; *p != '\0' && nfails < 32;) {
             char *end;
             long v = strtol(p, &end, 10);
@@ -194,19 +228,18 @@ static int handle(int fd, const char *method, const char *path, bool auth_ok, co
         reply(fd, 200, NULL, "{}");
         return 200;
     }
-    if (strcmp(path, "/__sub") == 0 || strcmp(path, "/__txn_entity") == 0) {
-        bool sub = strcmp(path, "/__sub") == 0;
-        if ((sub ? nsubs : ntxns_list) < 32) {
-            char *copy = strdup(body);
-            if (sub)
-                subs_list[nsubs++] = copy;
-            else
-                txns_list[ntxns_list++] = copy;
-        }
+    if (strcmp(path, "/__sub") == 0 || strcmp(path, "/__txn_entity") == 0 ||
+        strcmp(path, "/__adj") == 0) {
+        if (strcmp(path, "/__sub") == 0)
+            put_entity(subs_list, &nsubs, body);
+        else if (strcmp(path, "/__txn_entity") == 0)
+            put_entity(txns_list, &ntxns_list, body);
+        else
+            put_entity(adjs_list, &nadjs, body);
         reply(fd, 200, NULL, "{}");
         return 200;
     }
-    if (fail_at < nfails) {
+    if (fail_at < nfails && strncmp(path, fail_prefix, strlen(fail_prefix)) == 0) {
         int st = fails[fail_at++];
         if (st == 429)
             error_reply(fd, 429, "request_error", "too_many_requests", "Retry-After: 1\r\n");
@@ -246,6 +279,9 @@ static int handle(int fd, const char *method, const char *path, bool auth_ok, co
         return list_page(fd, path, subs_list, nsubs);
     if (strcmp(method, "GET") == 0 && strncmp(path, "/transactions?", 14) == 0)
         return list_page(fd, path, txns_list, ntxns_list);
+    if (strcmp(method, "GET") == 0 &&
+        (strcmp(path, "/adjustments") == 0 || strncmp(path, "/adjustments?", 13) == 0))
+        return list_page(fd, path, adjs_list, nadjs);
     if (strcmp(method, "GET") == 0 && strncmp(path, "/transactions/", 14) == 0) {
         for (size_t i = 0; i < ntxns; i++) {
             if (strcmp(txns[i].id, path + 14) != 0)
