@@ -158,6 +158,8 @@ extern const edge_route_t edge_routes_openai[];
 extern const edge_route_t edge_routes_usage[];
 /** GET /admin/stats (routes_admin_stats.c). */
 extern const edge_route_t edge_routes_admin_stats[];
+/** GET /admin/logs: the audit log and the request log (routes_admin_logs.c). */
+extern const edge_route_t edge_routes_admin_logs[];
 /** Paddle checkout, cancel, resume and the billing history (routes_billing_paddle.c). */
 extern const edge_route_t edge_routes_checkout[];
 /** POST /webhooks/paddle (routes_webhooks_paddle.c). */

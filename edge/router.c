@@ -27,6 +27,8 @@ const edge_route_t *const edge_route_tables[] = {
     edge_routes_paddle,
     edge_routes_usage,
     edge_routes_admin_stats,
+    /* one per line: a comment here stops clang-format packing the list into columns */
+    edge_routes_admin_logs,
     edge_routes_link,
     edge_routes_notify,
     NULL,

@@ -32,7 +32,7 @@ const state = {
     plansNotice: null,
     keys: null,
     newKey: null,
-    admin: { users: null, query: '', policies: null, stats: null },
+    admin: { users: null, query: '', policies: null, stats: null, logs: null, logsAction: '' }, // logs: GET /admin/logs, 'unavailable' or { data, next_cursor }
     // GET /notifications: available is null until asked, false while the route does not exist
     notifications: { available: null, unread: 0, open: false, items: null, next_cursor: null },
     telegramLink: null, // POST /auth/telegram/link-code: 'unavailable', 'error' or the answer
@@ -1142,6 +1142,36 @@ async function loadAdmin() {
     } catch {
         state.admin.stats = 'unavailable';
     }
+    await loadLogs().catch(() => {
+        state.admin.logs = 'unavailable';
+    });
+}
+
+/* GET /admin/logs, the audit kind: the newest 20 rows, with the action filter; cursor: the next page. */
+function logsPath(cursor) {
+    let p = '/admin/logs?limit=20';
+    if (state.admin.logsAction) p += `&action=${encodeURIComponent(state.admin.logsAction)}`;
+    if (cursor) p += `&cursor=${encodeURIComponent(cursor)}`;
+    return p;
+}
+
+/* A refused filter (422) is the caller's to show; anything else leaves the section unavailable. */
+async function loadLogs() {
+    try {
+        const res = await api.get(logsPath());
+        state.admin.logs = { data: res.data ?? [], next_cursor: res.next_cursor ?? null };
+    } catch (err) {
+        if (err?.status === 422) throw err;
+        state.admin.logs = 'unavailable';
+    }
+}
+
+async function moreLogs() {
+    const cur = state.admin.logs;
+    if (!cur?.next_cursor) return;
+    const next = await api.get(logsPath(cur.next_cursor));
+    state.admin.logs = { data: [...cur.data, ...(next.data ?? [])], next_cursor: next.next_cursor ?? null };
+    render();
 }
 
 function viewAdmin() {
@@ -1183,7 +1213,44 @@ function viewAdmin() {
                 h('ul', {}, A.policies.map((p) => h('li', {}, h('strong', {}, p.name ?? p.id), ` — ${p.type} · ${p.scope}${p.scope_id ? ` ${p.scope_id}` : ''}`)))),
         h('section', { class: 'card', 'aria-labelledby': 'stats-h' },
             h('h2', { id: 'stats-h' }, t('admin.stats')),
-            A.stats === 'unavailable' || !A.stats ? h('p', { class: 'muted' }, t('admin.stats_unavailable')) : statsView(A.stats)));
+            A.stats === 'unavailable' || !A.stats ? h('p', { class: 'muted' }, t('admin.stats_unavailable')) : statsView(A.stats)),
+        logsView());
+}
+
+/* The audit log: who did what to what, newest first; filtered by action (exact, or a prefix ending in "."). */
+function logsView() {
+    const A = state.admin;
+    const L = A.logs;
+    const action = h('input', { id: 'logs-action', type: 'search', name: 'action', value: A.logsAction, placeholder: 'policy.' });
+    let body;
+    if (L === null) body = h('p', { class: 'muted' }, t('app.loading'));
+    else if (L === 'unavailable') body = h('p', { class: 'muted', id: 'logs-unavailable' }, t('admin.logs_unavailable'));
+    else if (L.data.length === 0) body = h('p', { class: 'muted', id: 'logs-empty' }, t('admin.logs_empty'));
+    else {
+        body = [h('div', { class: 'table-wrap' }, h('table', { id: 'logs-table' },
+            h('thead', {}, h('tr', {},
+                h('th', { scope: 'col' }, t('admin.logs_time')), h('th', { scope: 'col' }, t('admin.logs_actor')),
+                h('th', { scope: 'col' }, t('admin.logs_action_col')), h('th', { scope: 'col' }, t('admin.logs_target')))),
+            h('tbody', {}, L.data.map((x) => h('tr', { 'data-id': x.id, 'data-action': x.action },
+                h('td', {}, formatDate(x.occurred_at)),
+                h('td', {}, x.actor_email ?? (x.actor_kind === 'system' ? t('admin.logs_system') : x.actor_id ?? x.actor_kind)),
+                h('td', {}, h('code', {}, x.action)),
+                h('td', {}, x.target_type ? `${x.target_type} ${x.target_id ?? ''}`.trim() : '—')))))),
+        L.next_cursor ? h('button', { type: 'button', id: 'logs-more', onclick: guard(moreLogs) }, t('admin.logs_more')) : null];
+    }
+    return h('section', { class: 'card', id: 'logs', 'aria-labelledby': 'logs-h' },
+        h('h2', { id: 'logs-h' }, t('admin.logs')),
+        h('form', {
+            class: 'inline',
+            role: 'search',
+            onsubmit: guard(async (e) => {
+                e.preventDefault();
+                A.logsAction = action.value.trim();
+                await loadLogs();
+                render();
+            }),
+        }, field('logs-action', t('admin.logs_action'), action), h('button', { type: 'submit' }, t('admin.logs_filter'))),
+        body);
 }
 
 /* GET /admin/stats: the figures, subscriptions, revenue and a bar per day of the last 30. */

@@ -330,12 +330,21 @@ describe('web client pages in Chromium', { skip, timeout: T(600000) }, () => {
 
         await adminPage.getByLabel(en['web.admin.search']).fill(email);
         await adminPage.getByRole('button', { name: en['web.admin.search_button'] }).click();
-        const rows = adminPage.locator('table:not(#stats-subscriptions) tbody tr');
-        await adminPage.waitForFunction(() => document.querySelectorAll('table:not(#stats-subscriptions) tbody tr').length === 1);
+        const rows = adminPage.locator('table:not(#stats-subscriptions):not(#logs-table) tbody tr');
+        await adminPage.waitForFunction(() => document.querySelectorAll('table:not(#stats-subscriptions):not(#logs-table) tbody tr').length === 1);
         assert.match(await rows.first().innerText(), new RegExp(email.replace(/[.]/g, '\\.')));
         await adminPage.getByRole('button', { name: fill(en['web.admin.disable_named'], { email }) }).click();
         await adminPage.getByRole('button', { name: fill(en['web.admin.enable_named'], { email }) }).waitFor();
         await rows.first().getByText(en['web.admin.status_disabled']).waitFor();
+        // the log shows the disabling first, by the admin; the action filter shows what the API does
+        const logRows = adminPage.locator('#logs-table tbody tr');
+        await adminPage.locator('#logs-table tbody tr[data-action="user.disable"]').waitFor();
+        assert.equal(await logRows.first().getAttribute('data-action'), 'user.disable');
+        assert.match(await logRows.first().innerText(), new RegExp(boss.email.replace(/[.]/g, '\\.')));
+        await adminPage.getByLabel(en['web.admin.logs_action']).fill('user.');
+        await adminPage.getByRole('button', { name: en['web.admin.logs_filter'] }).click();
+        const want = (await pageFetch(adminPage, '/admin/logs?action=user.&limit=20')).body.data.map((x) => x.id);
+        await adminPage.waitForFunction((ids) => [...document.querySelectorAll('#logs-table tbody tr')].map((tr) => tr.dataset.id).join() === ids.join(), want);
         assert.deepEqual(adminPage.errors, []);
 
         // the user's next request fails: the session is over, the page asks to sign in again

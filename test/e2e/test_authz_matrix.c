@@ -339,6 +339,7 @@ static const row_t matrix[] = {
      ADMIN_ONLY(200)},
     {"DELETE", "/admin/users/{id}", "/admin/users/{victim}", NULL, ADMIN_ONLY(204)},
     {"GET", "/admin/stats", "/admin/stats", NULL, ADMIN_ONLY(200)},
+    {"GET", "/admin/logs", "/admin/logs", NULL, ADMIN_ONLY(200)},
     {"GET", "/billing/account", "/billing/account", NULL, SIGNED_IN(200)},
     {"GET", "/billing/usage", "/billing/usage", NULL, SIGNED_IN(200)},
     {"GET", "/billing/plans", "/billing/plans", NULL, ANYONE(200)},
