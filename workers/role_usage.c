@@ -160,7 +160,7 @@ static int insert_record(PGconn *c, const bg_usage_event_t *ev, bool charged, ch
                        charged ? "1" : "0",
                        at};
     PGresult *res;
-    int rc = bg_pg_exec(
+    int rc = bg_pg_exec_prep(
         c,
         "INSERT INTO usage_records (request_id, user_id, organization_id, agent_id, channel, "
         "model, prompt_tokens, completion_tokens, token_source, latency_ms, ttft_ms, status, "

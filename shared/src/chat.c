@@ -201,7 +201,8 @@ int bg_chat_get(PGconn *c, const char *user_id, const char *conversation_id,
         return BG_ERR_NOT_FOUND;
     const char *p[] = {conversation_id, user_id};
     PGresult *res;
-    int rc = bg_pg_exec(c,
+    int rc =
+        bg_pg_exec_prep(c,
                         "SELECT " CONV_COLS CONV_FROM
                         "WHERE c.id = $1::uuid AND c.user_id = $2::uuid AND c.deleted_at IS NULL",
                         2, p, &res);
@@ -230,7 +231,7 @@ int bg_chat_create(PGconn *c, const char *user_id, const char *agent_id, const c
      */
     const char *pa[] = {agent_id, user_id, channel};
     PGresult *res;
-    int rc = bg_pg_exec(
+    int rc = bg_pg_exec_prep(
         c,
         "SELECT a.organization_id, a.prompt_id, coalesce(a.prompt_version, p.current_version) "
         "FROM agents a LEFT JOIN prompts p ON p.id = a.prompt_id "
@@ -296,13 +297,13 @@ int bg_chat_list(PGconn *c, const char *user_id, const char *cursor, size_t limi
     snprintf(lim, sizeof(lim), "%zu", limit + 1);
     const char *p[] = {user_id, after_ts, after_id, lim};
     PGresult *res;
-    int rc = bg_pg_exec(c,
-                        "SELECT " CONV_COLS CONV_FROM
-                        "WHERE c.user_id = $1::uuid AND c.deleted_at IS NULL "
-                        "AND ($2::timestamptz IS NULL "
-                        "  OR (c.updated_at, c.id) < ($2::timestamptz, $3::uuid)) "
-                        "ORDER BY c.updated_at DESC, c.id DESC LIMIT $4::bigint",
-                        4, p, &res);
+    int rc = bg_pg_exec_prep(c,
+                             "SELECT " CONV_COLS CONV_FROM
+                             "WHERE c.user_id = $1::uuid AND c.deleted_at IS NULL "
+                             "AND ($2::timestamptz IS NULL "
+                             "  OR (c.updated_at, c.id) < ($2::timestamptz, $3::uuid)) "
+                             "ORDER BY c.updated_at DESC, c.id DESC LIMIT $4::bigint",
+                             4, p, &res);
     if (rc != 0)
         return rc;
     size_t n = (size_t)PQntuples(res);
@@ -335,10 +336,10 @@ int bg_chat_rename(PGconn *c, const char *user_id, const char *conversation_id, 
         return BG_ERR_INVALID;
     const char *p[] = {conversation_id, user_id, title};
     PGresult *res;
-    int rc = bg_pg_exec(c,
-                        "UPDATE conversations SET title = $3 WHERE id = $1::uuid "
-                        "AND user_id = $2::uuid AND deleted_at IS NULL RETURNING id",
-                        3, p, &res);
+    int rc = bg_pg_exec_prep(c,
+                             "UPDATE conversations SET title = $3 WHERE id = $1::uuid "
+                             "AND user_id = $2::uuid AND deleted_at IS NULL RETURNING id",
+                             3, p, &res);
     if (rc != 0)
         return rc;
     bool found = PQntuples(res) == 1;
@@ -354,10 +355,10 @@ int bg_chat_delete(PGconn *c, const char *user_id, const char *conversation_id)
         return BG_ERR_NOT_FOUND;
     const char *p[] = {conversation_id, user_id};
     PGresult *res;
-    int rc = bg_pg_exec(c,
-                        "UPDATE conversations SET deleted_at = now() WHERE id = $1::uuid "
-                        "AND user_id = $2::uuid AND deleted_at IS NULL RETURNING id",
-                        2, p, &res);
+    int rc = bg_pg_exec_prep(c,
+                             "UPDATE conversations SET deleted_at = now() WHERE id = $1::uuid "
+                             "AND user_id = $2::uuid AND deleted_at IS NULL RETURNING id",
+                             2, p, &res);
     if (rc != 0)
         return rc;
     rc = PQntuples(res) == 1 ? 0 : BG_ERR_NOT_FOUND;
@@ -397,7 +398,8 @@ int bg_chat_messages(PGconn *c, const char *user_id, const char *conversation_id
 
     const char *pc[] = {conversation_id, user_id};
     PGresult *res;
-    int rc = bg_pg_exec(c,
+    int rc =
+        bg_pg_exec_prep(c,
                         "SELECT 1 FROM conversations WHERE id = $1::uuid AND user_id = $2::uuid "
                         "AND deleted_at IS NULL",
                         2, pc, &res);
@@ -412,7 +414,8 @@ int bg_chat_messages(PGconn *c, const char *user_id, const char *conversation_id
     snprintf(lim, sizeof(lim), "%zu", limit + 1);
     snprintf(budget, sizeof(budget), "%u", BG_CHAT_PAGE_BYTES);
     const char *p[] = {conversation_id, bg_str_present(cursor) ? after : NULL, lim, budget};
-    rc = bg_pg_exec(c, newest_first ? PAGE_SQL("<", "DESC") : PAGE_SQL(">", "ASC"), 4, p, &res);
+    rc =
+        bg_pg_exec_prep(c, newest_first ? PAGE_SQL("<", "DESC") : PAGE_SQL(">", "ASC"), 4, p, &res);
     if (rc != 0)
         return rc;
     int n = PQntuples(res);
@@ -445,7 +448,8 @@ static int lock_conversation(PGconn *c, const char *conversation_id, const char 
 {
     const char *p[] = {conversation_id, user_id};
     PGresult *res;
-    int rc = bg_pg_exec(c,
+    int rc =
+        bg_pg_exec_prep(c,
                         "SELECT 1 FROM conversations WHERE id = $1::uuid AND deleted_at IS NULL "
                         "AND ($2::uuid IS NULL OR user_id = $2::uuid) FOR UPDATE",
                         2, p, &res);
@@ -482,10 +486,11 @@ int bg_chat_append_user(PGconn *c, const char *user_id, const char *conversation
         goto err_rollback;
     const char *p[] = {conversation_id, content, job_id, request_id};
     PGresult *res;
-    rc = bg_pg_exec(c,
-                    "INSERT INTO messages (conversation_id, role, content, status, job_id, "
-                    "request_id) VALUES ($1::uuid, 'user', $2, 'complete', $3, $4) RETURNING id",
-                    4, p, &res);
+    rc = bg_pg_exec_prep(
+        c,
+        "INSERT INTO messages (conversation_id, role, content, status, job_id, "
+        "request_id) VALUES ($1::uuid, 'user', $2, 'complete', $3, $4) RETURNING id",
+        4, p, &res);
     if (rc != 0)
         goto err_rollback;
     rc = bg_pg_int64(res, 0, 0, message_id);
@@ -516,7 +521,8 @@ int bg_chat_post_user(PGconn *c, const char *user_id, const char *conversation_i
      * a job whose message is stored already (a redelivered job) finds it and writes nothing */
     const char *p[] = {conversation_id, user_id, content, job_id, request_id};
     PGresult *res;
-    int rc = bg_pg_exec(c,
+    int rc =
+        bg_pg_exec_prep(c,
                         "WITH u AS (SELECT name FROM users WHERE id = $2::uuid "
                         "AND deleted_at IS NULL AND status = 'active'), "
                         "prior AS (SELECT m.id, k.agent_id FROM messages m JOIN conversations k "
@@ -550,10 +556,10 @@ static int find_reply(PGconn *c, const char *job_id, int64_t *id, char conv[BG_C
 {
     const char *p[] = {job_id};
     PGresult *res;
-    int rc = bg_pg_exec(c,
-                        "SELECT id, conversation_id FROM messages WHERE job_id = $1 "
-                        "AND role = 'assistant'",
-                        1, p, &res);
+    int rc = bg_pg_exec_prep(c,
+                             "SELECT id, conversation_id FROM messages WHERE job_id = $1 "
+                             "AND role = 'assistant'",
+                             1, p, &res);
     if (rc != 0)
         return rc;
     if (PQntuples(res) == 1) {
@@ -600,13 +606,13 @@ int bg_chat_append_assistant(PGconn *c, const char *conversation_id, const bg_ch
                        reply->error_class};
     PGresult *res;
     /* a redelivered job meets its first delivery's row here and inserts nothing */
-    rc = bg_pg_exec(c,
-                    "INSERT INTO messages (conversation_id, role, content, status, job_id, "
-                    "request_id, model, prompt_tokens, completion_tokens, error_class) "
-                    "VALUES ($1::uuid, 'assistant', $2, $3, $4, $5, $6, $7::integer, "
-                    "$8::integer, $9) ON CONFLICT (job_id, role) WHERE job_id IS NOT NULL "
-                    "DO NOTHING RETURNING id",
-                    9, p, &res);
+    rc = bg_pg_exec_prep(c,
+                         "INSERT INTO messages (conversation_id, role, content, status, job_id, "
+                         "request_id, model, prompt_tokens, completion_tokens, error_class) "
+                         "VALUES ($1::uuid, 'assistant', $2, $3, $4, $5, $6, $7::integer, "
+                         "$8::integer, $9) ON CONFLICT (job_id, role) WHERE job_id IS NOT NULL "
+                         "DO NOTHING RETURNING id",
+                         9, p, &res);
     if (rc != 0)
         goto err_rollback;
     bool inserted = PQntuples(res) == 1;
@@ -658,7 +664,7 @@ int bg_chat_history(PGconn *c, const char *conversation_id, int64_t upto_id, siz
      * exactly a contiguous run ending at the newest. An empty history is one row of NULLs.
      */
     PGresult *res;
-    int rc = bg_pg_exec(
+    int rc = bg_pg_exec_prep(
         c,
         "SELECT " MSG_COLS " FROM conversations k LEFT JOIN LATERAL (SELECT * FROM (SELECT s.*, "
         "sum(octet_length(s.content)) OVER (ORDER BY s.id DESC ROWS UNBOUNDED PRECEDING) AS "
@@ -698,7 +704,7 @@ int bg_chat_context(PGconn *c, const char *user_id, const char *conversation_id,
      * id, exclusive). An empty history is one row whose message columns are NULL.
      */
     PGresult *res;
-    int rc = bg_pg_exec(
+    int rc = bg_pg_exec_prep(
         c,
         "SELECT " MSG_COLS ", k.agent_id, coalesce(u.name, '') FROM conversations k "
         "JOIN users u ON u.id = k.user_id AND u.deleted_at IS NULL AND u.status = 'active' "

@@ -27,12 +27,13 @@ static void copy_id(char id[BG_LEDGER_ID_LEN + 1], const PGresult *res)
     (void)bg_strlcpy(id, v != NULL ? v : "", BG_LEDGER_ID_LEN + 1);
 }
 
-/* Runs a query expected to return at most one id; *found tells whether it did. */
+/* Runs a query expected to return at most one id; *found tells whether it did. sql is one of this
+ * file's fixed statements (prepared once per connection). */
 static int select_id(PGconn *c, const char *sql, int n, const char *const *p, bool *found,
                      char id[BG_LEDGER_ID_LEN + 1])
 {
     PGresult *res;
-    int rc = bg_pg_exec(c, sql, n, p, &res);
+    int rc = bg_pg_exec_prep(c, sql, n, p, &res);
     if (rc != 0)
         return rc;
     *found = PQntuples(res) > 0 && bg_pg_value(res, 0, 0) != NULL;

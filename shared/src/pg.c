@@ -18,6 +18,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -379,6 +380,89 @@ int bg_pg_exec_ex(PGconn *c, const char *sql, int nparams, const char *const *pa
     int rc = fail(c, res, sql, e);
     PQclear(res);
     return rc;
+}
+
+/*
+ * Prepared statements: a small direct-mapped table per thread (connections are per thread, see
+ * bg_pg_thread_conn) remembers which statement texts are prepared on which connection. A slot
+ * holds the connection, a 128-bit BLAKE2b digest of the text and the statement's name, which is
+ * the digest in hex: the same text has the same name on every connection and thread, so a slot
+ * lost to another text (or a connection used from another thread) only costs a PQprepare that
+ * answers 42P05 (it exists), which counts as prepared.
+ */
+#define PREP_SLOTS 64
+#define PREP_DIGEST 16
+
+typedef struct st_prep_slot {
+    const PGconn *conn;
+    unsigned char digest[PREP_DIGEST];
+    char name[4 + 2 * PREP_DIGEST + 1];
+} prep_slot_t;
+
+static _Thread_local prep_slot_t prep_slots[PREP_SLOTS];
+
+/* Prepares sql as name on c; a statement of that name already there counts as prepared. */
+static int prepare(PGconn *c, const char *name, const char *sql, int nparams, bg_pg_error_t *e)
+{
+    PGresult *res = PQprepare(c, name, sql, nparams, NULL);
+    int rc = 0;
+    if (PQresultStatus(res) != PGRES_COMMAND_OK && strcmp(bg_pg_sqlstate(res), "42P05") != 0)
+        rc = fail(c, res, sql, e);
+    PQclear(res);
+    return rc;
+}
+
+int bg_pg_exec_prep(PGconn *c, const char *sql, int nparams, const char *const *params,
+                    PGresult **out)
+{
+    *out = NULL;
+    unsigned char digest[PREP_DIGEST];
+    (void)crypto_generichash(digest, sizeof(digest), (const unsigned char *)sql, strlen(sql), NULL,
+                             0);
+    prep_slot_t *slot = &prep_slots[digest[0] % PREP_SLOTS];
+    bool known = slot->conn == c && memcmp(slot->digest, digest, sizeof(digest)) == 0;
+    if (!known) {
+        slot->conn = NULL;
+        memcpy(slot->digest, digest, sizeof(digest));
+        memcpy(slot->name, "bg_p", 4);
+        (void)sodium_bin2hex(slot->name + 4, sizeof(slot->name) - 4, digest, sizeof(digest));
+        int rc = prepare(c, slot->name, sql, nparams, NULL);
+        if (rc != 0)
+            return rc;
+        slot->conn = c;
+    }
+    for (int attempt = 0;; attempt++) {
+        PGresult *res = PQexecPrepared(c, slot->name, nparams, params, NULL, NULL, 0);
+        ExecStatusType st = PQresultStatus(res);
+        if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+            *out = res;
+            return 0;
+        }
+        /* 26000: not prepared on this session (a reset connection, or a new one at the same
+         * address); 0A000: its cached plan no longer fits the schema (a migration changed a
+         * table it reads). Both go away by preparing it afresh, once. */
+        const char *state = bg_pg_sqlstate(res);
+        bool stale = strcmp(state, "26000") == 0 || strcmp(state, "0A000") == 0;
+        if (stale)
+            slot->conn = NULL; /* prepared afresh by the next run, at the latest */
+        /* inside a transaction the error aborted it: the caller's retry of the transaction
+         * prepares it then */
+        bool again = stale && attempt == 0 && PQstatus(c) == CONNECTION_OK &&
+                     PQtransactionStatus(c) == PQTRANS_IDLE;
+        if (!again) {
+            int rc = fail(c, res, sql, NULL);
+            PQclear(res);
+            return rc;
+        }
+        PQclear(res);
+        char dealloc[sizeof(slot->name) + 16];
+        snprintf(dealloc, sizeof(dealloc), "DEALLOCATE %s", slot->name);
+        PQclear(PQexec(c, dealloc)); /* 26000 when it is not there: nothing to do */
+        int rc = prepare(c, slot->name, sql, nparams, NULL);
+        if (rc != 0)
+            return rc;
+        slot->conn = c;
+    }
 }
 
 int bg_pg_exec(PGconn *c, const char *sql, int nparams, const char *const *params, PGresult **out)

@@ -157,3 +157,75 @@ Test(pg, thread_connection_is_null_when_the_server_is_down)
     cr_assert_null(bg_pg_thread_conn(url));
     bg_pg_thread_close();
 }
+
+/* How many statements the session has prepared with this text. */
+static int prepared_count(PGconn *c, const char *sql)
+{
+    const char *p[] = {sql};
+    PGresult *res;
+    cr_assert_eq(bg_pg_exec(c, "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1",
+                            1, p, &res),
+                 0);
+    int n = atoi(bg_pg_value(res, 0, 0));
+    PQclear(res);
+    return n;
+}
+
+Test(pg, prepared_statements_are_prepared_once_and_heal_when_lost_or_stale)
+{
+    bgt_pg_t db;
+    cr_assert_eq(bgt_pg_create(&db, false), 0);
+    PGconn *c;
+    char err[512];
+    cr_assert_eq(bg_pg_connect(db.url, 1, &c, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(bg_pg_run(c, "CREATE TABLE t (id int PRIMARY KEY, v text)", 0, NULL), 0);
+    static const char ins[] = "INSERT INTO t (id, v) VALUES ($1::int, $2) RETURNING v";
+    static const char sel[] = "SELECT * FROM t WHERE id = $1::int";
+    for (int i = 1; i <= 5; i++) {
+        char id[8], v[8];
+        snprintf(id, sizeof(id), "%d", i);
+        snprintf(v, sizeof(v), "v%d", i);
+        const char *p[] = {id, v};
+        PGresult *res;
+        cr_assert_eq(bg_pg_exec_prep(c, ins, 2, p, &res), 0);
+        cr_assert_str_eq(bg_pg_value(res, 0, 0), v);
+        PQclear(res);
+    }
+    cr_assert_eq(prepared_count(c, ins), 1, "five runs, one statement prepared");
+
+    /* errors map as bg_pg_exec's */
+    const char *dup[] = {"1", "again"};
+    PGresult *res;
+    cr_assert_eq(bg_pg_exec_prep(c, ins, 2, dup, &res), BG_ERR_CONFLICT);
+    cr_assert_null(res);
+
+    /* the session lost its statements (as after a reset): prepared again on the next run */
+    cr_assert_eq(bg_pg_run(c, "DEALLOCATE ALL", 0, NULL), 0);
+    const char *p6[] = {"6", "v6"};
+    cr_assert_eq(bg_pg_exec_prep(c, ins, 2, p6, &res), 0, "healed");
+    PQclear(res);
+    cr_assert_eq(prepared_count(c, ins), 1);
+
+    /* a migration changed the table a SELECT * reads: the plan is made afresh */
+    const char *p1[] = {"1"};
+    cr_assert_eq(bg_pg_exec_prep(c, sel, 1, p1, &res), 0);
+    cr_assert_eq(PQnfields(res), 2);
+    PQclear(res);
+    cr_assert_eq(bg_pg_run(c, "ALTER TABLE t ADD COLUMN w text DEFAULT 'new'", 0, NULL), 0);
+    cr_assert_eq(bg_pg_exec_prep(c, sel, 1, p1, &res), 0, "the stale plan was replaced");
+    cr_assert_eq(PQnfields(res), 3);
+    cr_assert_str_eq(bg_pg_value(res, 0, 2), "new");
+    PQclear(res);
+
+    /* inside a transaction a lost statement fails that transaction only; the next one works */
+    cr_assert_eq(bg_pg_run(c, "DEALLOCATE ALL", 0, NULL), 0);
+    cr_assert_eq(bg_pg_begin(c), 0);
+    int rc = bg_pg_exec_prep(c, sel, 1, p1, &res);
+    bg_pg_rollback(c);
+    cr_assert_eq(bg_pg_begin(c), 0);
+    cr_assert_eq(bg_pg_exec_prep(c, sel, 1, p1, &res), 0, "after %s", bg_strerror(rc));
+    PQclear(res);
+    cr_assert_eq(bg_pg_commit(c), 0);
+    PQfinish(c);
+    bgt_pg_drop(&db);
+}

@@ -84,6 +84,18 @@ BG_MUSTCHECK int bg_pg_exec(PGconn *c, const char *sql, int nparams, const char 
 BG_MUSTCHECK int bg_pg_exec_ex(PGconn *c, const char *sql, int nparams, const char *const *params,
                                PGresult **out, bg_pg_error_t *e);
 
+/**
+ * bg_pg_exec() as a prepared statement of the connection: the first run on a connection prepares
+ * sql (PQprepare, under a name derived from its text), later runs only execute it (no parse, no
+ * planning until Postgres's plan cache decides to replan). For the hot paths' fixed statements
+ * only: each distinct text stays prepared on every connection that ran it, so sql must be one of
+ * a bounded set (compiled-in text, never built from input). A connection that lost its statements
+ * (reset, or another session behind the same pointer) or whose plan no longer fits the schema is
+ * prepared again, once, transparently. Returns and logs as bg_pg_exec().
+ */
+BG_MUSTCHECK int bg_pg_exec_prep(PGconn *c, const char *sql, int nparams, const char *const *params,
+                                 PGresult **out);
+
 /** bg_pg_exec() for statements whose result is not needed (the result is cleared). */
 BG_MUSTCHECK int bg_pg_run(PGconn *c, const char *sql, int nparams, const char *const *params);
 
