@@ -556,6 +556,15 @@ static int finish_stored(const llm_job_t *j, const llm_role_t *l, int64_t id, co
 
 /* ---- streaming ---- */
 
+/* The user asked to stop: what was generated is kept and billed (conclude). */
+static void cancel_asked(llm_run_t *run)
+{
+    if (run->cancel_asked || run->call == NULL)
+        return;
+    run->cancel_asked = true;
+    bg_llm_cancel(run->call);
+}
+
 static void check_cancel(llm_run_t *run)
 {
     run->last_cancel_check_ms = bg_timeutil_mono_ms();
@@ -564,20 +573,24 @@ static void check_cancel(llm_run_t *run)
         bg_jobout_is_canceled(run->j->r, run->j->shard, run->j->job_id, &canceled) != 0 ||
         !canceled)
         return;
-    run->cancel_asked = true;
-    bg_llm_cancel(run->call);
+    cancel_asked(run);
 }
 
+/* Appends the batch, reading the cancel flag in the same round trip. */
 static void flush(llm_run_t *run)
 {
-    int rc = bg_jobout_batch_flush(&run->batch, run->j->r, run->j->shard, run->j->job_id);
+    bool canceled = false;
+    int rc = bg_jobout_batch_flush(&run->batch, run->j->r, run->j->shard, run->j->job_id,
+                                   run->cancel_asked ? NULL : &canceled);
     if (rc != 0) {
         /* the text stays in the batch; the end of the job flushes it or fails the job */
         bg_warn("llm: job %s: output not appended: %s", run->j->job_id, bg_strerror(rc));
         return;
     }
     run->shown = true;
-    check_cancel(run);
+    run->last_cancel_check_ms = bg_timeutil_mono_ms();
+    if (canceled)
+        cancel_asked(run);
 }
 
 static void on_delta(void *ud, const char *text, size_t len)
@@ -751,7 +764,7 @@ static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *
     }
 
     /* everything shown must be in the stream before the reply counts as stored */
-    int rc = bg_jobout_batch_flush(&run->batch, j->r, j->shard, j->job_id);
+    int rc = bg_jobout_batch_flush(&run->batch, j->r, j->shard, j->job_id, NULL);
     if (rc != 0) {
         snprintf(j->job->error, sizeof(j->job->error), "output not appended: %s", bg_strerror(rc));
         return BG_ERR_RETRY;
@@ -791,7 +804,7 @@ static int serve_cached(llm_run_t *run, const llm_role_t *l, PGconn *c, const ch
     const llm_job_t *j = run->j;
     if (v->text_len > 0) {
         (void)bg_jobout_batch_add(&run->batch, v->text, v->text_len);
-        int rc = bg_jobout_batch_flush(&run->batch, j->r, j->shard, j->job_id);
+        int rc = bg_jobout_batch_flush(&run->batch, j->r, j->shard, j->job_id, NULL);
         if (rc != 0) {
             snprintf(j->job->error, sizeof(j->job->error), "output not appended: %s",
                      bg_strerror(rc));

@@ -2,8 +2,9 @@
  * Job output (see bg/jobout.h): key names, the append (XADD, EXPIRE, PUBLISH), the cancel flag,
  * and the delta batch.
  *
- * An append is three commands, not a script: the order is what matters (the entry exists before
- * anyone is told about it), and each later failure is harmless. A missed EXPIRE is renewed by the
+ * An append is three commands, not a script, sent as one pipeline (one round trip): the order is
+ * what matters (the entry exists before anyone is told about it, and Redis runs a connection's
+ * commands in order), and each later failure is harmless. A missed EXPIRE is renewed by the
  * next append; a missed PUBLISH is covered by the edge, which reads the stream once after it
  * registers interest and again on the next notification. Keeping them apart also keeps the
  * stream's writes plain commands a replica or a monitor shows as they are.
@@ -80,34 +81,52 @@ static int command(bg_redis_t *r, int argc, const char *const *argv, const size_
     return 0;
 }
 
-int bg_jobout_append(bg_redis_t *r, int shard, const char *job_id, const char *type,
-                     const char *data, size_t data_len, char *entry_id)
+/* The append, and with canceled (not NULL) the read of the cancel flag, in one round trip. */
+static int append(bg_redis_t *r, int shard, const char *job_id, const char *type, const char *data,
+                  size_t data_len, char *entry_id, bool *canceled)
 {
-    char key[BG_REDIS_KEY_MAX], channel[BG_REDIS_KEY_MAX];
+    char key[BG_REDIS_KEY_MAX], channel[BG_REDIS_KEY_MAX], cancel[BG_REDIS_KEY_MAX];
     if (entry_id != NULL)
         entry_id[0] = '\0';
+    if (canceled != NULL)
+        *canceled = false;
     if (bg_jobout_key_stream(key, sizeof(key), shard, job_id) != 0 ||
-        bg_jobout_key_channel(channel, sizeof(channel), shard) != 0)
+        bg_jobout_key_channel(channel, sizeof(channel), shard) != 0 ||
+        bg_jobout_key_cancel(cancel, sizeof(cancel), shard, job_id) != 0)
         return BG_ERR_INVALID;
-
-    const char *xadd[] = {"XADD", key, "*", "type", type, "data", data};
-    const size_t xlens[] = {4, strlen(key), 1, 4, strlen(type), 4, data_len};
-    redisReply *reply = NULL;
-    int rc = command(r, 7, xadd, xlens, &reply);
-    if (rc != 0)
-        return rc;
-    if (entry_id != NULL && reply->type == REDIS_REPLY_STRING)
-        (void)bg_strlcpy(entry_id, reply->str, BG_REDIS_KEY_MAX);
-    freeReplyObject(reply);
 
     char ttl[24];
     snprintf(ttl, sizeof(ttl), "%d", BG_JOBOUT_TTL_S);
+    const char *xadd[] = {"XADD", key, "*", "type", type, "data", data};
+    const size_t xlens[] = {4, strlen(key), 1, 4, strlen(type), 4, data_len};
     const char *expire[] = {"EXPIRE", key, ttl};
-    rc = command(r, 3, expire, NULL, NULL);
+    const char *publish[] = {"PUBLISH", channel, job_id};
+    const char *get[] = {"GET", cancel};
+    const bg_redis_cmd_t cmds[] = {
+        {7, xadd, xlens}, {3, expire, NULL}, {3, publish, NULL}, {2, get, NULL}};
+    redisReply *replies[BG_ARRAY_SIZE(cmds)];
+    size_t n = canceled != NULL ? 4 : 3;
+    int rc = bg_redis_pipeline(r, n, cmds, replies);
     if (rc != 0)
         return rc;
-    const char *publish[] = {"PUBLISH", channel, job_id};
-    return command(r, 3, publish, NULL, NULL);
+    /* Redis ran them in order: the entry exists before the notification; only its failure
+     * counts (a failed EXPIRE is renewed by the next append, a lost notification covered by the
+     * edge's reads) */
+    if (replies[0]->type == REDIS_REPLY_ERROR)
+        rc = BG_ERR_PROTOCOL;
+    else if (entry_id != NULL && replies[0]->type == REDIS_REPLY_STRING)
+        (void)bg_strlcpy(entry_id, replies[0]->str, BG_REDIS_KEY_MAX);
+    if (canceled != NULL)
+        *canceled = replies[3]->type == REDIS_REPLY_STRING;
+    for (size_t i = 0; i < n; i++)
+        freeReplyObject(replies[i]);
+    return rc;
+}
+
+int bg_jobout_append(bg_redis_t *r, int shard, const char *job_id, const char *type,
+                     const char *data, size_t data_len, char *entry_id)
+{
+    return append(r, shard, job_id, type, data, data_len, entry_id, NULL);
 }
 
 int bg_jobout_append_error(bg_redis_t *r, int shard, const char *job_id, const char *code,
@@ -215,8 +234,11 @@ bool bg_jobout_batch_is_due(const bg_jobout_batch_t *b, uint64_t now_ms)
     return b->pieces > 0 && now_ms - b->last_flush_ms >= BG_JOBOUT_BATCH_MS;
 }
 
-int bg_jobout_batch_flush(bg_jobout_batch_t *b, bg_redis_t *r, int shard, const char *job_id)
+int bg_jobout_batch_flush(bg_jobout_batch_t *b, bg_redis_t *r, int shard, const char *job_id,
+                          bool *canceled)
 {
+    if (canceled != NULL)
+        *canceled = false;
     if (b->pieces == 0)
         return 0;
     bg_buf_t data;
@@ -229,7 +251,7 @@ int bg_jobout_batch_flush(bg_jobout_batch_t *b, bg_redis_t *r, int shard, const 
     bg_json_write_end_object(&w);
     int rc = bg_json_write_finish(&w);
     if (rc == 0)
-        rc = bg_jobout_append(r, shard, job_id, BG_JOBOUT_DELTA, data.base, data.len, NULL);
+        rc = append(r, shard, job_id, BG_JOBOUT_DELTA, data.base, data.len, NULL, canceled);
     bg_buf_dispose(&data);
     if (rc == 0) {
         bg_jobout_batch_reset(b);

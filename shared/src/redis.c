@@ -454,6 +454,46 @@ static int exec_argv(bg_redis_t *r, int64_t block_ms, int argc, const char *cons
     return rc;
 }
 
+int bg_redis_pipeline(bg_redis_t *r, size_t n, const bg_redis_cmd_t *cmds, redisReply **replies)
+{
+    for (size_t i = 0; i < n; i++) {
+        replies[i] = NULL;
+        if (cmds[i].argc < 1)
+            return BG_ERR_INVALID;
+    }
+    int rc = bg_redis_connect(r);
+    if (rc != 0)
+        return rc;
+    redisContext *c = r->c;
+    for (size_t i = 0; i < n; i++) {
+        if (redisAppendCommandArgv(c, cmds[i].argc, (const char **)cmds[i].argv, cmds[i].lens) !=
+            REDIS_OK) {
+            drop(r);
+            return BG_ERR_UNAVAILABLE;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        void *reply = NULL;
+        int saved_errno = 0;
+        if (redisGetReply(c, &reply) != REDIS_OK)
+            saved_errno = errno;
+        if (reply == NULL) {
+            bool timed_out =
+                c->err == REDIS_ERR_IO &&
+                (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK || saved_errno == ETIMEDOUT);
+            bg_debug("redis %s: %s", r->desc, timed_out ? "pipeline timed out" : c->errstr);
+            drop(r);
+            for (size_t k = 0; k < i; k++) {
+                freeReplyObject(replies[k]);
+                replies[k] = NULL;
+            }
+            return timed_out ? BG_ERR_TIMEOUT : BG_ERR_UNAVAILABLE;
+        }
+        replies[i] = reply;
+    }
+    return 0;
+}
+
 int bg_redis_argv(bg_redis_t *r, int argc, const char *const *argv, const size_t *lens,
                   redisReply **out)
 {

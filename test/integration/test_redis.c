@@ -97,6 +97,39 @@ Test(redis, commands_round_trip_binary_values_and_error_replies)
     bg_redis_free(r);
 }
 
+Test(redis, a_pipeline_answers_each_command_in_order_and_fails_whole)
+{
+    bg_redis_t *r = client(300);
+    const char *set[] = {"SET", "p", "1"};
+    const char *push[] = {"LPUSH", "p", "x"};
+    const char *incr[] = {"INCR", "p"};
+    const char *get[] = {"GET", "p"};
+    const bg_redis_cmd_t cmds[] = {
+        {3, set, NULL}, {3, push, NULL}, {2, incr, NULL}, {2, get, NULL}};
+    redisReply *rep[4];
+    cr_assert_eq(bg_redis_pipeline(r, 4, cmds, rep), 0);
+    cr_assert_eq(rep[0]->type, REDIS_REPLY_STATUS);
+    cr_assert(bg_redis_reply_is_error(rep[1], "WRONGTYPE"), "an error reply is that command's");
+    cr_assert_eq(rep[2]->type, REDIS_REPLY_INTEGER);
+    cr_assert_eq(rep[2]->integer, 2, "and the next ones still ran, in order");
+    cr_assert_str_eq(rep[3]->str, "2");
+    for (int i = 0; i < 4; i++)
+        freeReplyObject(rep[i]);
+
+    /* no answer: a timeout, no reply kept, and the late answers never read as the next ones */
+    bgt_redis_pause(&srv, true);
+    int rc = bg_redis_pipeline(r, 4, cmds, rep);
+    bgt_redis_pause(&srv, false);
+    cr_assert_eq(rc, BG_ERR_TIMEOUT, "got %s", bg_strerror(rc));
+    for (int i = 0; i < 4; i++)
+        cr_assert_null(rep[i]);
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_command(r, &reply, "ECHO %s", "fresh"), 0);
+    cr_assert_str_eq(reply->str, "fresh");
+    freeReplyObject(reply);
+    bg_redis_free(r);
+}
+
 Test(redis, script_is_loaded_again_after_script_flush)
 {
     bg_redis_t *r = client(1000);

@@ -113,9 +113,11 @@ static inline bool bg_jobout_batch_has_text(const bg_jobout_batch_t *b)
 
 /**
  * Appends what is waiting as one "delta" event and empties the batch; does nothing when nothing
- * waits. On error the text stays in the batch for the next flush. Returns as bg_jobout_append.
+ * waits. On error the text stays in the batch for the next flush. With canceled (may be NULL),
+ * also reads the job's cancel flag in the same round trip (false when nothing was appended).
+ * Returns as bg_jobout_append.
  */
 BG_MUSTCHECK int bg_jobout_batch_flush(bg_jobout_batch_t *b, bg_redis_t *r, int shard,
-                                       const char *job_id);
+                                       const char *job_id, bool *canceled);
 
 #endif

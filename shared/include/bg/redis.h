@@ -91,6 +91,22 @@ BG_MUSTCHECK int bg_redis_command(bg_redis_t *r, redisReply **out, const char *f
 BG_MUSTCHECK int bg_redis_argv(bg_redis_t *r, int argc, const char *const *argv, const size_t *lens,
                                redisReply **out);
 
+/** One command of a pipeline (bg_redis_pipeline): argc arguments, lens NULL for C strings. */
+typedef struct bg_redis_cmd {
+    int argc;
+    const char *const *argv;
+    const size_t *lens;
+} bg_redis_cmd_t;
+
+/**
+ * Sends n commands at once and reads their n replies (one round trip; Redis runs them in order,
+ * though not atomically: another client's commands may come between them). On 0, replies[i] holds
+ * each owned reply (any may be an error reply); on an error (as bg_redis_argv's) every replies[i]
+ * is NULL and the connection is dropped, so some of the commands may have run.
+ */
+BG_MUSTCHECK int bg_redis_pipeline(bg_redis_t *r, size_t n, const bg_redis_cmd_t *cmds,
+                                   redisReply **replies);
+
 /**
  * As bg_redis_argv, for a command that blocks on the server up to block_ms (XREADGROUP … BLOCK,
  * BLPOP): the deadline of this call is block_ms plus the client's timeout. Blocking commands
