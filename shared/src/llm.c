@@ -42,6 +42,8 @@
 #define SSE_MAX_LINE (1024u * 1024u)
 #define SSE_MAX_DATA (1024u * 1024u)
 #define STOP 1 /* value an SSE callback returns to stop reading */
+/* After [DONE], how long the rest of the body (the chunked encoding's end) may take to arrive */
+#define DONE_GRACE_MS 1000
 
 typedef struct st_sock sock_t;
 typedef struct bg_llm_call call_t;
@@ -88,6 +90,7 @@ struct bg_llm_call {
     int provider;
     unsigned attempts;
     unsigned primary_retries;
+    unsigned connects; /* connections the attempts opened (CURLINFO_NUM_CONNECTS) */
     uint64_t t_start, total_deadline, start_at, progress_deadline, drain_deadline;
     bool canceled;
     bool first_token;
@@ -108,6 +111,7 @@ struct bg_llm_call {
     double retry_after_s;  /* from retry-after; < 0: none */
     size_t body_bytes;
     bool finish_seen, done_seen;
+    bool cut;               /* stop reading at once (a cancel's drain got its usage) */
     bg_llm_error_t att_err; /* set by a chunk that ended the attempt */
     int att_status;
     bool att_retriable;
@@ -304,6 +308,9 @@ static void on_call_closed(uv_handle_t *h)
 static void end_attempt(call_t *c)
 {
     if (c->easy != NULL) {
+        long n = 0;
+        if (curl_easy_getinfo(c->easy, CURLINFO_NUM_CONNECTS, &n) == CURLE_OK && n > 0)
+            c->connects += (unsigned)n;
         (void)curl_multi_remove_handle(c->llm->multi, c->easy);
         curl_easy_cleanup(c->easy);
         c->easy = NULL;
@@ -346,6 +353,7 @@ static void finish(call_t *c, bg_llm_error_t e, int status)
         res.usage.source = BG_LLM_USAGE_ESTIMATED;
     }
     res.retries = c->attempts > 0 ? c->attempts - 1 : 0;
+    res.connects = c->connects;
     res.provider = c->provider == 0 ? BG_LLM_PRIMARY : BG_LLM_FALLBACK;
     res.first_token = c->first_token;
     res.text_bytes = c->delivered;
@@ -536,6 +544,7 @@ static int handle_chunk(call_t *c, const bg_json_t *root)
     if (c->canceled && c->usage_seen) {
         /* what the drain was for has come: no need to wait for [DONE] */
         c->done_seen = true;
+        c->cut = true;
         return STOP;
     }
     arm(c);
@@ -546,13 +555,18 @@ static int on_event(void *ud, const bg_sse_event_t *ev)
 {
     call_t *c = ud;
     if (c->done_seen)
-        return STOP;
+        return 0; /* nothing after [DONE] counts */
     if (ev->event_len == 5 && memcmp(ev->event, "error", 5) == 0)
         return stop_attempt(c, BG_LLM_ERR_SERVER_ERROR, BG_ERR_UNAVAILABLE, true,
                             "error event in the stream");
     if (ev->data_len == 6 && memcmp(ev->data, "[DONE]", 6) == 0) {
+        /* the call is over; the transfer is read to its end (the chunked body's last chunk
+         * follows at once) so that the connection stays reusable for the next call, within
+         * DONE_GRACE_MS */
         c->done_seen = true;
-        return STOP;
+        c->progress_deadline = now_ms(c) + DONE_GRACE_MS;
+        arm(c);
+        return 0;
     }
     bg_json_limits_t lim = bg_json_default_limits;
     lim.max_bytes = SSE_MAX_DATA;
@@ -572,8 +586,10 @@ static size_t on_write(char *ptr, size_t size, size_t nmemb, void *ud)
 {
     call_t *c = ud;
     size_t len = size * nmemb;
-    if (c->llm->closing || c->att_err != BG_LLM_OK || c->done_seen)
+    if (c->llm->closing || c->att_err != BG_LLM_OK || c->cut)
         return 0;
+    if (c->done_seen)
+        return len; /* the rest of the body, read and dropped */
     if (c->http_status == 0)
         (void)curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &c->http_status);
     c->body_bytes += len;
@@ -672,6 +688,7 @@ static int start_attempt(call_t *c)
     c->body_bytes = 0;
     c->finish_seen = false;
     c->done_seen = false;
+    c->cut = false;
     c->att_err = BG_LLM_OK;
     c->att_status = 0;
     c->att_retriable = false;
@@ -830,6 +847,8 @@ static void on_call_timer(uv_timer_t *t)
         conclude(c, BG_LLM_ERR_TIMEOUT_TOTAL, BG_ERR_TIMEOUT, false);
     } else if (c->canceled && now >= c->drain_deadline) {
         conclude(c, BG_LLM_ERR_CANCELED, 0, false);
+    } else if (c->done_seen && now >= c->progress_deadline) {
+        conclude(c, BG_LLM_OK, 0, false); /* [DONE] came; the body did not end: let it go */
     } else if (!c->canceled && now >= c->progress_deadline) {
         conclude(c, c->first_token ? BG_LLM_ERR_TIMEOUT_IDLE : BG_LLM_ERR_TIMEOUT_FIRST_TOKEN,
                  BG_ERR_TIMEOUT, false);

@@ -427,6 +427,43 @@ Test(llm, a_request_is_known_sent_before_any_answer)
     finish_loop(&loop, llm);
 }
 
+Test(llm, calls_one_after_another_reuse_one_connection)
+{
+    bg_llm_config_t cfg = base_config();
+    uv_loop_t loop;
+    cr_assert_eq(uv_loop_init(&loop), 0);
+    bg_llm_t *llm = NULL;
+    cr_assert_eq(bg_llm_new(&loop, &cfg, &llm), 0);
+    for (int i = 0; i < 3; i++) {
+        seen_t s = {0};
+        start(llm, "again and again", &s);
+        (void)uv_run(&loop, UV_RUN_DEFAULT);
+        cr_assert_eq(s.done, 1);
+        cr_assert_eq(s.res.error, BG_LLM_OK, "%s", s.res.detail);
+        cr_assert_eq(s.res.usage.source, BG_LLM_USAGE_PROVIDER);
+        /* read to the end of the body, not just to [DONE]: the connection stays reusable */
+        cr_assert_eq(s.res.connects, i == 0 ? 1u : 0u, "call %d opened %u connection(s)", i,
+                     s.res.connects);
+    }
+    finish_loop(&loop, llm);
+}
+
+Test(llm, a_body_that_does_not_end_after_done_ends_the_call_soon_and_well)
+{
+    bg_llm_config_t cfg = base_config();
+    cfg.idle_timeout_ms = 20000; /* what the call would wait without the [DONE] grace */
+    seen_t s = {0};
+    uint64_t t0 = bg_timeutil_mono_ms();
+    run_one(&cfg, "then linger #fail:linger", &s);
+    uint64_t took = bg_timeutil_mono_ms() - t0;
+    cr_assert_eq(s.res.error, BG_LLM_OK, "%s: %s", bg_llm_error_name(s.res.error), s.res.detail);
+    cr_assert_str_eq(s.res.finish_reason, "stop");
+    cr_assert_eq(s.res.usage.source, BG_LLM_USAGE_PROVIDER);
+    cr_assert(strncmp(s.text, "Echo: then linger", 17) == 0, "text: %s", s.text);
+    cr_assert_lt(took, 5000, "ended %llu ms after the start, not at the idle timeout",
+                 (unsigned long long)took);
+}
+
 Test(llm, hundred_concurrent_streams_on_one_loop)
 {
     enum { N = 100 };

@@ -110,6 +110,7 @@ typedef struct bg_llm_result {
     char finish_reason[32]; /**< "stop", "length", …; "" when none came */
     bg_llm_usage_t usage;
     unsigned retries;           /**< attempts after the first (the fallback's included) */
+    unsigned connects;          /**< connections its attempts opened (0: it reused a kept one) */
     bg_llm_provider_t provider; /**< who served the last attempt */
     bool first_token;           /**< a delta was delivered (then nothing was retried) */
     size_t text_bytes;          /**< bytes of text delivered through on_delta */

@@ -339,6 +339,8 @@ static bool apply_directive(const char *d, demo_fail_t *f)
     int64_t n;
     if (strcmp(d, "hang") == 0) {
         f->hang = true;
+    } else if (strcmp(d, "linger") == 0) {
+        f->linger = true;
     } else if (strncmp(d, "cut=", 4) == 0 && (n = directive_num(d + 4, max)) >= 0) {
         f->cut_after = n;
     } else if (strncmp(d, "malformed=", 10) == 0 && (n = directive_num(d + 10, max)) >= 0) {
@@ -373,10 +375,11 @@ static int parse_directives(const char *text, size_t len, demo_fail_t *f, demo_e
         }
         word[n] = '\0';
         if (!apply_directive(word, f))
-            return fail(e, 400, "messages", "invalid_value",
-                        "Unknown demo directive \"#fail:%s\": expected 429, 500 (any status from "
-                        "400 to 599), hang, cut=N, malformed=N, stall=N, error=N or slow=MS.",
-                        word);
+            return fail(
+                e, 400, "messages", "invalid_value",
+                "Unknown demo directive \"#fail:%s\": expected 429, 500 (any status from "
+                "400 to 599), hang, cut=N, malformed=N, stall=N, error=N, slow=MS or linger.",
+                word);
     }
     return 0;
 }

@@ -37,6 +37,8 @@ typedef struct demo_fail {
     int64_t stall_after;     /**< after this many tokens, send nothing more, keep the connection */
     int64_t error_after;     /**< after this many tokens, send an error event and end the stream */
     int64_t slow_ms;         /**< delay per token for this request, overriding the server's rate */
+    bool linger; /**< stream to [DONE], then neither end the body nor close (HTTP/1.1: no last
+                    chunk) until the client goes away */
 } demo_fail_t;
 
 /** An OpenAI error to answer with: {"error":{"message","type","param","code"}}. */

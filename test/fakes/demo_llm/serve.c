@@ -97,6 +97,7 @@ typedef struct st_demo_req {
     bool malformed_sent;
     bool cut_pending; /* non-stream cut: the next proceed() ends the response with an error */
     bool cutting;     /* the response ends with an error when the timer fires */
+    bool lingering;   /* linger: [DONE] is out, the body never ends */
 } demo_req_t;
 
 int demo_serve_inflight(void)
@@ -527,6 +528,11 @@ static void stream_step(demo_req_t *dr)
     const demo_fail_t *f = &chat->fail;
     int64_t i = (int64_t)dr->next;
 
+    if (dr->lingering) {
+        bg_debug("[DONE] sent; lingering without ending the body as asked");
+        go_silent(dr); /* the request ends when the client goes away */
+        return;
+    }
     if (f->cut_after == i) {
         cut(dr);
         return;
@@ -582,6 +588,11 @@ static void stream_step(demo_req_t *dr)
         r = bg_buf_puts(&dr->pending, "data: [DONE]\n\n");
     if (r != 0) {
         append_or_cut(dr, r);
+        return;
+    }
+    if (f->linger) {
+        dr->lingering = true; /* the next step, after proceed(), goes silent */
+        flush(dr, H2O_SEND_STATE_IN_PROGRESS);
         return;
     }
     flush(dr, H2O_SEND_STATE_FINAL);
