@@ -25,7 +25,9 @@
  * The event hooks are our own rather than hiredis' adapters/libuv.h: on a socket error (a reset
  * connection) libuv stops the poll handle and reports only an error status, which that adapter
  * ignores, so hiredis never reads, never sees the error, and the pending commands hang until
- * their timeouts while the connection looks alive. Here an error status makes hiredis read.
+ * their timeouts while the connection looks alive. Here an error status makes hiredis read. And
+ * commands are written at the end of the loop turn that queued them, not on a writable event (see
+ * the hooks below).
  */
 #include <assert.h>
 #include <hiredis/async.h>
@@ -89,9 +91,23 @@ static void schedule_reconnect(bg_redis_async_t *c);
 typedef struct st_uv_events {
     redisAsyncContext *ac; /* NULL once hiredis cleaned up */
     uv_poll_t poll;
-    int events;
+    uv_prepare_t prepare; /* flushes output produced before the loop polls... */
+    uv_check_t check;     /* ...and output produced by what the poll ran */
+    int events;           /* what poll watches */
+    bool want_write;      /* hiredis has output to send: flushed at this loop turn's end */
+    bool flushing;        /* inside flush(): a write interest now means the socket is full */
+    int open;             /* handles not closed yet; the struct goes with the last */
 } uv_events_t;
 
+/*
+ * Writes. hiredis asks for a write (addWrite) after every command it queues; watching the socket
+ * for writability to send it costs two epoll_ctl calls per command and a whole loop turn of delay.
+ * Once connected, a socket can take a command at once, so the output is flushed instead at the
+ * end of the loop turn that queued it (uv_check after the poll's callbacks, uv_prepare before the
+ * poll for what timers queued), several commands in one write. Only while connecting (hiredis
+ * learns of the connection from the first writable event) or when the socket's buffer is full
+ * does a write wait for the poll.
+ */
 static void on_poll(uv_poll_t *h, int status, int events)
 {
     uv_events_t *p = h->data;
@@ -105,11 +121,33 @@ static void on_poll(uv_poll_t *h, int status, int events)
 
 static void set_events(uv_events_t *p, int events)
 {
+    if (events == p->events)
+        return;
     p->events = events;
     if (events != 0)
         uv_poll_start(&p->poll, events, on_poll);
     else
         uv_poll_stop(&p->poll);
+}
+
+static void flush(uv_events_t *p)
+{
+    if (p->ac == NULL || !p->want_write)
+        return;
+    p->want_write = false;
+    p->flushing = true;
+    redisAsyncHandleWrite(p->ac); /* may end the context: p stays until its handles close */
+    p->flushing = false;
+}
+
+static void on_prepare(uv_prepare_t *h)
+{
+    flush(h->data);
+}
+
+static void on_check(uv_check_t *h)
+{
+    flush(h->data);
 }
 
 static void ev_add_read(void *data)
@@ -127,25 +165,34 @@ static void ev_del_read(void *data)
 static void ev_add_write(void *data)
 {
     uv_events_t *p = data;
-    set_events(p, p->events | UV_WRITABLE);
+    if (p->flushing || p->ac == NULL || !(p->ac->c.flags & REDIS_CONNECTED))
+        set_events(p, p->events | UV_WRITABLE);
+    else
+        p->want_write = true;
 }
 
 static void ev_del_write(void *data)
 {
     uv_events_t *p = data;
+    p->want_write = false;
     set_events(p, p->events & ~UV_WRITABLE);
 }
 
-static void on_poll_closed(uv_handle_t *h)
+static void on_handle_closed(uv_handle_t *h)
 {
-    free(h->data);
+    uv_events_t *p = h->data;
+    if (--p->open == 0)
+        free(p);
 }
 
 static void ev_cleanup(void *data)
 {
     uv_events_t *p = data;
     p->ac = NULL; /* hiredis frees the context right after this */
-    uv_close((uv_handle_t *)&p->poll, on_poll_closed);
+    p->want_write = false;
+    uv_close((uv_handle_t *)&p->poll, on_handle_closed);
+    uv_close((uv_handle_t *)&p->prepare, on_handle_closed);
+    uv_close((uv_handle_t *)&p->check, on_handle_closed);
 }
 
 int bg_redis_async_attach(redisAsyncContext *ac, uv_loop_t *loop)
@@ -157,6 +204,17 @@ int bg_redis_async_attach(redisAsyncContext *ac, uv_loop_t *loop)
     }
     p->ac = ac;
     p->poll.data = p;
+    p->prepare.data = p;
+    p->check.data = p;
+    p->open = 3;
+    /* cannot fail on a live loop */
+    (void)uv_prepare_init(loop, &p->prepare);
+    (void)uv_check_init(loop, &p->check);
+    (void)uv_prepare_start(&p->prepare, on_prepare);
+    (void)uv_check_start(&p->check, on_check);
+    /* they only flush: they must not keep a loop alive on their own */
+    uv_unref((uv_handle_t *)&p->prepare);
+    uv_unref((uv_handle_t *)&p->check);
     ac->ev.data = p;
     ac->ev.addRead = ev_add_read;
     ac->ev.delRead = ev_del_read;

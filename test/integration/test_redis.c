@@ -379,6 +379,35 @@ Test(redis_async, commands_run_and_each_callback_runs_once)
     loop_close(&l);
 }
 
+Test(redis_async, output_larger_than_the_socket_takes_goes_out_whole_in_order)
+{
+    loop_t l;
+    loop_init(&l);
+    bg_redis_async_t *c = bg_redis_async_new(&l.loop, srv.url, 5000);
+    cr_assert_not_null(c);
+    cr_assert(wait_connected(&l, c, 3000));
+    /* 16 MiB in one loop turn: more than the socket buffers take, so the rest of the write waits
+     * for the socket to drain; the commands queued behind it come after it, in order */
+    size_t big = 16u << 20;
+    char *value = malloc(big + 1);
+    memset(value, 'v', big);
+    value[big] = '\0';
+    rec_t set = {0}, len = {0}, after = {0};
+    const char *argv[] = {"SET", "big", value};
+    const size_t lens[] = {3, 3, big};
+    cr_assert_eq(bg_redis_async_argv(c, record, &set, 3, argv, lens), 0);
+    cr_assert_eq(send_cmd(c, &len, "STRLEN", "big", NULL), 0);
+    cr_assert_eq(send_cmd(c, &after, "ECHO", "after", NULL), 0);
+    cr_assert(run_until_calls(&l, &after, 1, 10000));
+    cr_assert_eq(set.calls, 1);
+    cr_assert_eq(set.err, 0);
+    cr_assert_eq(len.integer, (long long)big, "the whole value arrived");
+    cr_assert_str_eq(after.str, "after");
+    free(value);
+    bg_redis_async_free(c);
+    loop_close(&l);
+}
+
 Test(redis_async, script_is_loaded_again_after_script_flush)
 {
     bg_redis_t *r = client(1000);
