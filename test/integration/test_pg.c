@@ -166,7 +166,7 @@ static int prepared_count(PGconn *c, const char *sql)
     cr_assert_eq(bg_pg_exec(c, "SELECT count(*) FROM pg_prepared_statements WHERE statement = $1",
                             1, p, &res),
                  0);
-    int n = atoi(bg_pg_value(res, 0, 0));
+    int n = (int)strtol(bg_pg_value(res, 0, 0), NULL, 10);
     PQclear(res);
     return n;
 }
