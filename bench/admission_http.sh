@@ -22,6 +22,7 @@
 # Prints on stdout:
 #   admission_http rps=<requests/s> p50_ms=… p99_ms=… ratio_to_baseline=<rps / edge_baseline rps>
 #     redis_cmds_per_admit=<EVALSHA calls / requests admitted> evalsha_us_per_call=<inside Redis>
+#     round_trips_per_admit=<(EVALSHA + the session check's MGET) / requests admitted>
 # Everything else goes to stderr. It fails when any measured request answers other than 202.
 # Percentiles are nearest-rank over h2load's per-request log, as in edge_baseline.sh.
 set -euo pipefail
@@ -118,7 +119,9 @@ admitted=$((admitted_after - admitted_before))
     log "warning: $admitted new reservations for $accepted 2xx answers (expired reservations purged?)"
 read -r evalsha_calls evalsha_us < <(cmdstat evalsha)
 read -r eval_calls _ < <(cmdstat eval)
-log "EVALSHA calls $evalsha_calls, EVAL calls $eval_calls, admitted $admitted, stream length $(stream_len)"
+# the edge's session check (revocation, not-before, locale); admit.lua itself makes no MGET
+read -r mget_calls _ < <(cmdstat mget)
+log "EVALSHA calls $evalsha_calls, EVAL calls $eval_calls, MGET calls $mget_calls, admitted $admitted, stream length $(stream_len)"
 
 rps=$(rps_of "$tmp/h2load.txt")
 read -r p50 p99 < <(percentiles "$tmp/requests.log") || die "empty h2load request log"
@@ -126,5 +129,8 @@ ratio=$(awk -v a="$rps" -v b="$baseline_rps" 'BEGIN { printf "%.3f", a / b }')
 per_admit=$(awk -v a="$((evalsha_calls + eval_calls))" -v b="$admitted" \
     'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }')
 
-printf 'admission_http rps=%.0f p50_ms=%s p99_ms=%s ratio_to_baseline=%s redis_cmds_per_admit=%s evalsha_us_per_call=%s\n' \
-    "$rps" "$p50" "$p99" "$ratio" "$per_admit" "$evalsha_us"
+round_trips=$(awk -v a="$((evalsha_calls + eval_calls + mget_calls))" -v b="$admitted" \
+    'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }')
+
+printf 'admission_http rps=%.0f p50_ms=%s p99_ms=%s ratio_to_baseline=%s redis_cmds_per_admit=%s evalsha_us_per_call=%s round_trips_per_admit=%s\n' \
+    "$rps" "$p50" "$p99" "$ratio" "$per_admit" "$evalsha_us" "$round_trips"
