@@ -233,33 +233,61 @@ typedef struct st_auth_pending {
     bool is_admin;
 } auth_pending_t;
 
-static void on_state(void *ud, int err, const redisReply *reply)
+/* The keys of the session state one MGET reads: revocation mark, not-before time, locale. */
+static int state_keys(const edge_req_t *er, char k_rev[160], char k_nbf[160], char k_loc[160])
 {
-    edge_req_t *er = ud;
-    if (er->req == NULL)
-        goto done;
-    if (err != 0 || reply->type != REDIS_REPLY_ARRAY || reply->elements != 3) {
-        edge_error(er, "service_unavailable", NULL, NULL, 1);
-        goto done;
-    }
+    if (bg_authstate_key_revoked(k_rev, 160, er->auth.shard, er->auth.session_id) != 0 ||
+        bg_authstate_key_nbf(k_nbf, 160, er->auth.shard, er->auth.user_id) != 0 ||
+        bg_authstate_key_locale(k_loc, 160, er->auth.shard, er->auth.user_id) != 0)
+        return BG_ERR_INVALID;
+    return 0;
+}
+
+/*
+ * Reads an MGET of state_keys into er: the user's locale. Returns "service_unavailable" for a
+ * reply that is not one, "unauthorized" when the session was revoked or the token was issued
+ * before the user's not-before time, or NULL when the session is live.
+ */
+static const char *read_state(edge_req_t *er, int err, const redisReply *reply)
+{
+    if (err != 0 || reply->type != REDIS_REPLY_ARRAY || reply->elements != 3)
+        return "service_unavailable";
     const redisReply *rev = reply->element[0], *nbf = reply->element[1], *loc = reply->element[2];
-    auth_pending_t pending = *(auth_pending_t *)er->data;
-    free(er->data);
-    er->data = NULL;
-    if (rev->type == REDIS_REPLY_STRING) {
-        edge_error(er, "unauthorized", "{\"reason\":\"session_revoked\"}", NULL, 0);
-        goto done;
-    }
+    if (rev->type == REDIS_REPLY_STRING)
+        return "unauthorized";
     /* the mark is in milliseconds: a sign-in right after a role change is not caught by it */
-    if (nbf->type == REDIS_REPLY_STRING && strtoll(nbf->str, NULL, 10) > pending.issued_ms) {
-        edge_error(er, "unauthorized", "{\"reason\":\"session_revoked\"}", NULL, 0);
-        goto done;
-    }
+    if (nbf->type == REDIS_REPLY_STRING && strtoll(nbf->str, NULL, 10) > er->auth.issued_ms)
+        return "unauthorized";
     if (loc->type == REDIS_REPLY_STRING && loc->len < sizeof(er->locale_buf)) {
         memcpy(er->locale_buf, loc->str, loc->len);
         er->locale_buf[loc->len] = '\0';
         if (bg_i18n_is_supported(er->locale_buf))
             er->locale = bg_i18n_negotiate(er->locale_buf, NULL);
+    }
+    return NULL;
+}
+
+static void refuse(edge_req_t *er, const char *code)
+{
+    if (strcmp(code, "unauthorized") == 0)
+        edge_error(er, "unauthorized", "{\"reason\":\"session_revoked\"}", NULL, 0);
+    else
+        edge_error(er, code, NULL, NULL, 1);
+}
+
+static void on_state(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    if (er->req == NULL)
+        goto done;
+    const char *refused = read_state(er, err, reply);
+    auth_pending_t pending = *(auth_pending_t *)er->data;
+    free(er->data);
+    er->data = NULL;
+    er->data_free = NULL;
+    if (refused != NULL) {
+        refuse(er, refused);
+        goto done;
     }
     /* only a live session learns that it lacks the role (a dead one gets 401 above) */
     if (pending.needs_admin && !pending.is_admin) {
@@ -323,18 +351,23 @@ void edge_auth_run(edge_req_t *er)
     er->auth.shard = bg_shard_of(claims.sub, s->cfg->shards);
 
     char k_rev[160], k_nbf[160], k_loc[160];
-    if (bg_authstate_key_revoked(k_rev, sizeof(k_rev), er->auth.shard, claims.sid) != 0 ||
-        bg_authstate_key_nbf(k_nbf, sizeof(k_nbf), er->auth.shard, claims.sub) != 0 ||
-        bg_authstate_key_locale(k_loc, sizeof(k_loc), er->auth.shard, claims.sub) != 0) {
+    if (state_keys(er, k_rev, k_nbf, k_loc) != 0) {
         edge_error(er, "unauthorized", NULL, NULL, 0);
         return;
     }
-    auth_pending_t *p = bg_malloc(sizeof(*p));
     bg_uuid_t jti;
-    p->issued_ms =
+    er->auth.issued_ms =
         bg_id_uuid_parse(claims.jti, strlen(claims.jti), &jti) == 0 && bg_id_uuid_version(&jti) == 7
             ? bg_id_uuid_v7_ms(&jti)
             : claims.iat * 1000;
+    if ((route->flags & EDGE_ROUTE_SESSION_IN_ADMISSION) != 0 && route->auth == EDGE_USER) {
+        /* the admission script reads the session state; a response before it waits for it */
+        er->auth.unconfirmed = true;
+        run_handler(er);
+        return;
+    }
+    auth_pending_t *p = bg_malloc(sizeof(*p));
+    p->issued_ms = er->auth.issued_ms;
     p->needs_admin = route->auth == EDGE_ADMIN;
     p->is_admin = strcmp(claims.role, "admin") == 0;
     er->data = p;
@@ -342,6 +375,47 @@ void edge_auth_run(edge_req_t *er)
     const char *argv[] = {"MGET", k_rev, k_nbf, k_loc};
     edge_req_ref(er);
     if (bg_redis_async_argv(er->thread->redis, on_state, er, 4, argv, NULL) != 0) {
+        edge_req_unref(er);
+        edge_error(er, "service_unavailable", NULL, NULL, 1);
+    }
+}
+
+/* The session read of edge_auth_recheck came back: refuse, or run the handler again. */
+static void on_recheck(void *ud, int err, const redisReply *reply)
+{
+    edge_req_t *er = ud;
+    if (er->req == NULL)
+        goto done;
+    const char *refused = read_state(er, err, reply);
+    if (refused != NULL) {
+        refuse(er, refused);
+        goto done;
+    }
+    /* from the start, with what the first run left gone: its state, its body, its headers */
+    if (er->data_free != NULL)
+        er->data_free(er->data);
+    er->data = NULL;
+    er->data_free = NULL;
+    bg_json_doc_free(er->body_doc);
+    er->body_doc = NULL;
+    er->err_param[0] = '\0';
+    run_handler(er);
+done:
+    edge_req_unref(er);
+}
+
+void edge_auth_recheck(edge_req_t *er)
+{
+    er->auth.unconfirmed = false; /* whatever comes next answers for real */
+    er->req->res.headers = (h2o_headers_t){NULL, 0, 0};
+    char k_rev[160], k_nbf[160], k_loc[160];
+    if (state_keys(er, k_rev, k_nbf, k_loc) != 0) {
+        edge_error(er, "unauthorized", NULL, NULL, 0);
+        return;
+    }
+    const char *argv[] = {"MGET", k_rev, k_nbf, k_loc};
+    edge_req_ref(er);
+    if (bg_redis_async_argv(er->thread->redis, on_recheck, er, 4, argv, NULL) != 0) {
         edge_req_unref(er);
         edge_error(er, "service_unavailable", NULL, NULL, 1);
     }

@@ -93,6 +93,10 @@ typedef struct st_edge_auth {
     char session_id[64];
     char role[16];
     int shard;
+    int64_t issued_ms; /**< when the access token was issued (unix ms) */
+    /** the session's revocation state is not read yet: the route's admission script reads it
+     * (EDGE_ROUTE_SESSION_IN_ADMISSION); any other answer is replaced by edge_auth_recheck's */
+    bool unconfirmed;
 } edge_auth_t;
 
 /** Per-request context, reference-counted (see the file comment). Touch only on its loop thread. */
@@ -118,6 +122,12 @@ struct st_edge_req {
 
 enum {
     EDGE_ROUTE_JSON = 1 << 0, /**< a body, when present, must be application/json */
+    /** a signed-in route whose admission script checks the session (bg_admission_req_t
+     * session_id): the edge skips its own read of the session state, so the turn is one Redis
+     * round trip; any other answer makes the edge read the session and run the handler again
+     * (edge_auth_recheck), so it is as if the session had been read first. The handler must
+     * have no effect before its admission */
+    EDGE_ROUTE_SESSION_IN_ADMISSION = 1 << 1,
 };
 
 /** What a route requires of its caller (checked before the handler runs). */
@@ -235,6 +245,14 @@ void edge_error(edge_req_t *er, const char *code, const char *details_json,
                 const char *const params[], int retry_after_s);
 
 /* ---- authentication, cookies, CORS, CSRF (auth.c) ---- */
+
+/**
+ * For a request whose session is not confirmed yet (er->auth.unconfirmed) that is about to be
+ * answered otherwise than by admission: drops that answer, reads the session's state as for any
+ * route, and answers 401 (revoked), 503 (Redis cannot answer) or runs the route's handler again
+ * with the session confirmed and the user's locale known. edge_respond calls it.
+ */
+void edge_auth_recheck(edge_req_t *er);
 
 /** Loads the key ring and the allowed origins. Returns 0 or BG_ERR_CONFIG (logged). */
 BG_MUSTCHECK int edge_auth_init(edge_server_t *s);

@@ -194,6 +194,10 @@ void edge_respond(edge_req_t *er, int status, const char *content_type, const ch
     h2o_req_t *req = er->req;
     if (req == NULL)
         return;
+    if (er->auth.unconfirmed) {
+        edge_auth_recheck(er); /* the answer comes from the handler's second run */
+        return;
+    }
     req->res.status = status;
     req->res.reason = "OK"; /* HTTP/1.1 reason phrases carry no meaning; h2 has none */
     add_common_headers(er);

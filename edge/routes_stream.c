@@ -28,6 +28,7 @@
 #include "bg/channel.h"
 #include "bg/chat.h"
 #include "bg/err.h"
+#include "bg/i18n.h"
 #include "bg/id.h"
 #include "bg/json.h"
 #include "bg/log.h"
@@ -112,6 +113,16 @@ static void respond_admitted(edge_req_t *er, turn_op_t *op)
 static void admitted(edge_req_t *er, void *arg, const bg_admission_decision_t *d)
 {
     turn_op_t *op = arg;
+    /* the script read the session (EDGE_ROUTE_SESSION_IN_ADMISSION): its answer is final */
+    er->auth.unconfirmed = false;
+    if (d->verdict == BG_ADMISSION_REVOKED) {
+        edge_error(er, "unauthorized", "{\"reason\":\"session_revoked\"}", NULL, 0);
+        return;
+    }
+    if (d->locale[0] != '\0' && bg_i18n_is_supported(d->locale)) {
+        bg_strlcpy(er->locale_buf, d->locale, sizeof(er->locale_buf));
+        er->locale = bg_i18n_negotiate(er->locale_buf, NULL);
+    }
     edge_admission_headers(er, d);
     if (d->verdict != BG_ADMISSION_OK) {
         edge_error(er, bg_admission_error_code(d->verdict), NULL, NULL,
@@ -139,6 +150,11 @@ static void admit(edge_req_t *er, turn_op_t *op)
     if (rc != 0) {
         edge_fail(er, rc);
         return;
+    }
+    if (er->auth.unconfirmed) {
+        /* one round trip: the script checks the session first (bg_admission_req_t) */
+        op->job.admission.session_id = er->auth.session_id;
+        op->job.admission.issued_ms = er->auth.issued_ms;
     }
     edge_admit(er, &op->job.admission, admitted, op);
 }
@@ -327,7 +343,7 @@ static void job_cancel(edge_req_t *er)
 
 const edge_route_t edge_routes_stream[] = {
     {"POST", "/chat/conversations/{id}/messages", "chat_messages_post", messages_post,
-     EDGE_ROUTE_JSON, 262144, EDGE_USER},
+     EDGE_ROUTE_JSON | EDGE_ROUTE_SESSION_IN_ADMISSION, 262144, EDGE_USER},
     {"GET", "/chat/jobs/{id}/stream", "chat_job_stream", job_stream, 0, 0, EDGE_USER},
     {"POST", "/chat/jobs/{id}/cancel", "chat_job_cancel", job_cancel, 0, 0, EDGE_USER},
     {NULL, NULL, NULL, NULL, 0, 0, EDGE_PUBLIC},

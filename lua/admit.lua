@@ -10,13 +10,18 @@
 -- KEYS[4] details     bg:{sN}:resd:<uid>  (hash: job id -> "<window start>|<reserved tokens>")
 -- KEYS[5] job stream  bg:{sN}:q:<role>
 -- KEYS[6] job owner   bg:{sN}:job:<job id> (written only when ARGV[9] is not "")
+-- KEYS[7..9] the caller's session state (bg/authstate.h; read only when ARGV[11] is not ""):
+--             bg:{sN}:sess:<sid>:rev, bg:{sN}:user:<uid>:nbf, bg:{sN}:user:<uid>:locale
 -- ARGV[1] job id  ARGV[2] feature needed ("" none)  ARGV[3] max tokens (0 none)
 -- ARGV[4] API key id ("" none)  ARGV[5] key rpm (0 no key limit)  ARGV[6] key burst
 -- ARGV[7] reservation ttl ms  ARGV[8] stream maxlen  ARGV[9] the job's owner to record ("" none)
--- ARGV[10] its ttl in seconds  ARGV[11..] field, value, ... of the job
+-- ARGV[10] its ttl in seconds  ARGV[11] when the caller's access token was issued (ms; "" when
+-- the caller checked the session itself)  ARGV[12..] field, value, ... of the job
 --
 -- Returns {decision, q_limit, q_remaining, q_reset_ms, rl_limit, rl_remaining, rl_reset_ms,
--- retry_after_ms, entry_id}: q_reset_ms is a unix time (the end of the quota window, never after
+-- retry_after_ms, entry_id, locale}: decision "revoked" when the session was revoked or the user's
+-- tokens issued before its not-before time (checked first: a revoked session learns nothing else);
+-- locale is the user's remembered locale ("" when none or not asked); q_reset_ms is a unix time (the end of the quota window, never after
 -- the plan's end); rl_reset_ms (until the reported rate limit is fully replenished) and
 -- retry_after_ms are durations. rl_limit is the rpm of the tighter of the two rate limits (the one
 -- that denied, on a rate denial), 0 when none applies. entry_id is "" unless the decision is "ok".
@@ -49,8 +54,9 @@ local key_rpm = (key_id == '' or ARGV[5] == '0') and 0 or floor(tonumber(ARGV[5]
 local ttl = floor(tonumber(ARGV[7]) or 0)
 local maxlen = floor(tonumber(ARGV[8]) or 0)
 local owner, owner_ttl = ARGV[9], ARGV[10]
-if job_id == '' or max_tok < 0 or key_rpm < 0 or ttl <= 0 or maxlen <= 0 or #ARGV % 2 ~= 0 or
-    (owner ~= '' and not tonumber(owner_ttl)) then
+local issued = ARGV[11]
+if job_id == '' or max_tok < 0 or key_rpm < 0 or ttl <= 0 or maxlen <= 0 or #ARGV % 2 ~= 1 or
+    (owner ~= '' and not tonumber(owner_ttl)) or (issued ~= '' and not tonumber(issued)) then
     return redis.error_reply('ERR admit: bad arguments')
 end
 
@@ -66,10 +72,21 @@ local now_ms = floor(now)
 -- the same as a string, without formatting a number: seconds, then the microseconds' first 3 digits
 local now_ms_s = t[1] .. ssub(string.rep('0', 6 - #t[2]) .. t[2], 1, 3)
 
+local locale = ''
 local function deny(decision, q, rl, retry)
-    return {decision, q[1], q[2], q[3], rl[1], rl[2], rl[3], max(0, ceil(retry)), ''}
+    return {decision, q[1], q[2], q[3], rl[1], rl[2], rl[3], max(0, ceil(retry)), '', locale}
 end
 local NONE = {0, 0, 0}
+
+-- 0. the session, when the caller left its check to this script (one round trip for the turn)
+if issued ~= '' then
+    local a = redis.call('MGET', KEYS[7], KEYS[8], KEYS[9])
+    -- the not-before mark is in milliseconds, like issued (a UUIDv7's time)
+    if a[1] or (a[2] and (tonumber(a[2]) or 0) > tonumber(issued)) then
+        return deny('revoked', NONE, NONE, 0)
+    end
+    locale = a[3] or ''
+end
 
 -- 1. state
 local c = redis.call('HMGET', adm, 'status', 'q_limit', 'w_anchor', 'w_len', 'w_until', 'rpm',
@@ -231,8 +248,20 @@ end
 if redis.call('HSETNX', resd, job_id, sformat('%d|%d', win, reserve_tok)) == 0 then
     return redis.error_reply('ERR admit: job id already reserved')
 end
+-- the job's "locale" field is the request's guess; the user's remembered locale, when this
+-- script read it, is the one the job must carry (as when the caller read the session itself)
+local fields = ARGV
+if locale ~= '' then
+    for i = 12, #ARGV - 1, 2 do
+        if ARGV[i] == 'locale' then
+            fields = {unpack(ARGV)}
+            fields[i + 1] = locale
+            break
+        end
+    end
+end
 local entry_id = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'job_id', job_id,
-    unpack(ARGV, 11))
+    unpack(fields, 12))
 if type(entry_id) == 'table' and entry_id.err then
     redis.call('HDEL', resd, job_id)
     return entry_id
@@ -286,4 +315,5 @@ if n > 0 then
 end
 
 rl = rate_info('after')
-return {'ok', q_limit, max(0, q_limit - used - held - 1), reset, rl[1], rl[2], rl[3], 0, entry_id}
+return {'ok', q_limit, max(0, q_limit - used - held - 1), reset, rl[1], rl[2], rl[3], 0, entry_id,
+    locale}

@@ -13,14 +13,15 @@
 #include <string.h>
 
 #include "bg/admission.h"
+#include "bg/authstate.h"
 #include "bg/err.h"
 #include "bg/log.h"
 #include "bg/timeutil.h"
 
-#define ADMIT_KEYS 6
-#define ADMIT_FIXED_ARGS 10
+#define ADMIT_KEYS 9
+#define ADMIT_FIXED_ARGS 11
 #define SETTLE_KEYS 4
-#define REPLY_ELEMENTS 9
+#define REPLY_ELEMENTS 10
 
 static const char *const verdict_names[] = {
     [BG_ADMISSION_OK] = "ok",
@@ -31,6 +32,7 @@ static const char *const verdict_names[] = {
     [BG_ADMISSION_CONCURRENCY] = "concurrency",
     [BG_ADMISSION_QUOTA_EXCEEDED] = "quota_exceeded",
     [BG_ADMISSION_TOO_MANY_TOKENS] = "too_many_tokens",
+    [BG_ADMISSION_REVOKED] = "revoked",
 };
 
 static const char *const verdict_errors[] = {
@@ -42,6 +44,7 @@ static const char *const verdict_errors[] = {
     [BG_ADMISSION_CONCURRENCY] = "rate_limited",
     [BG_ADMISSION_QUOTA_EXCEEDED] = "quota_exceeded",
     [BG_ADMISSION_TOO_MANY_TOKENS] = "validation_failed",
+    [BG_ADMISSION_REVOKED] = "unauthorized",
 };
 
 const char *bg_admission_verdict_name(bg_admission_verdict_t v)
@@ -108,6 +111,8 @@ typedef struct st_admit_call {
     bg_admission_keys_t keys;
     char stream[BG_REDIS_KEY_MAX];
     char owner[BG_REDIS_KEY_MAX];
+    char rev[BG_REDIS_KEY_MAX], nbf[BG_REDIS_KEY_MAX], loc[BG_REDIS_KEY_MAX];
+    char issued[24];
     const char *keyv[ADMIT_KEYS];
     char max_tokens[24];
     char key_rpm[24];
@@ -147,6 +152,26 @@ static int build_admit(admit_call_t *call, int shards, const bg_admission_req_t 
         0)
         return BG_ERR_INVALID;
     call->keyv[5] = call->owner;
+    if (req->session_id != NULL) {
+        if (req->session_id[0] == '\0' || req->issued_ms <= 0 ||
+            bg_authstate_key_revoked(call->rev, sizeof(call->rev), call->keys.shard,
+                                     req->session_id) != 0 ||
+            bg_authstate_key_nbf(call->nbf, sizeof(call->nbf), call->keys.shard, req->user_id) !=
+                0 ||
+            bg_authstate_key_locale(call->loc, sizeof(call->loc), call->keys.shard, req->user_id) !=
+                0)
+            return BG_ERR_INVALID;
+        fmt_i64(call->issued, sizeof(call->issued), req->issued_ms);
+        call->keyv[6] = call->rev;
+        call->keyv[7] = call->nbf;
+        call->keyv[8] = call->loc;
+    } else {
+        /* not read: keys of the same slot stand in (every key a script may touch is in KEYS) */
+        call->issued[0] = '\0';
+        call->keyv[6] = call->keys.adm;
+        call->keyv[7] = call->keys.adm;
+        call->keyv[8] = call->keys.adm;
+    }
 
     fmt_i64(call->max_tokens, sizeof(call->max_tokens), req->max_tokens);
     /* a key limit only exists with a key */
@@ -165,6 +190,7 @@ static int build_admit(admit_call_t *call, int shards, const bg_admission_req_t 
     call->argv[n++] = call->maxlen;
     call->argv[n++] = req->record_owner ? req->user_id : "";
     call->argv[n++] = BG_ADMISSION_OWNER_TTL_S_STR;
+    call->argv[n++] = call->issued;
     for (size_t i = 0; i < 2 * req->nfields; i++) {
         if (req->fields[i] == NULL)
             return BG_ERR_INVALID;
@@ -195,7 +221,8 @@ static int parse_decision(const redisReply *reply, bg_admission_decision_t *d)
 {
     memset(d, 0, sizeof(*d));
     if (reply == NULL || reply->type != REDIS_REPLY_ARRAY || reply->elements != REPLY_ELEMENTS ||
-        !reply_is_string(reply->element[0]) || !reply_is_string(reply->element[8]))
+        !reply_is_string(reply->element[0]) || !reply_is_string(reply->element[8]) ||
+        !reply_is_string(reply->element[9]))
         return BG_ERR_PROTOCOL;
     size_t v = 0;
     while (v < BG_ARRAY_SIZE(verdict_names) &&
@@ -219,6 +246,11 @@ static int parse_decision(const redisReply *reply, bg_admission_decision_t *d)
     }
     memcpy(d->entry_id, id->str, id->len);
     d->entry_id[id->len] = '\0';
+    const redisReply *loc = reply->element[9];
+    if (loc->len < sizeof(d->locale)) {
+        memcpy(d->locale, loc->str, loc->len);
+        d->locale[loc->len] = '\0';
+    }
     return 0;
 }
 
@@ -411,7 +443,8 @@ size_t bg_admission_headers(const bg_admission_decision_t *d,
         h = add_header(out, &n, "x-ratelimit-reset-requests");
         fmt_duration(h->value, sizeof(h->value), d->rl_reset_ms);
     }
-    if (d->verdict != BG_ADMISSION_NO_STATE && d->verdict != BG_ADMISSION_NO_PLAN) {
+    if (d->verdict != BG_ADMISSION_NO_STATE && d->verdict != BG_ADMISSION_NO_PLAN &&
+        d->verdict != BG_ADMISSION_REVOKED) {
         h = add_header(out, &n, "x-quota-limit");
         fmt_i64(h->value, sizeof(h->value), d->q_limit);
         h = add_header(out, &n, "x-quota-remaining");

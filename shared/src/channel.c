@@ -127,6 +127,7 @@ bg_refusal_t bg_turn_refusal(bg_admission_verdict_t v)
     case BG_ADMISSION_TOO_MANY_TOKENS:
         return BG_REFUSAL_TOO_LONG;
     case BG_ADMISSION_NO_STATE:
+    case BG_ADMISSION_REVOKED: /* channels that check sessions themselves never ask the script */
         break;
     }
     return BG_REFUSAL_UNAVAILABLE;

@@ -414,6 +414,96 @@ Test(chat_stream, a_posted_message_streams_the_workers_output_until_done)
     wait_streams_open(S.base, 0);
 }
 
+static long long llm_queue_len(int shard)
+{
+    char key[64];
+    snprintf(key, sizeof(key), "bg:{s%d}:q:llm", shard);
+    redisReply *r = redis("XLEN %s", key, NULL, NULL, NULL);
+    long long n = r->integer;
+    freeReplyObject(r);
+    return n;
+}
+
+Test(chat_stream, a_turn_is_one_redis_round_trip_and_a_revoked_session_gets_401_first)
+{
+    user_t u;
+    new_user("session@chat.example", "ru", &u);
+
+    /* the first turn compiles the user's admission state from Postgres (bg/policy.h) */
+    call_t c;
+    post_message(&c, &u, "First", true);
+    cr_assert_eq(call(&c), 202, "%s", c.resp.body);
+    bgt_resp_free(&c.resp);
+    generous_limits(&u); /* no worker takes the first job: lift the concurrency cap */
+
+    /* an admitted turn: the admission script checks the session, the edge sends nothing else.
+     * MONITOR tells the commands clients send from those a script runs ("[0 lua]"). */
+    redisContext *mon = redisConnect("127.0.0.1", S.redis.port);
+    cr_assert(mon != NULL && mon->err == 0);
+    redisReply *ok = redisCommand(mon, "MONITOR");
+    cr_assert(ok != NULL && ok->type == REDIS_REPLY_STATUS);
+    freeReplyObject(ok);
+    post_message(&c, &u, "Hello", true);
+    cr_assert_eq(call(&c), 202, "%s", c.resp.body);
+    bgt_resp_free(&c.resp);
+    redisReply *ping = redis("ECHO %s", "end-of-turn", NULL, NULL, NULL);
+    freeReplyObject(ping);
+    struct timeval tv = {5, 0};
+    redisSetTimeout(mon, tv);
+    int sent = 0, scripts = 0, script_mget = 0;
+    for (;;) {
+        void *line = NULL;
+        cr_assert_eq(redisGetReply(mon, &line), REDIS_OK, "MONITOR stopped");
+        const char *t = ((redisReply *)line)->str;
+        bool from_lua = strstr(t, "[0 lua]") != NULL;
+        bool end = strstr(t, "\"end-of-turn\"") != NULL;
+        /* the user's own commands: not the edge's periodic reads (policy versions, …) */
+        if (!from_lua && !end && strstr(t, u.id) != NULL) {
+            cr_log_info("sent: %s", t);
+            sent++;
+            scripts += strstr(t, "\"EVALSHA\"") != NULL || strstr(t, "\"evalsha\"") != NULL;
+        }
+        script_mget += from_lua && (strstr(t, "\"MGET\"") != NULL || strstr(t, "\"mget\"") != NULL);
+        freeReplyObject(line);
+        if (end)
+            break;
+    }
+    redisFree(mon);
+    cr_assert_eq(sent, 1, "one command sent for the turn, not %d", sent);
+    cr_assert_eq(scripts, 1, "and it is the admission script");
+    cr_assert_eq(script_mget, 1, "which read the session state itself");
+
+    /* any other answer is given as if the session had been read first: in the user's language */
+    post_message(&c, &u, "", false);
+    cr_assert_eq(call(&c), 422, "%s", c.resp.body);
+    char msg[512];
+    get_str(c.resp.body, (const char *const[]){"error", "message", NULL}, msg, sizeof(msg));
+    cr_assert((unsigned char)msg[0] >= 0xD0, "in Russian, the user's locale: %s", msg);
+    bgt_resp_free(&c.resp);
+    call_t f = {.method = "POST", .token = u.token, .body = "{\"content\":\"Hi\"}"};
+    snprintf(f.path, sizeof(f.path),
+             "/chat/conversations/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/messages");
+    cr_assert_eq(call(&f), 404, "%s", f.resp.body);
+    bgt_resp_free(&f.resp);
+
+    /* signed out: 401 before anything else, and nothing admitted */
+    call_t out = {.method = "POST", .path = "/auth/logout", .token = u.token, .body = "{}"};
+    long st = call(&out);
+    cr_assert(st == 200 || st == 204, "logout: %ld %s", st, out.resp.body);
+    bgt_resp_free(&out.resp);
+    long long queued = llm_queue_len(u.shard);
+    post_message(&c, &u, "Still there?", false);
+    cr_assert_eq(call(&c), 401, "%s", c.resp.body);
+    cr_assert(strstr(c.resp.body, "session_revoked") != NULL, "%s", c.resp.body);
+    bgt_resp_free(&c.resp);
+    cr_assert_eq(llm_queue_len(u.shard), queued, "a revoked session admits nothing");
+    post_message(&c, &u, "", false);
+    cr_assert_eq(call(&c), 401, "not the 422 of a live session: %s", c.resp.body);
+    bgt_resp_free(&c.resp);
+    cr_assert_eq(call(&f), 401, "not the 404 of a live session: %s", f.resp.body);
+    bgt_resp_free(&f.resp);
+}
+
 Test(chat_stream, an_error_event_is_localized_and_ends_the_stream)
 {
     user_t u;

@@ -17,6 +17,7 @@
 #include <uv.h>
 
 #include "bg/admission.h"
+#include "bg/authstate.h"
 #include "bg/err.h"
 #include "bg/redis.h"
 #include "bg/redis_async.h"
@@ -743,6 +744,91 @@ Test(admission, key_rate_limit_is_independent_of_the_users)
         snprintf(job, sizeof(job), "d%d", i);
         expect(r, "u-k", job, &k4, BG_ADMISSION_OK);
     }
+    bg_redis_free(r);
+}
+
+/* Admits job for uid with the session check left to the script (as the web chat turn does). */
+static bg_admission_decision_t expect_session(bg_redis_t *r, const char *uid, const char *sid,
+                                              int64_t issued_ms, const char *job,
+                                              bg_admission_verdict_t want)
+{
+    static const char *const fields[] = {"conversation_id", "c-42", "locale", "en"};
+    bg_admission_req_t req = {.user_id = uid,
+                              .role = "llm",
+                              .job_id = job,
+                              .nfields = 2,
+                              .fields = fields,
+                              .reservation_ttl_ms = 60000,
+                              .stream_maxlen = 100000,
+                              .record_owner = true,
+                              .session_id = sid,
+                              .issued_ms = issued_ms};
+    bg_admission_decision_t d;
+    int rc = bg_admission_admit(r, SHARDS, &req, &d);
+    cr_assert_eq(rc, 0, "admit %s: %s", job, bg_strerror(rc));
+    cr_assert_eq(d.verdict, want, "admit %s: %s, expected %s", job,
+                 bg_admission_verdict_name(d.verdict), bg_admission_verdict_name(want));
+    return d;
+}
+
+Test(admission, the_script_checks_the_session_first_when_asked_and_a_revoked_one_admits_nothing)
+{
+    bg_redis_t *r = client();
+    cfg_t c = cfg_default();
+    put_config(r, "u-sess", &c);
+    int shard = bg_shard_of("u-sess", SHARDS);
+    int64_t issued = bg_timeutil_wall_ms() - 1000;
+    char k_rev[160], k_nbf[160], k_loc[160];
+    cr_assert_eq(bg_authstate_key_revoked(k_rev, sizeof(k_rev), shard, "s-1"), 0);
+    cr_assert_eq(bg_authstate_key_nbf(k_nbf, sizeof(k_nbf), shard, "u-sess"), 0);
+    cr_assert_eq(bg_authstate_key_locale(k_loc, sizeof(k_loc), shard, "u-sess"), 0);
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_command(r, &reply, "SET %s ru", k_loc), 0);
+    freeReplyObject(reply);
+
+    /* a live session: admitted, the user's locale known and carried by the job */
+    bg_admission_decision_t d = expect_session(r, "u-sess", "s-1", issued, "sj1", BG_ADMISSION_OK);
+    cr_assert_str_eq(d.locale, "ru");
+    char stream[BG_REDIS_KEY_MAX];
+    stream_of("u-sess", stream, sizeof(stream));
+    cr_assert_eq(bg_redis_command(r, &reply, "XRANGE %s - +", stream), 0);
+    cr_assert_eq(reply->elements, 1);
+    const redisReply *f = reply->element[0]->element[1];
+    bool found = false;
+    for (size_t i = 0; i + 1 < f->elements; i += 2) {
+        if (strcmp(f->element[i]->str, "locale") == 0) {
+            cr_assert_str_eq(f->element[i + 1]->str, "ru", "the remembered locale, not the guess");
+            found = true;
+        }
+    }
+    cr_assert(found);
+    freeReplyObject(reply);
+    /* without the session check (another channel): nothing of it is read or reported */
+    d = expect(r, "u-sess", "sj2", NULL, BG_ADMISSION_OK);
+    cr_assert_str_eq(d.locale, "");
+
+    /* revoked: denied before anything else, and nothing written at all */
+    cr_assert_eq(bg_redis_command(r, &reply, "SET %s 1", k_rev), 0);
+    freeReplyObject(reply);
+    snap_t before = snapshot(r);
+    d = expect_session(r, "u-sess", "s-1", issued, "sj3", BG_ADMISSION_REVOKED);
+    cr_assert_str_eq(bg_admission_error_code(d.verdict), "unauthorized");
+    cr_assert_eq(d.q_limit, 0, "a revoked session learns nothing of the quota");
+    snap_t after = snapshot(r);
+    assert_same(&before, &after, "revoked");
+    free(before.text);
+    free(after.text);
+    bg_admission_header_t h[BG_ADMISSION_HEADERS_MAX];
+    cr_assert_eq(bg_admission_headers(&d, h), 0, "and no headers");
+
+    /* another session of the user is not revoked; a not-before time after its token is */
+    expect_session(r, "u-sess", "s-2", issued, "sj4", BG_ADMISSION_OK);
+    char nbf[24];
+    snprintf(nbf, sizeof(nbf), "%lld", (long long)(issued + 1));
+    cr_assert_eq(bg_redis_command(r, &reply, "SET %s %s", k_nbf, nbf), 0);
+    freeReplyObject(reply);
+    expect_session(r, "u-sess", "s-2", issued, "sj5", BG_ADMISSION_REVOKED);
+    expect_session(r, "u-sess", "s-2", issued + 2, "sj6", BG_ADMISSION_OK);
     bg_redis_free(r);
 }
 

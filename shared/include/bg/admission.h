@@ -77,6 +77,7 @@ typedef enum bg_admission_verdict {
     BG_ADMISSION_CONCURRENCY,     /**< as many generations running as the plan allows */
     BG_ADMISSION_QUOTA_EXCEEDED,  /**< no requests (or tokens) left in the window */
     BG_ADMISSION_TOO_MANY_TOKENS, /**< max tokens asked above the plan's per-request cap */
+    BG_ADMISSION_REVOKED, /**< the caller's session is revoked (checked when session_id is set) */
 } bg_admission_verdict_t;
 
 /** Returns the script's name of a verdict ("ok", "quota_exceeded", …); static. */
@@ -85,7 +86,8 @@ const char *bg_admission_verdict_name(bg_admission_verdict_t v);
 /**
  * Returns the API error code (err.h table) a denial answers with: "service_unavailable" (503) for
  * no_state, "payment_required" (402), "feature_not_in_plan" (403), "rate_limited" (429, also for
- * concurrency), "quota_exceeded" (429), "validation_failed" (422, too many tokens); NULL for ok.
+ * concurrency), "quota_exceeded" (429), "validation_failed" (422, too many tokens),
+ * "unauthorized" (401, a revoked session); NULL for ok.
  */
 const char *bg_admission_error_code(bg_admission_verdict_t v);
 
@@ -101,6 +103,7 @@ typedef struct bg_admission_decision {
     int64_t retry_after_ms; /**< on a denial, ms after which trying again may pass; 0 when waiting
                                does not help (no plan, feature, tokens cap) */
     char entry_id[BG_JOBS_ENTRY_ID_MAX]; /**< the job's stream entry when admitted, else "" */
+    char locale[16]; /**< the user's remembered locale when the session was checked, else "" */
 } bg_admission_decision_t;
 
 /** Returns the Retry-After seconds of a denial (retry_after_ms rounded up), 0 when none applies. */
@@ -139,6 +142,12 @@ typedef struct bg_admission_req {
     /** also record, in the same step, user_id as the job's owner (bg_admission_key_owner) for
      * BG_ADMISSION_OWNER_TTL_S: who may read the job's output and cancel it */
     bool record_owner;
+    /** the caller's session, when the script is to check it (bg/authstate.h: revocation mark and
+     * the user's not-before time) instead of the caller: first, so that a revoked session is
+     * denied (BG_ADMISSION_REVOKED) before anything else and admits nothing; the decision then
+     * also carries the user's remembered locale. NULL: the caller checked it (or has none) */
+    const char *session_id;
+    int64_t issued_ms; /**< with session_id: when its access token was issued (unix ms) */
 } bg_admission_req_t;
 
 /**
