@@ -22,7 +22,10 @@
 # Prints on stdout:
 #   admission_http rps=<requests/s> p50_ms=… p99_ms=… ratio_to_baseline=<rps / edge_baseline rps>
 #     redis_cmds_per_admit=<EVALSHA calls / requests admitted> evalsha_us_per_call=<inside Redis>
-#     round_trips_per_admit=<(EVALSHA + the session check's MGET) / requests admitted>
+#     round_trips_per_admit=<commands the edge sent for the user / requests admitted>
+# round_trips_per_admit comes from a short MONITOR sample after the run (BENCH_SAMPLE, 200 more
+# requests, one stream at a time): commands clients sent that name the user, not the ones the
+# script ran ("[0 lua]"), over the requests admitted meanwhile.
 # Everything else goes to stderr. It fails when any measured request answers other than 202.
 # Percentiles are nearest-rank over h2load's per-request log, as in edge_baseline.sh.
 set -euo pipefail
@@ -119,9 +122,21 @@ admitted=$((admitted_after - admitted_before))
     log "warning: $admitted new reservations for $accepted 2xx answers (expired reservations purged?)"
 read -r evalsha_calls evalsha_us < <(cmdstat evalsha)
 read -r eval_calls _ < <(cmdstat eval)
-# the edge's session check (revocation, not-before, locale); admit.lua itself makes no MGET
-read -r mget_calls _ < <(cmdstat mget)
-log "EVALSHA calls $evalsha_calls, EVAL calls $eval_calls, MGET calls $mget_calls, admitted $admitted, stream length $(stream_len)"
+log "EVALSHA calls $evalsha_calls, EVAL calls $eval_calls, admitted $admitted, stream length $(stream_len)"
+
+# Round trips per admitted request: what the edge sends for the user, seen by MONITOR.
+sample=${BENCH_SAMPLE:-200}
+"${rcli[@]}" MONITOR >"$tmp/monitor.txt" 2>/dev/null &
+monitor_pid=$!
+sleep 0.5
+before_sample=$("${rcli[@]}" ZCARD "bg:{s$shard}:res:$user_id")
+run_h2load "$tmp/sample.txt" "$url" -n "$sample" -c 1 -m 1 -t 1 -d "$tmp/turn.json" "${turn_args[@]}"
+after_sample=$("${rcli[@]}" ZCARD "bg:{s$shard}:res:$user_id")
+sleep 0.5
+kill "$monitor_pid" 2>/dev/null || true
+wait "$monitor_pid" 2>/dev/null || true
+sent=$(grep -F -- "$user_id" "$tmp/monitor.txt" | grep -vF '[0 lua]' | grep -cviF '"zcard"' || true)
+log "MONITOR sample: $sent commands sent for $((after_sample - before_sample)) admitted requests"
 
 rps=$(rps_of "$tmp/h2load.txt")
 read -r p50 p99 < <(percentiles "$tmp/requests.log") || die "empty h2load request log"
@@ -129,7 +144,7 @@ ratio=$(awk -v a="$rps" -v b="$baseline_rps" 'BEGIN { printf "%.3f", a / b }')
 per_admit=$(awk -v a="$((evalsha_calls + eval_calls))" -v b="$admitted" \
     'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }')
 
-round_trips=$(awk -v a="$((evalsha_calls + eval_calls + mget_calls))" -v b="$admitted" \
+round_trips=$(awk -v a="$sent" -v b="$((after_sample - before_sample))" \
     'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }')
 
 printf 'admission_http rps=%.0f p50_ms=%s p99_ms=%s ratio_to_baseline=%s redis_cmds_per_admit=%s evalsha_us_per_call=%s round_trips_per_admit=%s\n' \

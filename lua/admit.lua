@@ -250,18 +250,17 @@ if redis.call('HSETNX', resd, job_id, sformat('%d|%d', win, reserve_tok)) == 0 t
 end
 -- the job's "locale" field is the request's guess; the user's remembered locale, when this
 -- script read it, is the one the job must carry (as when the caller read the session itself)
-local fields = ARGV
+-- (ARGV is this call's own table: changed in place rather than copied)
 if locale ~= '' then
     for i = 12, #ARGV - 1, 2 do
         if ARGV[i] == 'locale' then
-            fields = {unpack(ARGV)}
-            fields[i + 1] = locale
+            ARGV[i + 1] = locale
             break
         end
     end
 end
 local entry_id = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'job_id', job_id,
-    unpack(fields, 12))
+    unpack(ARGV, 12))
 if type(entry_id) == 'table' and entry_id.err then
     redis.call('HDEL', resd, job_id)
     return entry_id
