@@ -363,6 +363,7 @@ void edge_auth_run(edge_req_t *er)
     if ((route->flags & EDGE_ROUTE_SESSION_IN_ADMISSION) != 0 && route->auth == EDGE_USER) {
         /* the admission script reads the session state; a response before it waits for it */
         er->auth.unconfirmed = true;
+        er->auth.headers_before = er->req->res.headers.size;
         run_handler(er);
         return;
     }
@@ -407,7 +408,9 @@ done:
 void edge_auth_recheck(edge_req_t *er)
 {
     er->auth.unconfirmed = false; /* whatever comes next answers for real */
-    er->req->res.headers = (h2o_headers_t){NULL, 0, 0};
+    /* the handler's headers go with its answer; those set before it (CORS) stay */
+    if (er->req->res.headers.size > er->auth.headers_before)
+        er->req->res.headers.size = er->auth.headers_before;
     char k_rev[160], k_nbf[160], k_loc[160];
     if (state_keys(er, k_rev, k_nbf, k_loc) != 0) {
         edge_error(er, "unauthorized", NULL, NULL, 0);

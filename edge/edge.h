@@ -97,6 +97,7 @@ typedef struct st_edge_auth {
     /** the session's revocation state is not read yet: the route's admission script reads it
      * (EDGE_ROUTE_SESSION_IN_ADMISSION); any other answer is replaced by edge_auth_recheck's */
     bool unconfirmed;
+    size_t headers_before; /**< response headers set before the handler ran (CORS, …) */
 } edge_auth_t;
 
 /** Per-request context, reference-counted (see the file comment). Touch only on its loop thread. */

@@ -473,12 +473,19 @@ Test(chat_stream, a_turn_is_one_redis_round_trip_and_a_revoked_session_gets_401_
     cr_assert_eq(scripts, 1, "and it is the admission script");
     cr_assert_eq(script_mget, 1, "which read the session state itself");
 
-    /* any other answer is given as if the session had been read first: in the user's language */
+    /* any other answer is given as if the session had been read first: in the user's language,
+     * with the headers set before the handler (CORS, for a browser on the same origin) */
     post_message(&c, &u, "", false);
+    char origin[160], hv[200];
+    snprintf(origin, sizeof(origin), "Origin: %s", S.base);
+    c.extra[0] = origin;
     cr_assert_eq(call(&c), 422, "%s", c.resp.body);
     char msg[512];
     get_str(c.resp.body, (const char *const[]){"error", "message", NULL}, msg, sizeof(msg));
     cr_assert((unsigned char)msg[0] >= 0xD0, "in Russian, the user's locale: %s", msg);
+    cr_assert_not_null(bgt_resp_header(&c.resp, "access-control-allow-origin", hv, sizeof(hv)),
+                       "%s", c.resp.headers);
+    cr_assert_str_eq(hv, S.base);
     bgt_resp_free(&c.resp);
     call_t f = {.method = "POST", .token = u.token, .body = "{\"content\":\"Hi\"}"};
     snprintf(f.path, sizeof(f.path),
