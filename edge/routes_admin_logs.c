@@ -191,39 +191,6 @@ static const char *or_null(const char *s)
     return s != NULL && s[0] != '\0' ? s : NULL;
 }
 
-/*
- * Writes {"data":[…],"next_cursor":…} from rows of (cursor position, JSON text) fetched with one
- * row more than limit: that extra row only says a next page exists, which starts after the last
- * row shown. Returns 0, BG_ERR_TOO_LARGE, or BG_ERR_IO when the cursor cannot be encoded.
- */
-static int write_page(const PGresult *res, logs_kind_t kind, int limit, bg_buf_t *out)
-{
-    int n = PQntuples(res);
-    bool more = n > limit;
-    if (more)
-        n = limit;
-    int rc = bg_buf_puts(out, "{\"data\":[");
-    for (int i = 0; i < n && rc == 0; i++) {
-        if (i > 0)
-            rc = bg_buf_putc(out, ',');
-        if (rc == 0)
-            rc = bg_buf_puts(out, PQgetvalue(res, i, 1));
-    }
-    if (rc != 0)
-        return BG_ERR_TOO_LARGE;
-    if (!more)
-        return bg_buf_puts(out, "],\"next_cursor\":null}") != 0 ? BG_ERR_TOO_LARGE : 0;
-    char raw[CURSOR_RAW_MAX + 1], cursor[2 * CURSOR_RAW_MAX];
-    int len = snprintf(raw, sizeof(raw), "%c|%s", kind == LOGS_AUDIT ? 'a' : 'r',
-                       PQgetvalue(res, n - 1, 0));
-    if (len < 0 || (size_t)len >= sizeof(raw) ||
-        bg_crypto_b64url_encode(raw, (size_t)len, cursor, sizeof(cursor)) != 0)
-        return BG_ERR_IO;
-    if (bg_buf_printf(out, "],\"next_cursor\":\"%s\"}", cursor) != 0)
-        return BG_ERR_TOO_LARGE;
-    return 0;
-}
-
 static void logs_work(void *arg)
 {
     logs_op_t *op = arg;
@@ -261,7 +228,7 @@ static void logs_work(void *arg)
     }
     if (op->rc != 0)
         return;
-    op->rc = write_page(res, op->kind, op->limit, &op->body);
+    op->rc = bg_pg_write_page(res, op->limit, op->kind == LOGS_AUDIT ? 'a' : 'r', &op->body);
     PQclear(res);
 }
 
@@ -382,7 +349,7 @@ static bool take_cursor(logs_op_t *op, const char *cursor)
     const char *id = bar + 1;
     size_t idlen = strlen(id);
     int64_t ms;
-    /* only the spelling write_page() makes: Postgres reads it back exactly */
+    /* only the spelling bg_pg_write_page() makes: Postgres reads it back exactly */
     if (strlen(ts) != 27 || ts[10] != 'T' || ts[19] != '.' || ts[26] != 'Z' ||
         bg_timeutil_parse_rfc3339(ts, 27, &ms) != 0 || ms < TIME_MIN_MS || idlen < 1 ||
         idlen > 18 || strspn(id, "0123456789") != idlen)

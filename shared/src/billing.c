@@ -812,31 +812,6 @@ int bg_billing_checkout_info(PGconn *c, const char *user_id, const char *plan_id
     return 0;
 }
 
-/*
- * Writes {"data":[…],"next_cursor"} from rows of (id, JSON text), fetched with one row more than
- * limit: that extra row only says a next page exists, whose cursor is the last shown row's id.
- * Returns 0 or BG_ERR_TOO_LARGE.
- */
-static int write_page(const PGresult *res, int limit, bg_buf_t *out)
-{
-    int n = PQntuples(res);
-    bool more = n > limit;
-    if (more)
-        n = limit;
-    int rc = bg_buf_puts(out, "{\"data\":[");
-    for (int i = 0; i < n && rc == 0; i++) {
-        if (i > 0)
-            rc = bg_buf_putc(out, ',');
-        if (rc == 0)
-            rc = bg_buf_puts(out, PQgetvalue(res, i, 1));
-    }
-    if (rc == 0 && more)
-        rc = bg_buf_printf(out, "],\"next_cursor\":\"%s\"}", PQgetvalue(res, n - 1, 0));
-    else if (rc == 0)
-        rc = bg_buf_puts(out, "],\"next_cursor\":null}");
-    return rc != 0 ? BG_ERR_TOO_LARGE : 0;
-}
-
 int bg_billing_history(PGconn *c, const char *user_id, const char *cursor, int limit, bg_buf_t *out)
 {
     if (limit < 1 || limit > BG_BILLING_HISTORY_MAX)
@@ -867,7 +842,7 @@ int bg_billing_history(PGconn *c, const char *user_id, const char *cursor, int l
         3, p, &res);
     if (rc != 0)
         return rc;
-    rc = write_page(res, limit, out);
+    rc = bg_pg_write_page(res, limit, '\0', out);
     PQclear(res);
     return rc;
 }
@@ -1004,7 +979,7 @@ int bg_billing_invoices(PGconn *c, const char *user_id, const char *cursor, int 
                         3, p, &res);
     if (rc != 0)
         return rc;
-    rc = write_page(res, limit, out);
+    rc = bg_pg_write_page(res, limit, '\0', out);
     PQclear(res);
     return rc;
 }

@@ -561,3 +561,32 @@ int bg_pg_int64(const PGresult *res, int row, int col, int64_t *out)
     *out = n;
     return 0;
 }
+
+int bg_pg_write_page(const PGresult *res, int limit, char tag, bg_buf_t *out)
+{
+    int n = PQntuples(res);
+    bool more = n > limit;
+    if (more)
+        n = limit;
+    int rc = bg_buf_puts(out, "{\"data\":[");
+    for (int i = 0; i < n && rc == 0; i++) {
+        if (i > 0)
+            rc = bg_buf_putc(out, ',');
+        if (rc == 0)
+            rc = bg_buf_puts(out, PQgetvalue(res, i, 1));
+    }
+    if (rc != 0)
+        return BG_ERR_TOO_LARGE;
+    if (!more)
+        return bg_buf_puts(out, "],\"next_cursor\":null}") != 0 ? BG_ERR_TOO_LARGE : 0;
+    const char *last = PQgetvalue(res, n - 1, 0);
+    char raw[128], cursor[256];
+    if (tag != '\0') {
+        int len = snprintf(raw, sizeof(raw), "%c|%s", tag, last);
+        if (len < 0 || (size_t)len >= sizeof(raw) ||
+            bg_crypto_b64url_encode(raw, (size_t)len, cursor, sizeof(cursor)) != 0)
+            return BG_ERR_IO;
+        last = cursor;
+    }
+    return bg_buf_printf(out, "],\"next_cursor\":\"%s\"}", last) != 0 ? BG_ERR_TOO_LARGE : 0;
+}

@@ -16,6 +16,7 @@
 
 #include <libpq-fe.h>
 
+#include "bg/buf.h"
 #include "bg/common.h"
 
 /** Process-wide connection settings; see bg_pg_setup(). */
@@ -135,6 +136,16 @@ const char *bg_pg_value(const PGresult *res, int row, int col);
  * BG_ERR_INVALID when the text is not a 64-bit integer.
  */
 BG_MUSTCHECK int bg_pg_int64(const PGresult *res, int row, int col, int64_t *out);
+
+/**
+ * Writes a page of a list, {"data":[…],"next_cursor":…}, from the rows of res: column 1 holds each
+ * item's JSON text, column 0 its position; the query fetched one row more than limit, and that
+ * extra row only says that a next page exists, which starts after the last row shown. The next
+ * cursor is that row's position as it is (tag '\0') or, with a tag, "<tag>|<position>" in
+ * base64url (a cursor one kind of list refuses from another). Returns 0, BG_ERR_TOO_LARGE, or
+ * BG_ERR_IO when the position is too long for a cursor.
+ */
+BG_MUSTCHECK int bg_pg_write_page(const PGresult *res, int limit, char tag, bg_buf_t *out);
 
 /**
  * Runs trusted SQL text that may hold several statements (simple query protocol, no parameters).
