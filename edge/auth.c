@@ -11,7 +11,10 @@
  * An access token is verified on the loop (an HMAC: microseconds), then one MGET on the loop's
  * Redis connection reads the session's revocation mark, the user's not-before time and locale, all
  * under the user's shard tag. Redis not answering means 503: revocation cannot be checked, so
- * nothing is let through (fail closed).
+ * nothing is let through (fail closed). A route flagged EDGE_ROUTE_SESSION_IN_ADMISSION (the web
+ * chat turn) leaves that read to its admission script, which checks the same keys first; any
+ * other answer of such a route goes through edge_auth_recheck, which reads the session and runs
+ * the handler again, so it is given as if the session had been read first.
  */
 #include <string.h>
 #include <strings.h>

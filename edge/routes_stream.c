@@ -15,9 +15,11 @@
  * Order of a turn. The edge checks that the conversation is a live one of the caller's and learns
  * its agent: from what this process remembers (conv_cache.c) or, the first time, from Postgres on
  * the pool (bg_chat_get). Then admission (edge_admit(), admit.c: Redis down means 503 with
- * Retry-After, since admission fails closed) enqueues the job with the user's message in it, and
- * the llm worker stores the message (bg_chat_post_user, once per job) before it calls the model.
- * So an admitted turn costs the edge no Postgres work at all, and a denied turn writes nothing.
+ * Retry-After, since admission fails closed) checks the caller's session, admits and enqueues the
+ * job with the user's message in it (the route is EDGE_ROUTE_SESSION_IN_ADMISSION: one Redis
+ * round trip in all), and the llm worker stores the message (bg_chat_post_user, once per job)
+ * while the provider starts on the reply. So an admitted turn costs the edge no Postgres work at
+ * all, and a denied turn writes nothing.
  */
 #include <stdlib.h>
 #include <string.h>
