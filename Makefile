@@ -9,7 +9,7 @@ BUILD_DIR ?= build
 ASAN_DIR ?= build-asan
 FUZZ_DIR ?= build-fuzz
 FUZZ_SECONDS ?= 30
-FUZZ_TARGETS := fuzz_json fuzz_bodies fuzz_openai
+FUZZ_TARGETS := fuzz_json fuzz_bodies fuzz_openai fuzz_telegram
 CMAKE_ARGS ?=
 CTEST_ARGS ?=
 FORMAT_DIRS := shared edge workers test bench
@@ -98,6 +98,7 @@ fuzz: deps
 	for t in $(FUZZ_TARGETS); do \
 	    cp -r test/fuzz/corpus/bodies $(FUZZ_DIR)/corpus/$$t; \
 	    if [[ -d test/fuzz/corpus/$${t#fuzz_} ]]; then cp test/fuzz/corpus/$${t#fuzz_}/* $(FUZZ_DIR)/corpus/$$t/; fi; \
+	    if [[ -d test/fixtures/$${t#fuzz_} ]]; then cp test/fixtures/$${t#fuzz_}/*.json $(FUZZ_DIR)/corpus/$$t/; fi; \
 	    rc=0; \
 	    $(FUZZ_DIR)/bin/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
 	        -rss_limit_mb=2048 -artifact_prefix=$(FUZZ_DIR)/findings/$$t- \

@@ -29,8 +29,10 @@
  * Rules for what is not a chat turn: commands are answered in every chat; plain text only in
  * private chats (in groups the bot answers commands only); a photo is a chat turn with the photo
  * as image input when the bot's agent accepts images (agents.accepts_images: fetched with getFile
- * and downloaded within Telegram's 20 MB, then passed as a data URL in the job's image_url);
- * other photos, documents, voice, audio and video get a localized note of what the bot reads;
+ * and downloaded within Telegram's 20 MB, then passed as a data URL in the job's image_url); a
+ * text file (.txt, .md, .csv, .json, source code…: bg_tg_is_text_file) of up to 64 KB of UTF-8 is
+ * a chat turn whose message is the caption and the file's text in a code fence; other photos,
+ * documents, voice, audio and video get a localized note of what the bot reads;
  * edited messages are ignored without a reply (the answer to the original stands); channel posts,
  * messages of bots and kinds the bot does not handle are ignored. Every callback query is
  * answered (answerCallbackQuery), even one whose message is inaccessible, since the client shows
@@ -1137,10 +1139,10 @@ out:
 }
 
 /*
- * A chat turn: the message (text, or a photo's caption with the photo as image_url, a data URL)
- * is stored, admitted and answered.
+ * A chat turn: the message (text, a photo's caption with the photo as image_url, a data URL, or
+ * the message a text file made) is stored, admitted and answered. text NULL: the update's text.
  */
-static int turn(tg_ctx_t *x, const char *image_url)
+static int turn(tg_ctx_t *x, const char *image_url, const char *text)
 {
     char conv[37];
     int rc = bg_tg_chat_conversation(x->pg, &x->bot, &x->u, x->who.user_id, false, conv);
@@ -1152,7 +1154,7 @@ static int turn(tg_ctx_t *x, const char *image_url)
     /* a photo without a caption is stored as a note that a photo was sent */
     bg_buf_t note;
     bg_buf_init(&note, 4096);
-    const char *content = x->u.text;
+    const char *content = text != NULL ? text : x->u.text;
     if (content == NULL || content[0] == '\0') {
         text_of(x, "telegram.photo_message", NULL, &note);
         content = note.base;
@@ -1193,36 +1195,39 @@ static int turn(tg_ctx_t *x, const char *image_url)
 
 /* ---- media ---- */
 
-/* Answers a file that could not be fetched; rc is what fetching it returned. */
-static int file_refused(tg_ctx_t *x, int rc)
+/*
+ * Answers a file that could not be had; rc is what fetching or reading it returned: too_large_key
+ * (with max) for BG_ERR_TOO_LARGE, unreadable_key (when not NULL) for BG_ERR_INVALID after the
+ * download, else that it could not be downloaded.
+ */
+static int file_refused(tg_ctx_t *x, int rc, const char *too_large_key, const char *max)
 {
     if (rc == BG_ERR_TOO_LARGE) {
-        char max[16];
-        snprintf(max, sizeof(max), "%d", BG_TG_FILE_MAX / (1024 * 1024));
         const char *params[] = {"max", max, NULL};
-        return say(x, "telegram.file_too_large", params, NULL);
+        return say(x, too_large_key, params, NULL);
     }
     bg_warn("job %s: cannot fetch the file: %s", x->job->job_id, bg_strerror(rc));
     return say(x, "telegram.file_failed", NULL, NULL);
 }
 
-/*
- * A photo, document, voice message, audio or video. A photo goes to the model, as a data URL in
- * the job's image_url, when the bot's agent accepts images (agents.accepts_images); everything
- * else gets a localized note of what the bot reads. The 20 MB limit of the Bot API is checked on
- * the update's file_size, on getFile's, and while downloading.
- */
-static int media(tg_ctx_t *x)
+/* The is-Telegram-in-trouble answer of a fetch: the job is retried rather than the user told. */
+static bool fetch_retries(int rc)
 {
-    bool images = false;
-    int rc = bg_tg_agent_accepts_images(x->pg, x->bot.agent_id, &images);
-    if (rc != 0)
-        return rc;
-    if (x->u.content != BG_TG_PHOTO || !images)
-        return say(x, images ? "telegram.unsupported_media_images" : "telegram.unsupported_media",
-                   NULL, NULL);
-    if (x->u.file_size > BG_TG_FILE_MAX || x->u.file_id[0] == '\0')
-        return file_refused(x, x->u.file_id[0] == '\0' ? BG_ERR_INVALID : BG_ERR_TOO_LARGE);
+    return rc == BG_ERR_TIMEOUT || rc == BG_ERR_UNAVAILABLE;
+}
+
+/*
+ * Fetches the update's file into out, at most max bytes: the update's file_size, getFile's and
+ * the download's bytes are each held to it. Returns 0; BG_ERR_UNAVAILABLE or BG_ERR_TIMEOUT when
+ * Telegram had trouble (fetch_retries); BG_ERR_TOO_LARGE; or another error for a file that cannot
+ * be had.
+ */
+static int fetch_file(tg_ctx_t *x, int64_t max, bg_buf_t *out)
+{
+    if (x->u.file_id[0] == '\0')
+        return BG_ERR_INVALID;
+    if (x->u.file_size > max)
+        return BG_ERR_TOO_LARGE; /* refused at once, without a call */
     bg_tg_file_t f;
     memset(&f, 0, sizeof(f));
     bg_strlcpy(f.file_id, x->u.file_id, sizeof(f.file_id));
@@ -1230,29 +1235,88 @@ static int media(tg_ctx_t *x)
     (void)take_slot(x, false, true);
     bg_tg_result_t res;
     memset(&res, 0, sizeof(res));
-    rc = bg_tg_client_get_file(x->client, &f, BG_TG_FILE_MAX, &res);
-    if (rc == BG_ERR_TIMEOUT || rc == BG_ERR_UNAVAILABLE ||
-        (rc == BG_ERR_INVALID && res.error_code >= 429))
-        return BG_ERR_UNAVAILABLE; /* Telegram had trouble: the job is retried */
+    int rc = bg_tg_client_get_file(x->client, &f, max, &res);
+    if (fetch_retries(rc) || (rc == BG_ERR_INVALID && res.error_code >= 429))
+        return BG_ERR_UNAVAILABLE;
     if (rc != 0)
-        return file_refused(x, rc);
+        return rc;
+    return bg_tg_client_download(x->client, &f, max, out);
+}
+
+/* A photo for an agent that takes images: a turn with it as a data URL in the job's image_url. */
+static int photo(tg_ctx_t *x)
+{
+    char max[16];
+    snprintf(max, sizeof(max), "%d", BG_TG_FILE_MAX / (1024 * 1024));
     bg_buf_t file, url;
     bg_buf_init(&file, BG_TG_FILE_MAX);
     /* base64 is 4/3 of the bytes, plus the "data:…;base64," head */
     bg_buf_init(&url, BG_TG_FILE_MAX / 3 * 4 + 1024);
-    rc = bg_tg_client_download(x->client, &f, BG_TG_FILE_MAX, &file);
+    int rc = fetch_file(x, BG_TG_FILE_MAX, &file);
     if (rc == 0) {
         const char *mime =
             strncmp(x->u.mime_type, "image/", 6) == 0 ? x->u.mime_type : "image/jpeg";
         rc = bg_tg_data_url(mime, file.base, file.len, &url);
-        bg_buf_dispose(&file);
-        rc = rc == 0 ? turn(x, url.base) : file_refused(x, rc);
-    } else {
-        bg_buf_dispose(&file);
-        rc = rc == BG_ERR_TIMEOUT || rc == BG_ERR_UNAVAILABLE ? rc : file_refused(x, rc);
+        bg_buf_dispose(&file); /* the photo's bytes are in the URL now */
+        rc =
+            rc == 0 ? turn(x, url.base, NULL) : file_refused(x, rc, "telegram.file_too_large", max);
+    } else if (!fetch_retries(rc)) {
+        rc = file_refused(x, rc, "telegram.file_too_large", max);
     }
+    bg_buf_dispose(&file);
     bg_buf_dispose(&url);
     return rc;
+}
+
+/*
+ * A text file (bg_tg_is_text_file): its text, in a code fence under the caption, is the turn's
+ * message, stored like any other, so later turns see it too. Up to BG_TG_TEXT_FILE_MAX bytes of
+ * UTF-8; anything else is refused with a note.
+ */
+static int text_file(tg_ctx_t *x)
+{
+    char max[16];
+    snprintf(max, sizeof(max), "%d", BG_TG_TEXT_FILE_MAX / 1024);
+    bg_buf_t file, msg;
+    bg_buf_init(&file, BG_TG_TEXT_FILE_MAX);
+    /* the caption, the name and the fences around at most the file's bytes */
+    bg_buf_init(&msg, BG_TG_TEXT_FILE_MAX + BG_TG_IN_TEXT_MAX + 1024);
+    int rc = fetch_file(x, BG_TG_TEXT_FILE_MAX, &file);
+    if (rc == 0) {
+        rc = bg_tg_text_file_message(x->u.text, x->u.file_name, file.base, file.len, &msg);
+        if (rc == 0)
+            rc = turn(x, NULL, msg.base);
+        else if (rc == BG_ERR_INVALID)
+            rc = say(x, "telegram.text_file_unreadable", NULL, NULL);
+        else
+            rc = file_refused(x, rc, "telegram.text_file_too_large", max);
+    } else if (!fetch_retries(rc)) {
+        rc = file_refused(x, rc, "telegram.text_file_too_large", max);
+    }
+    bg_buf_dispose(&file);
+    bg_buf_dispose(&msg);
+    return rc;
+}
+
+/*
+ * A photo, document, voice message, audio or video. A text file (bg_tg_is_text_file) is read
+ * into the turn's message; a photo goes to the model, as a data URL in the job's image_url, when
+ * the bot's agent accepts images (agents.accepts_images); everything else gets a localized note
+ * of what the bot reads. The 20 MB limit of the Bot API (a text file's is BG_TG_TEXT_FILE_MAX) is
+ * checked on the update's file_size, on getFile's, and while downloading.
+ */
+static int media(tg_ctx_t *x)
+{
+    if (x->u.content == BG_TG_DOCUMENT && bg_tg_is_text_file(x->u.mime_type, x->u.file_name))
+        return text_file(x);
+    bool images = false;
+    int rc = bg_tg_agent_accepts_images(x->pg, x->bot.agent_id, &images);
+    if (rc != 0)
+        return rc;
+    if (x->u.content != BG_TG_PHOTO || !images)
+        return say(x, images ? "telegram.unsupported_media_images" : "telegram.unsupported_media",
+                   NULL, NULL);
+    return photo(x);
 }
 
 /* ---- one update ---- */
@@ -1325,7 +1389,7 @@ static int dispatch(tg_ctx_t *x)
     case BG_TG_COMMAND:
         return command(x);
     case BG_TG_TEXT:
-        return turn(x, NULL);
+        return turn(x, NULL, NULL);
     case BG_TG_PHOTO:
     case BG_TG_DOCUMENT:
     case BG_TG_VOICE:

@@ -21,6 +21,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "bg/accounts.h"
 #include "bg/buf.h"
@@ -124,6 +125,8 @@ static void read_file(const bg_json_t *m, bg_tg_content_t content, bg_tg_update_
     if (!get_i64(m, "file_size", &u->file_size) || u->file_size < 0)
         u->file_size = 0;
     copy_str(m, "mime_type", u->mime_type, sizeof(u->mime_type));
+    if (content == BG_TG_DOCUMENT)
+        copy_str(m, "file_name", u->file_name, sizeof(u->file_name));
     /* Telegram re-encodes every photo as JPEG and gives no mime_type for it */
     if (content == BG_TG_PHOTO && u->mime_type[0] == '\0')
         bg_strlcpy(u->mime_type, "image/jpeg", sizeof(u->mime_type));
@@ -649,6 +652,105 @@ int bg_tg_data_url(const char *mime, const void *data, size_t len, bg_buf_t *out
         if (bg_buf_append(out, quad, 4) != 0)
             return BG_ERR_TOO_LARGE;
     }
+    return 0;
+}
+
+/* ---- text files ---- */
+
+bool bg_tg_is_text_file(const char *mime_type, const char *file_name)
+{
+    static const char *const mimes[] = {
+        "application/json",         "application/ld+json", "application/x-ndjson",
+        "application/xml",          "application/yaml",    "application/x-yaml",
+        "application/toml",         "application/sql",     "application/javascript",
+        "application/x-javascript", "application/x-sh",    "application/x-shellscript",
+        "application/x-python",     "application/x-tex",   "application/x-subrip"};
+    static const char *const exts[] = {
+        "txt",  "text",  "md",   "markdown", "rst",  "csv",  "tsv", "json", "jsonl", "ndjson",
+        "yaml", "yml",   "toml", "ini",      "cfg",  "conf", "env", "log",  "xml",   "html",
+        "htm",  "css",   "scss", "js",       "mjs",  "cjs",  "ts",  "tsx",  "jsx",   "py",
+        "rb",   "go",    "rs",   "c",        "h",    "cc",   "cpp", "hpp",  "cs",    "java",
+        "kt",   "swift", "php",  "pl",       "lua",  "r",    "sh",  "bash", "zsh",   "ps1",
+        "sql",  "tex",   "srt",  "vtt",      "diff", "patch"};
+    const char *m = mime_type != NULL ? mime_type : "";
+    if (strncasecmp(m, "text/", 5) == 0)
+        return true;
+    for (size_t i = 0; i < BG_ARRAY_SIZE(mimes); i++)
+        if (strcasecmp(m, mimes[i]) == 0)
+            return true;
+    size_t mlen = strlen(m);
+    if (mlen > 5 &&
+        (strcasecmp(m + mlen - 5, "+json") == 0 || strcasecmp(m + mlen - 4, "+xml") == 0))
+        return true;
+    /* a mime_type that names something else is believed; only a silent one defers to the name */
+    if (m[0] != '\0' && strcasecmp(m, "application/octet-stream") != 0)
+        return false;
+    const char *dot = file_name != NULL ? strrchr(file_name, '.') : NULL;
+    if (dot == NULL || dot == file_name)
+        return false;
+    for (size_t i = 0; i < BG_ARRAY_SIZE(exts); i++)
+        if (strcasecmp(dot + 1, exts[i]) == 0)
+            return true;
+    return false;
+}
+
+/* Returns true when len bytes of UTF-8 hold no control character but tab, LF, CR and FF. */
+static bool is_text(const unsigned char *p, size_t len)
+{
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = p[i];
+        if ((ch < 0x20 && ch != '\t' && ch != '\n' && ch != '\r' && ch != '\f') || ch == 0x7F)
+            return false;
+    }
+    return true;
+}
+
+int bg_tg_text_file_message(const char *caption, const char *file_name, const void *data,
+                            size_t len, bg_buf_t *out)
+{
+    const unsigned char *p = data;
+    if (len >= 3 && p[0] == 0xEF && p[1] == 0xBB && p[2] == 0xBF) {
+        p += 3; /* the byte order mark some editors write */
+        len -= 3;
+    }
+    if (!bg_json_utf8_is_valid((const char *)p, len) || !is_text(p, len))
+        return BG_ERR_INVALID;
+    /* the fence: one backtick longer than the longest run of them in the text, at least three */
+    size_t run = 0, longest = 0;
+    for (size_t i = 0; i < len; i++) {
+        run = p[i] == '`' ? run + 1 : 0;
+        if (run > longest)
+            longest = run;
+    }
+    char fence[64];
+    size_t flen = longest + 1 < 3 ? 3 : longest + 1;
+    if (flen >= sizeof(fence))
+        return BG_ERR_INVALID; /* 63 backticks in a row: not a text to quote */
+    memset(fence, '`', flen);
+    fence[flen] = '\0';
+    if (caption != NULL && caption[0] != '\0' && bg_buf_printf(out, "%s\n\n", caption) != 0)
+        return BG_ERR_TOO_LARGE;
+    /* the name on a line of its own: no control character may break the line or the fence */
+    char name[256];
+    bg_strlcpy(name, file_name != NULL && file_name[0] != '\0' ? file_name : "file", sizeof(name));
+    for (char *c = name; *c != '\0'; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7F)
+            *c = '_';
+    if (bg_buf_printf(out, "%s:\n%s\n", name, fence) != 0)
+        return BG_ERR_TOO_LARGE;
+    size_t start = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] == '\r' && i + 1 < len && p[i + 1] == '\n') {
+            if (bg_buf_append(out, p + start, i - start) != 0)
+                return BG_ERR_TOO_LARGE;
+            start = i + 1; /* the LF is kept */
+        }
+    }
+    if (bg_buf_append(out, p + start, len - start) != 0)
+        return BG_ERR_TOO_LARGE;
+    bool ends_line = len == 0 || p[len - 1] == '\n';
+    if (bg_buf_printf(out, "%s%s", ends_line ? "" : "\n", fence) != 0)
+        return BG_ERR_TOO_LARGE;
     return 0;
 }
 

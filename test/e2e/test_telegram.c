@@ -435,7 +435,7 @@ Test(telegram, every_fixture_is_accepted_and_handled)
     bgt_tg_free_calls(calls, n);
     n = bgt_tg_wait_calls(&W, "sendMessage", 1234567, 1, 20000);
     const char *t = bgt_tg_last_text(calls, n, 1234567);
-    cr_expect(t != NULL && strstr(t, "text messages only") != NULL, "photo: %s", t);
+    cr_expect(t != NULL && strstr(t, "text messages and text files") != NULL, "photo: %s", t);
     /* the document and the voice message (Russian) likewise, in Russian; the edit gets nothing */
     bgt_tg_free_calls(calls, n);
     n = bgt_tg_wait_calls(&W, "sendMessage", 12345678, 2, 20000);

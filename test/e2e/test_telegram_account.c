@@ -737,6 +737,85 @@ Test(telegram_account, photos_reach_an_image_model_within_the_20_mb_limit)
     post(body);
     n = bgt_tg_wait_calls(&W, "sendMessage", uid, 5, 30000);
     const char *m = bgt_tg_last_text(calls, n, uid);
-    cr_expect(m != NULL && strstr(m, "text messages and photos") != NULL, "voice: %s", m);
+    cr_expect(m != NULL && strstr(m, "text files and photos") != NULL, "voice: %s", m);
     bgt_tg_free_calls(calls, n);
+}
+
+/* A document update from uid (English): file_id, mime_type, file_name, file_size, a caption. */
+static void document_update(char *out, size_t outlen, long long update_id, long long uid,
+                            const char *file_id, const char *mime, const char *name, long long size,
+                            const char *caption)
+{
+    snprintf(out, outlen,
+             "{\"update_id\":%lld,\"message\":{\"message_id\":%lld,\"from\":{\"id\":%lld,"
+             "\"is_bot\":false,\"first_name\":\"Tester\",\"language_code\":\"en\"},\"chat\":{"
+             "\"id\":%lld,\"type\":\"private\"},\"date\":1700000000,\"document\":{\"file_name\":"
+             "\"%s\",\"mime_type\":\"%s\",\"file_id\":\"%s\",\"file_unique_id\":\"d%lld\","
+             "\"file_size\":%lld},\"caption\":\"%s\"}}",
+             update_id, update_id, uid, uid, name, mime, file_id, update_id, size, caption);
+}
+
+/* Counts the texts sent to chat that contain needle. */
+static size_t texts_with(const bgt_tg_call_t *c, size_t n, long long chat, const char *needle)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(c[i].method, "sendMessage") == 0 && c[i].chat_id == chat &&
+            strstr(c[i].text, needle) != NULL)
+            k++;
+    return k;
+}
+
+Test(telegram_account, text_files_are_read_into_the_conversation)
+{
+    long long uid = 850101;
+    char body[4096], reply[8192];
+    /* a text file with a question: the model gets both, and answers */
+    document_update(body, sizeof(body), 9500, uid, "text-notes", "text/plain", "notes.txt", 120,
+                    "What does it say?");
+    post(body);
+    size_t n = bgt_tg_wait_reply(&W, 9500, uid, reply, sizeof(reply), 30000);
+    bgt_tg_free_calls(calls, n);
+    cr_expect(strstr(reply, "What does it say?") != NULL && strstr(reply, "notes.txt") != NULL &&
+                  strstr(reply, "Revenue grew by 42 percent in Lisbon.") != NULL,
+              "the model did not get the question and the file: %s", reply);
+    cr_expect(file_contains(S.calls_path, "\"path\":\"files/text-notes\""), "no download");
+    /* the file is part of the conversation: the stored user message (not only the echo of it)
+     * holds it, so a later turn's transcript ("<role>: <text>", blanks collapsed) has it there */
+    bgt_tg_text_update(body, sizeof(body), 9501, uid, "en", "#echo:messages and the total?");
+    post(body);
+    n = bgt_tg_wait_reply(&W, 9501, uid, reply, sizeof(reply), 30000);
+    bgt_tg_free_calls(calls, n);
+    const char *asked = strstr(reply, "user: What does it say?");
+    const char *answered = asked != NULL ? strstr(asked, "assistant:") : NULL;
+    const char *text = asked != NULL ? strstr(asked, "Выручка выросла.") : NULL;
+    cr_expect(text != NULL && answered != NULL && text < answered,
+              "the stored message does not hold the file: %s", reply);
+
+    /* refused with a note, before any call: over 64 KB by the update; by getFile; not UTF-8 text;
+     * a PDF is not read at all */
+    document_update(body, sizeof(body), 9502, uid, "text-huge", "text/plain", "huge.txt", 100000,
+                    "");
+    post(body);
+    document_update(body, sizeof(body), 9503, uid, "text-big", "text/plain", "big.txt", 1000, "");
+    post(body);
+    document_update(body, sizeof(body), 9504, uid, "textbin-1", "text/plain", "utf16.txt", 6, "");
+    post(body);
+    document_update(body, sizeof(body), 9505, uid, "text-pdf", "application/pdf", "paper.pdf", 1000,
+                    "Summarize");
+    post(body);
+    /* 2 replies above, then 4 notes */
+    n = bgt_tg_wait_calls(&W, "sendMessage", uid, 6, 30000);
+    cr_expect_eq(texts_with(calls, n, uid, "I can read text files up to 64 KB"), 2,
+                 "the two large files were not both refused");
+    cr_expect_eq(texts_with(calls, n, uid, "could not read this file as text"), 1,
+                 "the UTF-16 file was not refused as unreadable");
+    cr_expect_eq(texts_with(calls, n, uid, "I can read text messages"), 1,
+                 "the PDF did not get the note of what the bot reads");
+    bgt_tg_free_calls(calls, n);
+    cr_expect(!file_contains(S.calls_path, "\"file_id\":\"text-huge\""),
+              "a file over 64 KB by its update was asked for");
+    cr_expect(!file_contains(S.calls_path, "\"path\":\"files/text-big\""),
+              "a file over 64 KB by getFile was downloaded");
+    cr_expect(!file_contains(S.calls_path, "\"file_id\":\"text-pdf\""), "the PDF was fetched");
 }

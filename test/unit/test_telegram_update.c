@@ -203,6 +203,9 @@ Test(telegram_update, media_files_for_getfile)
     parse("update_document.json", &u);
     cr_expect_eq(u.file_size, 21331);
     cr_expect_str_eq(u.text, "Read my document");
+    cr_expect_str_eq(u.file_name, "test.docx");
+    /* a Word document is not a text file, whatever its name would say */
+    cr_expect_not(bg_tg_is_text_file(u.mime_type, u.file_name));
     bg_tg_update_dispose(&u);
     /* a negative or missing size is unknown, not trusted */
     const char *j = "{\"update_id\":1,\"message\":{\"message_id\":1,\"chat\":{\"id\":1,\"type\":"
@@ -249,5 +252,75 @@ Test(telegram_media, data_urls_are_standard_base64)
     bg_buf_init(&b, 30);
     cr_expect_eq(bg_tg_data_url("image/jpeg", "0123456789012345678901234567890123456789", 40, &b),
                  BG_ERR_TOO_LARGE);
+    bg_buf_dispose(&b);
+}
+
+Test(telegram_media, text_files_are_told_by_mime_type_then_by_name)
+{
+    cr_expect(bg_tg_is_text_file("text/plain", "notes"));
+    cr_expect(bg_tg_is_text_file("TEXT/CSV", "a.bin"));
+    cr_expect(bg_tg_is_text_file("application/json", NULL));
+    cr_expect(bg_tg_is_text_file("application/vnd.api+json", ""));
+    cr_expect(bg_tg_is_text_file("image/svg+xml", "logo.svg"));
+    cr_expect(bg_tg_is_text_file("application/x-yaml", "ci.yml"));
+    /* no mime type, or a generic one: the extension decides, in any case */
+    cr_expect(bg_tg_is_text_file("", "README.MD"));
+    cr_expect(bg_tg_is_text_file(NULL, "main.c"));
+    cr_expect(bg_tg_is_text_file("application/octet-stream", "app.log"));
+    cr_expect_not(bg_tg_is_text_file("application/octet-stream", "photo.jpeg"));
+    cr_expect_not(bg_tg_is_text_file("", "Makefile"));
+    cr_expect_not(bg_tg_is_text_file("", ".txt"));
+    cr_expect_not(bg_tg_is_text_file("", "archive.txt.gz"));
+    /* a mime type that names a binary kind is believed over the name */
+    cr_expect_not(bg_tg_is_text_file("application/pdf", "paper.txt"));
+    cr_expect_not(bg_tg_is_text_file("application/zip", "src.py"));
+}
+
+Test(telegram_media, a_text_file_is_quoted_under_the_caption)
+{
+    bg_buf_t b;
+    bg_buf_init(&b, 4096);
+    /* the byte order mark goes, CR LF becomes LF, the text stays byte for byte otherwise */
+    static const char csv[] =
+        "\xef\xbb\xbf"
+        "city,revenue\r\n\xd0\x9c\xd0\xbe\xd1\x81\xd0\xba\xd0\xb2\xd0\xb0,42\r\n";
+    cr_assert_eq(bg_tg_text_file_message("Sum it up", "q3.csv", csv, sizeof(csv) - 1, &b), 0);
+    cr_expect_str_eq(b.base, "Sum it "
+                             "up\n\nq3.csv:\n```\ncity,"
+                             "revenue\n\xd0\x9c\xd0\xbe\xd1\x81\xd0\xba\xd0\xb2\xd0\xb0,42\n```");
+    /* no caption, no trailing newline, a fence in the text: the outer fence is longer */
+    bg_buf_reset(&b);
+    static const char md[] = "Run:\n````sh\nmake\n````";
+    cr_assert_eq(bg_tg_text_file_message(NULL, "HOW\nTO.md", md, sizeof(md) - 1, &b), 0);
+    cr_expect_str_eq(b.base, "HOW_TO.md:\n`````\nRun:\n````sh\nmake\n````\n`````");
+    /* an empty file and a nameless one are quoted as they are */
+    bg_buf_reset(&b);
+    cr_assert_eq(bg_tg_text_file_message("", "", "", 0, &b), 0);
+    cr_expect_str_eq(b.base, "file:\n```\n```");
+    bg_buf_dispose(&b);
+}
+
+Test(telegram_media, what_is_not_utf8_text_is_refused)
+{
+    bg_buf_t b;
+    bg_buf_init(&b, 4096);
+    /* UTF-16 (NULs), Latin-1, a control character, a truncated sequence */
+    cr_expect_eq(bg_tg_text_file_message("q", "a.txt",
+                                         "\xff\xfe"
+                                         "h\0i\0",
+                                         6, &b),
+                 BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_text_file_message("q", "a.txt", "caf\xe9", 4, &b), BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_text_file_message("q", "a.txt", "bell\a", 5, &b), BG_ERR_INVALID);
+    cr_expect_eq(bg_tg_text_file_message("q", "a.txt", "\xd0", 1, &b), BG_ERR_INVALID);
+    cr_expect_eq(b.len, 0, "nothing is written for a refused file");
+    /* tabs and form feeds are text */
+    cr_expect_eq(bg_tg_text_file_message(NULL, "a.tsv", "a\tb\f", 4, &b), 0);
+    bg_buf_dispose(&b);
+    /* a full buffer is an error, not a cut message */
+    bg_buf_init(&b, 16);
+    cr_expect_eq(
+        bg_tg_text_file_message(NULL, "a.txt", "0123456789012345678901234567890123456789", 40, &b),
+        BG_ERR_TOO_LARGE);
     bg_buf_dispose(&b);
 }

@@ -74,6 +74,7 @@ typedef struct bg_tg_update {
     char file_id[256];         /**< photo (largest size), document, voice…: its file_id */
     int64_t file_size;         /**< its file_size; 0 when absent */
     char mime_type[128];       /**< its mime_type ("image/jpeg" for a photo); "" when absent */
+    char file_name[256];       /**< a document's file_name (cut to fit); "" when absent */
 } bg_tg_update_t;
 
 /**
@@ -326,6 +327,28 @@ BG_MUSTCHECK int bg_tg_client_download(bg_tg_client_t *c, const bg_tg_file_t *f,
  * OpenAI's image_url content part takes it). Returns 0 or BG_ERR_TOO_LARGE when out is full.
  */
 BG_MUSTCHECK int bg_tg_data_url(const char *mime, const void *data, size_t len, bg_buf_t *out);
+
+/** The most bytes of a text file the bot reads into a chat turn. */
+#define BG_TG_TEXT_FILE_MAX (64 * 1024)
+
+/**
+ * Returns true when a document is a text file the bot reads into the chat: any "text/" mime_type,
+ * one of JSON, XML, YAML, TOML, SQL, a shell or a script (with "+json" and "+xml" kinds), or, when
+ * the mime_type says nothing (absent or application/octet-stream), a file name ending in a text
+ * or source code extension (.txt, .md, .csv, .log, .py, .c, …; any case).
+ */
+bool bg_tg_is_text_file(const char *mime_type, const char *file_name);
+
+/**
+ * Appends the chat message a text file makes to out: the caption (when not NULL or ""), a blank
+ * line, the file's name (control characters replaced; "file" when ""), then len bytes of its text
+ * in a Markdown code fence longer than any run of backticks in the text. A UTF-8 byte order mark
+ * is dropped and CR LF becomes LF. Returns 0, BG_ERR_INVALID when the bytes are not UTF-8 text
+ * (invalid UTF-8, or a control character other than tab, line feed, carriage return and form
+ * feed), or BG_ERR_TOO_LARGE when out is full.
+ */
+BG_MUSTCHECK int bg_tg_text_file_message(const char *caption, const char *file_name,
+                                         const void *data, size_t len, bg_buf_t *out);
 
 /** Returns whether the agent's model takes images (agents.accepts_images). */
 BG_MUSTCHECK int bg_tg_agent_accepts_images(PGconn *c, const char *agent_id, bool *accepts);
