@@ -10,6 +10,7 @@
  */
 #include <pthread.h>
 #include <sodium.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -128,15 +129,67 @@ int bg_crypto_b64url_encode(const void *in, size_t len, char *out, size_t outlen
     return 0;
 }
 
+/* The value of a base64url character, 64 for anything else. */
+static unsigned char b64url_of(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return (unsigned char)(c - 'A');
+    if (c >= 'a' && c <= 'z')
+        return (unsigned char)(c - 'a' + 26);
+    if (c >= '0' && c <= '9')
+        return (unsigned char)(c - '0' + 52);
+    if (c == '-')
+        return 62;
+    if (c == '_')
+        return 63;
+    return 64;
+}
+
+int bg_crypto_b64url_decode(const char *in, size_t len, void *out, size_t outlen, size_t *outn)
+{
+    *outn = 0;
+    if (len % 4 == 1)
+        return BG_ERR_INVALID;
+    size_t need = len / 4 * 3 + (len % 4 == 0 ? 0 : len % 4 - 1);
+    if (need > outlen)
+        return BG_ERR_INVALID;
+    const unsigned char *p = (const unsigned char *)in;
+    unsigned char *o = out;
+    size_t i = 0, k = 0;
+    for (; i + 4 <= len; i += 4) {
+        unsigned a = b64url_of(p[i]), b = b64url_of(p[i + 1]), c = b64url_of(p[i + 2]),
+                 d = b64url_of(p[i + 3]);
+        if ((a | b | c | d) & 64)
+            return BG_ERR_INVALID;
+        uint32_t v = a << 18 | b << 12 | c << 6 | d;
+        o[k++] = (unsigned char)(v >> 16);
+        o[k++] = (unsigned char)(v >> 8);
+        o[k++] = (unsigned char)v;
+    }
+    size_t rest = len - i;
+    if (rest > 0) {
+        unsigned a = b64url_of(p[i]), b = b64url_of(p[i + 1]);
+        unsigned c = rest == 3 ? b64url_of(p[i + 2]) : 0;
+        if ((a | b | c) & 64)
+            return BG_ERR_INVALID;
+        /* the bits past the last whole byte must be zero: one spelling per value */
+        if ((rest == 2 && (b & 0x0F) != 0) || (rest == 3 && (c & 0x03) != 0))
+            return BG_ERR_INVALID;
+        uint32_t v = a << 18 | b << 12 | c << 6;
+        o[k++] = (unsigned char)(v >> 16);
+        if (rest == 3)
+            o[k++] = (unsigned char)(v >> 8);
+    }
+    *outn = k;
+    return 0;
+}
+
 int bg_crypto_b64url_decode_str(const char *in, char *out, size_t outlen)
 {
     size_t len = strlen(in);
     size_t n = 0;
-    const char *end = NULL;
-    if (len == 0 || outlen == 0 ||
-        sodium_base642bin((unsigned char *)out, outlen - 1, in, len, NULL, &n, &end,
-                          sodium_base64_VARIANT_URLSAFE_NO_PADDING) != 0 ||
-        end != in + len || memchr(out, '\0', n) != NULL) {
+    if (len == 0 || outlen == 0 || bg_crypto_b64url_decode(in, len, out, outlen - 1, &n) != 0 ||
+        memchr(out, '\0', n) != NULL) {
         if (outlen > 0)
             out[0] = '\0';
         return BG_ERR_INVALID;

@@ -1,13 +1,17 @@
 /*
- * Access tokens: HS256 JWTs from a key ring, signed and checked with libjwt 1.10 (v1 API).
+ * Access tokens: HS256 JWTs from a key ring, signed with libjwt 1.10 (v1 API) and verified here.
  *
  * libjwt trusts the token's header to choose the algorithm, which is the root of the classic JWT
  * attacks ("alg":"none", or an RS256 public key used as an HMAC secret). So verification never lets
- * it choose: the token's shape is checked by hand (two dots, base64url only, a length cap), the
- * header is decoded and parsed here with tight limits, anything whose "alg" is not exactly "HS256"
- * is refused, and only then is libjwt handed the token together with the one key the header's
- * "kid" names. Its answer is checked for HS256 once more, so a disagreement between its header
- * parser and ours cannot slip another algorithm through.
+ * anything choose: the token's shape is checked by hand (two dots, base64url only, a length cap),
+ * the header is decoded and parsed here with tight limits, anything whose "alg" is not exactly
+ * "HS256" is refused, and only then is the HMAC-SHA256 of "<header>.<payload>" computed, with the
+ * one key the header's "kid" names, and compared in constant time with the signature (decoded
+ * strictly, so each token has one valid spelling). The HMAC is libsodium's: libjwt's jwt_decode()
+ * decodes and parses the token a second time (libb64, jansson, a dozen allocations) and has
+ * OpenSSL 3 look the HMAC up on every call, which made it about 40 % of the edge's CPU for an
+ * admitted chat turn (perf, bench/admission_http.sh). Tokens libjwt signs are verified here in
+ * every test, so the two implementations are checked against each other.
  *
  * Claims are read from the payload once the signature holds, with our own parser rather than
  * libjwt's getters: jwt_get_grant_int() answers 0 for a string, a float or a missing claim alike,
@@ -16,7 +20,8 @@
  *
  * The ring lives in memory from sodium_malloc(): guard pages around it, kept out of core dumps and
  * swap where the system allows, and made read-only once built. Being immutable it needs no lock;
- * every call builds its own libjwt object, so verification is safe from any number of threads.
+ * signing builds its own libjwt object and verification keeps its state on the stack, so both are
+ * safe from any number of threads.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -331,17 +336,14 @@ static const char *split(const char *token, size_t len, segments_t *seg)
 }
 
 /*
- * Decodes unpadded base64url strictly (libsodium refuses non-zero trailing bits, so each value has
- * one encoding) and parses the JSON inside under limits. Returns the document (owned) or NULL.
+ * Decodes unpadded base64url strictly (non-zero trailing bits are refused, so each value has one
+ * encoding) and parses the JSON inside under limits. Returns the document (owned) or NULL.
  */
 static bg_json_doc_t *decode_json(const char *b64, size_t len, char *scratch, size_t scratch_len,
                                   const bg_json_limits_t *limits)
 {
     size_t n = 0;
-    const char *end = NULL;
-    if (sodium_base642bin((unsigned char *)scratch, scratch_len, b64, len, NULL, &n, &end,
-                          sodium_base64_VARIANT_URLSAFE_NO_PADDING) != 0 ||
-        end != b64 + len)
+    if (bg_crypto_b64url_decode(b64, len, scratch, scratch_len, &n) != 0)
         return NULL;
     bg_json_doc_t *doc = NULL;
     const char *desc = NULL;
@@ -400,25 +402,26 @@ static const char *check_header(const bg_jwt_ring_t *ring, const segments_t *seg
     return why;
 }
 
-/* Lets libjwt check the HMAC, with the key we chose, of a token whose header we already checked. */
-static const char *check_signature(const ring_key_t *key, const char *token, size_t len,
-                                   const segments_t *seg)
+/*
+ * Checks the signature: the HMAC-SHA256 of "<header>.<payload>" (the token up to its second dot)
+ * with the key the header named, against the signature decoded strictly from base64url, compared
+ * in constant time.
+ */
+static const char *check_signature(const ring_key_t *key, const char *token, const segments_t *seg)
 {
-    if (seg->sig_len != SIG_B64_LEN)
+    unsigned char sig[crypto_auth_hmacsha256_BYTES], mac[crypto_auth_hmacsha256_BYTES];
+    size_t n = 0;
+    if (seg->sig_len != SIG_B64_LEN ||
+        bg_crypto_b64url_decode(seg->sig, seg->sig_len, sig, sizeof(sig), &n) != 0 ||
+        n != sizeof(sig))
         return "signature";
-    char copy[BG_JWT_MAX_TOKEN + 1];
-    memcpy(copy, token, len);
-    copy[len] = '\0';
-    jwt_t *jwt = NULL;
-    /* Any failure here is a bad signature or a payload that is not JSON: both mean forged. */
-    int rc = jwt_decode(&jwt, copy, key->secret, (int)key->len);
-    const char *why = NULL;
-    if (rc != 0 || jwt == NULL)
-        why = "signature";
-    else if (jwt_get_alg(jwt) != JWT_ALG_HS256)
-        why = "alg";
-    jwt_free(jwt);
-    return why;
+    crypto_auth_hmacsha256_state st;
+    (void)crypto_auth_hmacsha256_init(&st, key->secret, key->len);
+    (void)crypto_auth_hmacsha256_update(&st, (const unsigned char *)token,
+                                        seg->header_len + 1 + seg->payload_len);
+    (void)crypto_auth_hmacsha256_final(&st, mac);
+    sodium_memzero(&st, sizeof(st)); /* it holds the key's pads */
+    return sodium_memcmp(mac, sig, sizeof(mac)) == 0 ? NULL : "signature";
 }
 
 static bool copy_claim(const bg_json_t *obj, const char *name, char *dst, size_t cap)
@@ -498,14 +501,14 @@ static const char *verify(const bg_jwt_ring_t *ring, const char *token, size_t l
     why = check_header(ring, &seg, &key, claims->kid);
     if (why != NULL)
         return why;
-    why = check_signature(key, token, len, &seg);
+    why = check_signature(key, token, &seg);
     if (why != NULL)
         return why;
     char scratch[PAYLOAD_MAX];
     bg_json_doc_t *doc =
         decode_json(seg.payload, seg.payload_len, scratch, sizeof(scratch), &payload_limits);
     if (doc == NULL) {
-        /* Signed by us yet unreadable: libjwt and our parser disagree about it. Refuse. */
+        /* signed with our key, yet not a JSON object our parser takes: refused */
         why = "claims";
     } else {
         why = check_claims(bg_json_root(doc), now_s, claims);

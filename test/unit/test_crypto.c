@@ -149,3 +149,41 @@ Test(crypto, b64url_round_trips_cursor_text_and_refuses_forgeries)
     cr_assert_eq(bg_crypto_b64url_decode_str("AAAA", dec, sizeof(dec)), BG_ERR_INVALID,
                  "a decoded NUL must be refused");
 }
+
+/* The table-driven decoder accepts exactly what libsodium's strict one does, with the same bytes:
+ * every length 0..12 of characters drawn from the alphabet and a few outsiders, 200,000 draws. */
+Test(crypto, b64url_decode_agrees_with_libsodium)
+{
+    static const char chars[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_AQgw+/=. ";
+    unsigned char mine[16], theirs[16];
+    char in[16];
+    size_t accepted = 0;
+    for (int round = 0; round < 200000; round++) {
+        size_t len = randombytes_uniform(13);
+        for (size_t i = 0; i < len; i++)
+            in[i] = chars[randombytes_uniform(sizeof(chars) - 1)];
+        size_t n1 = 0, n2 = 0;
+        const char *end = NULL;
+        int rc = bg_crypto_b64url_decode(in, len, mine, sizeof(mine), &n1);
+        int src = sodium_base642bin(theirs, sizeof(theirs), in, len, NULL, &n2, &end,
+                                    sodium_base64_VARIANT_URLSAFE_NO_PADDING);
+        bool sodium_ok = src == 0 && end == in + len;
+        cr_assert_eq(rc == 0, sodium_ok, "'%.*s': ours %d, libsodium %d", (int)len, in, rc, src);
+        if (rc == 0) {
+            accepted++;
+            cr_assert_eq(n1, n2, "'%.*s'", (int)len, in);
+            cr_assert_eq(memcmp(mine, theirs, n1), 0, "'%.*s'", (int)len, in);
+        } else {
+            cr_assert_eq(n1, 0);
+        }
+    }
+    cr_expect_gt(accepted, 1000, "the draw hardly reached valid inputs (%zu)", accepted);
+    /* too small an output is refused, not cut */
+    size_t n = 0;
+    cr_expect_eq(bg_crypto_b64url_decode("YWJjZA", 6, mine, 3, &n), BG_ERR_INVALID);
+    cr_expect_eq(n, 0);
+    cr_expect_eq(bg_crypto_b64url_decode("YWJjZA", 6, mine, 4, &n), 0);
+    cr_expect_eq(n, 4);
+    cr_expect_eq(memcmp(mine, "abcd", 4), 0);
+}

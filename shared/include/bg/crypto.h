@@ -84,6 +84,16 @@ void bg_crypto_wipe(void *p, size_t n);
 BG_MUSTCHECK int bg_crypto_b64url_encode(const void *in, size_t len, char *out, size_t outlen);
 
 /**
+ * Decodes len bytes of unpadded base64url into out (at most outlen bytes) and sets *outn to the
+ * bytes written. Strict: only the alphabet A-Z a-z 0-9 - _, no padding, no length of the form
+ * 4k+1, and the unused low bits of the last character zero, so a value has one spelling (what
+ * libsodium's decoder accepts, table-driven for speed: not constant-time, so not for secrets).
+ * Returns 0, or BG_ERR_INVALID (malformed, or more than outlen bytes; *outn is then 0).
+ */
+BG_MUSTCHECK int bg_crypto_b64url_decode(const char *in, size_t len, void *out, size_t outlen,
+                                         size_t *outn);
+
+/**
  * Decodes unpadded base64url text (such as an opaque cursor) into out as a NUL-terminated string.
  * Returns 0, or BG_ERR_INVALID for an empty or malformed input, a decoded NUL byte, or more than
  * outlen - 1 decoded bytes. Only the canonical spelling of a value is accepted.
