@@ -1,4 +1,5 @@
-# Generates a C file holding the given files as NUL-terminated byte arrays plus a sorted table.
+# Generates a C file holding the given files as NUL-terminated byte arrays plus a sorted table
+# (with each file's SHA-1, the name Redis gives a script, so that no process hashes them at run time).
 # Usage: cmake -DOUT=<file.c> -DROOT=<source root> -DFILES="a|b|c" -P embed.cmake
 string(REPLACE "|" ";" FILES "${FILES}")
 list(SORT FILES)
@@ -8,14 +9,15 @@ set(i 0)
 foreach(path IN LISTS FILES)
   file(RELATIVE_PATH rel ${ROOT} ${path})
   file(READ ${path} hex HEX)
+  file(SHA1 ${path} sha1)
   string(LENGTH "${hex}" hexlen)
   math(EXPR len "${hexlen} / 2")
   string(REGEX REPLACE "([0-9a-f][0-9a-f])" "0x\\1," bytes "${hex}")
   string(APPEND body "static const char res_${i}[] = {${bytes}0x00};\n")
-  string(APPEND table "    {\"${rel}\", res_${i}, ${len}},\n")
+  string(APPEND table "    {\"${rel}\", res_${i}, ${len}, \"${sha1}\"},\n")
   math(EXPR i "${i} + 1")
 endforeach()
-string(APPEND body "\nconst bg_resource_t bg__resources[] = {\n${table}    {0, 0, 0}\n};\n")
+string(APPEND body "\nconst bg_resource_t bg__resources[] = {\n${table}    {0, 0, 0, 0}\n};\n")
 string(APPEND body "const unsigned bg__resources_count = ${i};\n")
 file(WRITE ${OUT}.tmp "${body}")
 file(COPY_FILE ${OUT}.tmp ${OUT} ONLY_IF_DIFFERENT)

@@ -391,11 +391,11 @@ int bg_redis_async_argv(bg_redis_async_t *c, bg_redis_async_cb cb, void *ud, int
     if (rc != 0)
         return rc;
     char *formatted = NULL;
-    int len = redisFormatCommandArgv(&formatted, argc, argv, lens);
+    long len = bg__redis_format(&formatted, argc, argv, lens);
     if (len < 0)
         return BG_ERR_INVALID;
     rc = submit(c, cb, ud, formatted, (size_t)len, NULL);
-    redisFreeCommand(formatted);
+    free(formatted);
     return rc;
 }
 
@@ -423,7 +423,7 @@ int bg_redis_async_script(bg_redis_async_t *c, bg_redis_async_cb cb, void *ud, c
     for (int i = 0; i < nargs; i++)
         argv[3 + nkeys + i] = args[i];
     char *formatted = NULL;
-    int len = redisFormatCommandArgv(&formatted, argc, argv, NULL);
+    long len = bg__redis_format(&formatted, argc, argv, NULL);
     free(argv);
     if (len < 0)
         return BG_ERR_INVALID;

@@ -151,10 +151,17 @@ BG_MUSTCHECK int bg_redis_key_errors(char *out, size_t outlen, int shard, const 
 /* ---- internals shared with redis_async.c ---- */
 
 /**
- * Finds the embedded script name and writes its SHA1 (40 hex digits and a NUL) into sha. Returns
- * the resource (static) or NULL.
+ * Finds the embedded script name and writes its SHA1 (40 hex digits and a NUL, computed by the
+ * build) into sha. Returns the resource (static) or NULL.
  */
 const struct bg_resource *bg__redis_script_find(const char *name, char sha[41]);
+
+/**
+ * Formats a command as RESP (an array of bulk strings, what redisFormatCommandArgv writes) into
+ * *out, allocated with malloc (the caller frees it), in one pass without printf. lens NULL: the
+ * arguments are NUL-terminated. Returns the length, or -1 for argc < 1.
+ */
+long bg__redis_format(char **out, int argc, const char *const *argv, const size_t *lens);
 
 /**
  * Returns a reconnect delay for the attempt-th consecutive failure (0-based): base doubling up to

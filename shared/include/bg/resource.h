@@ -14,6 +14,8 @@ typedef struct bg_resource {
     const char *name; /**< path relative to the source root, e.g. "migrations/0001_core.sql" */
     const char *data; /**< contents, NUL-terminated (the NUL is not counted in len) */
     size_t len;
+    const char
+        *sha1; /**< the contents' SHA-1 in 40 lower-case hex digits (a script's Redis name) */
 } bg_resource_t;
 
 /** Returns the resource with this exact name, or NULL. */
