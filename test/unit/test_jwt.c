@@ -911,3 +911,61 @@ Test(jwt, concurrent_verification_from_many_threads)
     }
     bg_jwt_ring_free(ring);
 }
+
+/* --- the thread's cache of verified tokens -------------------------------------------------- */
+
+static void *verify_in_thread(void *arg)
+{
+    const void *const *a = arg;
+    bg_jwt_claims_t c;
+    const char *why = NULL;
+    intptr_t rc = bg_jwt_verify(a[0], a[1], strlen(a[1]), NOW, &c, &why);
+    return (void *)rc;
+}
+
+Test(jwt, a_verified_token_is_remembered_only_for_its_exact_bytes_ring_and_times)
+{
+    bg_jwt_ring_t *ring = ring_of("a:" SECRET_A);
+    char tok[BG_JWT_MAX_TOKEN];
+    cr_assert_eq(bg_jwt_sign(ring, "user-1", "sess-1", "admin", NOW, TTL, tok, sizeof(tok)), 0);
+    bg_jwt_claims_t c1, c2;
+    assert_accepted(ring, tok, NOW, &c1);
+    assert_accepted(ring, tok, NOW, &c2); /* from the cache: the same claims */
+    cr_expect_eq(memcmp(&c1, &c2, sizeof(c1)), 0);
+    cr_expect_str_eq(c2.sub, "user-1");
+    cr_expect_str_eq(c2.role, "admin");
+    cr_expect_str_eq(c2.kid, "a");
+
+    /* the times are checked again on every use */
+    assert_refused(ring, tok, NOW + TTL + BG_JWT_LEEWAY_S, "expired");
+    assert_refused(ring, tok, NOW - BG_JWT_LEEWAY_S - 1, "not_yet_valid");
+    assert_accepted(ring, tok, NOW + 1, &c2);
+
+    /* another payload under the remembered token's header and signature (the same cache slot) */
+    char forged[BG_JWT_MAX_TOKEN + 64], p[2048], pb[2048];
+    payload_with(p, sizeof(p), "sub", "\"user-2\"", NULL);
+    b64url(p, strlen(p), pb, sizeof(pb));
+    const char *dot1 = strchr(tok, '.'), *dot2 = strrchr(tok, '.');
+    int n = snprintf(forged, sizeof(forged), "%.*s.%s%s", (int)(dot1 - tok), tok, pb, dot2);
+    cr_assert(n > 0 && (size_t)n < sizeof(forged));
+    assert_refused(ring, forged, NOW, "signature");
+    assert_accepted(ring, tok, NOW, &c2);
+
+    /* another ring with the same kid and another secret, made while the first lives and after
+     * it is gone (it may take the freed ring's address): neither takes the remembered token */
+    bg_jwt_ring_t *other = ring_of("a:" SECRET_B);
+    assert_refused(other, tok, NOW, "signature");
+    bg_jwt_ring_free(other);
+    bg_jwt_ring_free(ring);
+    other = ring_of("a:" SECRET_B);
+    assert_refused(other, tok, NOW, "signature");
+
+    /* a thread of its own verifies for itself, and is refused the same */
+    const void *args[2] = {other, tok};
+    pthread_t th;
+    void *res = NULL;
+    cr_assert_eq(pthread_create(&th, NULL, verify_in_thread, args), 0);
+    cr_assert_eq(pthread_join(th, &res), 0);
+    cr_expect_eq((intptr_t)res, BG_ERR_DENIED);
+    bg_jwt_ring_free(other);
+}

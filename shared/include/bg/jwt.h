@@ -59,6 +59,8 @@ BG_MUSTCHECK int bg_jwt_sign(const bg_jwt_ring_t *ring, const char *sub, const c
  * set to a static reason for logs and tests: "malformed", "too_long", "alg" (not HS256, e.g. none),
  * "kid" (missing or unknown), "signature", "issuer", "audience", "type", "expired",
  * "not_yet_valid", "claims" (a required claim missing or of the wrong type). Never logs the token.
+ * Each thread remembers the last tokens it verified (64, by their exact bytes and the ring), so a
+ * client's repeated requests cost a comparison and the check of the times; the answer is the same.
  */
 BG_MUSTCHECK int bg_jwt_verify(const bg_jwt_ring_t *ring, const char *token, size_t len,
                                int64_t now_s, bg_jwt_claims_t *claims, const char **why);
