@@ -28,6 +28,7 @@
 
 #include "bg/admission.h"
 #include "bg/err.h"
+#include "bg/policy.h"
 #include "bg/redis.h"
 #include "bg/timeutil.h"
 
@@ -145,27 +146,27 @@ static int read_evalsha(bg_redis_t *r, stat_t *out)
     return rc;
 }
 
+/* A full plan for user, written as the plan compiler writes it (bg_policy_state_write). */
 static int put_config(bg_redis_t *r, const char *user)
 {
-    bg_admission_keys_t k;
-    if (bg_admission_keys(&k, SHARDS, user) != 0)
-        return BG_ERR_INVALID;
-    char anchor[24], until[24];
     int64_t now = bg_timeutil_wall_ms();
-    snprintf(anchor, sizeof(anchor), "%lld", (long long)(now - 1000));
-    snprintf(until, sizeof(until), "%lld", (long long)(now + 30LL * 86400000));
-    const char *argv[] = {
-        "HSET",       k.adm,      "status",        "active",   "plan",      "monthly", "q_limit",
-        "1000000000", "w_anchor", anchor,          "w_len",    "86400000",  "w_until", until,
-        "rpm",        "60000000", "burst",         "1000000",  "conc",      "64",      "tok_cap",
-        "4096",       "tq_limit", "1000000000000", "features", ",chat,api,"};
-    redisReply *reply = NULL;
-    int rc = bg_redis_argv(r, (int)BG_ARRAY_SIZE(argv), argv, NULL, &reply);
-    if (rc == 0 && reply->type == REDIS_REPLY_ERROR)
-        rc = BG_ERR_PROTOCOL;
-    if (reply != NULL)
-        freeReplyObject(reply);
-    return rc;
+    bg_admission_state_t st;
+    memset(&st, 0, sizeof(st));
+    bg_strlcpy(st.user_id, user, sizeof(st.user_id));
+    bg_strlcpy(st.status, "active", sizeof(st.status));
+    bg_strlcpy(st.plan, "monthly", sizeof(st.plan));
+    st.w_anchor = now - 1000;
+    st.w_len = 86400000;
+    st.w_until = now + 30LL * 86400000;
+    st.limits = (bg_policy_limits_t){.q_limit = 1000000000,
+                                     .tq_limit = 1000000000000,
+                                     .rpm = 60000000,
+                                     .burst = 1000000,
+                                     .conc = 64,
+                                     .tok_cap = 4096};
+    bg_strlcpy(st.limits.features, ",chat,api,", sizeof(st.limits.features));
+    st.v = now;
+    return bg_policy_state_write(r, SHARDS, &st);
 }
 
 /* Removes what the run left: the users' state (the key's limit with it), the markers, the

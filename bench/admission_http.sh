@@ -9,8 +9,8 @@
 #  1. migrates a database of its own, starts bg-edge on a free port (TLS off, log level warn),
 #     registers a user, starts a conversation with the first agent, and posts one turn (which
 #     compiles the user's admission state from Postgres);
-#  2. overwrites that compiled state by hand (bg:{sN}:adm:<uid>): a huge request quota, rpm 0 and
-#     concurrency 0 (no limit), so that every request is admitted;
+#  2. overwrites that compiled state by hand (bg:{sN}:adm:<uid>, and its packed copy "pk"): a huge
+#     request quota, rpm 0 and concurrency 0 (no limit), so that every request is admitted;
 #  3. resets INFO commandstats and measures with h2load: BENCH_REQUESTS (50000) POSTs over
 #     BENCH_CLIENTS (32) connections x BENCH_STREAMS (10) streams, BENCH_THREADS (2) h2load threads,
 #     after BENCH_WARMUP (5000). Each request verifies the token, asks Redis about the session,
@@ -93,6 +93,7 @@ adm="bg:{s$shard}:adm:$user_id"
 [[ $("${rcli[@]}" EXISTS "$adm") == 1 ]] || die "no compiled state at $adm (shard function changed?)"
 "${rcli[@]}" HSET "$adm" q_limit 1000000000000 rpm 0 conc 0 tq_limit 0 >/dev/null ||
     die "could not write $adm"
+bench_repack_adm "$adm"
 "${rcli[@]}" DEL "bg:{s$shard}:quota:$user_id" "bg:{s$shard}:res:$user_id" \
     "bg:{s$shard}:resd:$user_id" >/dev/null
 

@@ -99,6 +99,7 @@ print(h % int(sys.argv[2]))' "$user_id" "$shards")
     adm="bg:{s$shard}:adm:$user_id"
     [[ $("${rcli[@]}" EXISTS "$adm") == 1 ]] || die "no compiled state at $adm (shard function changed?)"
     "${rcli[@]}" HSET "$adm" rpm 0 conc 0 tq_limit 0 >/dev/null || die "could not write $adm"
+    bench_repack_adm "$adm"
 done
 bench_start_worker usage-worker usage BG_WORKER_CONCURRENCY=4 BG_SHUTDOWN_GRACE_MS=1000
 usage_pid=$worker_pid

@@ -205,6 +205,19 @@ bench_store_env() {
         "BG_REDIS_URL=$BG_TEST_REDIS_URL" BG_LOG_LEVEL=warn BG_LOG_FORMAT=text
 }
 
+# After a bench changed numbers of a user's compiled admission state by hand (KEY, a
+# bg:{sN}:adm:<uid> hash, with HSET), packs them again into the copy lua/admit.lua reads: the
+# field "pk", nine little-endian doubles then the status, "\n" and the features, as
+# BG_POLICY_PK_MAX in shared/include/bg/policy.h lays it out (the plan compiler writes both at once).
+bench_repack_adm() {
+    local lua="local f = redis.call('HMGET', KEYS[1], 'q_limit', 'w_anchor', 'w_len', 'w_until',
+    'rpm', 'burst', 'conc', 'tok_cap', 'tq_limit', 'status', 'features')
+local n = {}
+for i = 1, 9 do n[i] = tonumber(f[i]) end
+return redis.call('HSET', KEYS[1], 'pk', struct.pack('<ddddddddd', unpack(n)) .. f[10] .. '\n' .. f[11])"
+    redis-cli -u "$BG_TEST_REDIS_URL" EVAL "$lua" 1 "$1" >/dev/null || die "could not pack $1"
+}
+
 # Starts the demo provider bg-demo-llm on a free port (NAME, then its options, e.g. --delay-ms 20)
 # and waits for /v1/models. Sets demo_url (the base URL with /v1, as BG_LLM_BASE_URL wants it) and
 # demo_pid.

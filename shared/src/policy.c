@@ -1040,7 +1040,7 @@ int bg_policy_state_argv(const bg_admission_state_t *s, int shards, bg_policy_ar
     int n = 0;
     out->argv[n++] = "HSET";
     out->argv[n++] = out->key;
-    for (size_t i = 0; i < BG_POLICY_STATE_FIELDS; i++) {
+    for (size_t i = 0; i < BG_POLICY_STATE_FIELDS - 1; i++) {
         out->argv[n++] = fields[i].name;
         if (fields[i].text != NULL) {
             out->argv[n++] = fields[i].text;
@@ -1051,6 +1051,26 @@ int bg_policy_state_argv(const bg_admission_state_t *s, int shards, bg_policy_ar
     }
     for (int i = 0; i < n; i++)
         out->lens[i] = strlen(out->argv[i]);
+    /* the packed copy the admission script reads (binary: its length is given) */
+    const int64_t nums[9] = {s->limits.q_limit, s->w_anchor,       s->w_len,
+                             s->w_until,        s->limits.rpm,     s->limits.burst,
+                             s->limits.conc,    s->limits.tok_cap, s->limits.tq_limit};
+    size_t len = 0;
+    for (size_t i = 0; i < BG_ARRAY_SIZE(nums); i++) {
+        double d = (double)nums[i];
+        uint64_t bits;
+        memcpy(&bits, &d, sizeof(bits));
+        for (int b = 0; b < 8; b++)
+            out->pk[len++] = (char)(unsigned char)(bits >> (8 * b));
+    }
+    int tail =
+        snprintf(out->pk + len, sizeof(out->pk) - len, "%s\n%s", s->status, s->limits.features);
+    if (tail < 0 || (size_t)tail >= sizeof(out->pk) - len)
+        return BG_ERR_TOO_LARGE;
+    out->argv[n] = "pk";
+    out->lens[n++] = 2;
+    out->argv[n] = out->pk;
+    out->lens[n++] = len + (size_t)tail;
     out->argc = n;
     return 0;
 }

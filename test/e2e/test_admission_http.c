@@ -32,6 +32,7 @@
 #include "bg/json.h"
 #include "bg/redis.h"
 #include "bgtest.h"
+#include "bgtest_adm.h"
 
 #define PASSWORD "Admission-Horse-Battery-42"
 #define SHARDS 16
@@ -294,9 +295,15 @@ static void reset_user(const user_t *u, int64_t q_limit, int64_t used, int64_t r
     key_of(resd, sizeof(resd), u, "resd");
     stream_of(stream, sizeof(stream), u);
     freeReplyObject(redis("DEL %s %s %s %s", quota, res, resd, stream));
-    freeReplyObject(redis("HSET %s q_limit %" PRId64 " rpm %" PRId64 " burst %" PRId64
-                          " conc %" PRId64 " tq_limit 0",
-                          adm, q_limit, rpm, burst, conc));
+    /* through the compiler's writer, so the script's packed copy agrees (bgtest_adm.h) */
+    const struct {
+        const char *name;
+        int64_t value;
+    } set[] = {
+        {"q_limit", q_limit}, {"rpm", rpm}, {"burst", burst}, {"conc", conc}, {"tq_limit", 0}};
+    for (size_t i = 0; i < BG_ARRAY_SIZE(set); i++)
+        cr_assert_eq(bgt_adm_set(S.r, SHARDS, u->id, set[i].name, set[i].value), 0, "%s",
+                     set[i].name);
     if (used > 0) {
         int64_t anchor = state_field(u, "w_anchor"), len = state_field(u, "w_len");
         redisReply *t = redis("TIME");

@@ -23,6 +23,7 @@
 #include "bg/redis.h"
 #include "bg/sse.h"
 #include "bgtest.h"
+#include "bgtest_adm.h"
 
 #define PASSWORD "Stream-Horse-Battery-42"
 #define SHARDS 16
@@ -336,14 +337,15 @@ static void wait_streams_open(const char *base, double want)
 /* Gives the user room for many turns (the state is compiled by the first turn). */
 static void generous_limits(const user_t *u)
 {
-    char key[160];
-    snprintf(key, sizeof(key), "bg:{s%d}:adm:%s", u->shard, u->id);
-    redisReply *r =
-        redis("HSET %s q_limit 100000 rpm 100000 burst 10000 conc 1000", key, NULL, NULL, NULL);
-    freeReplyObject(r);
+    /* through the compiler's writer, so the script's packed copy agrees (bgtest_adm.h) */
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u->id, "q_limit", 100000), 0);
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u->id, "rpm", 100000), 0);
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u->id, "burst", 10000), 0);
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u->id, "conc", 1000), 0);
     /* the theoretical arrival time the plan's own rate limit left (seconds ahead) goes too */
+    char key[160];
     snprintf(key, sizeof(key), "bg:{s%d}:quota:%s", u->shard, u->id);
-    r = redis("HDEL %s tat", key, NULL, NULL, NULL);
+    redisReply *r = redis("HDEL %s tat", key, NULL, NULL, NULL);
     freeReplyObject(r);
 }
 
@@ -644,10 +646,8 @@ Test(chat_stream, an_exhausted_quota_is_429_with_headers_and_a_localized_message
     post_message(&c, &u, "First", true);
     cr_assert_eq(call(&c), 202, "%s", c.resp.body); /* compiles the state (no_state → compile) */
     bgt_resp_free(&c.resp);
-    char key[160];
-    snprintf(key, sizeof(key), "bg:{s%d}:adm:%s", u.shard, u.id);
-    redisReply *r = redis("HSET %s q_limit 1 conc 100", key, NULL, NULL, NULL);
-    freeReplyObject(r);
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u.id, "q_limit", 1), 0);
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u.id, "conc", 100), 0);
 
     /* the message speaks the user's language (their locale is ru) */
     post_message(&c, &u, "Second", false);

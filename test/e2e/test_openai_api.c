@@ -20,6 +20,7 @@
 #include "bg/json.h"
 #include "bg/redis.h"
 #include "bgtest.h"
+#include "bgtest_adm.h"
 
 #define PASSWORD "Openai-Horse-Battery-42"
 #define SHARDS 16
@@ -615,11 +616,7 @@ Test(openai_api, failures_before_output_are_error_responses_and_after_it_error_e
     user_t u;
     new_user("fail@openai.example", "en", "monthly", &u);
     /* the test settles nothing, so the concurrency cap would count every job as running */
-    char adm[160];
-    snprintf(adm, sizeof(adm), "bg:{s%d}:adm:%s", u.shard, u.id);
-    redisReply *r = NULL;
-    cr_assert_eq(bg_redis_command(S.r, &r, "HSET %s conc 100", adm), 0);
-    freeReplyObject(r);
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u.id, "conc", 100), 0);
     const char *ns = "{\"model\":\"assistant\",\"messages\":[{\"role\":\"user\",\"content\":"
                      "\"x\"}]}";
     const char *st = "{\"model\":\"assistant\",\"messages\":[{\"role\":\"user\",\"content\":"
@@ -679,11 +676,7 @@ Test(openai_api, an_exhausted_quota_is_429_insufficient_quota_in_the_users_langu
 {
     user_t u;
     new_user("quota@openai.example", "ru", "monthly", &u);
-    char key[160];
-    snprintf(key, sizeof(key), "bg:{s%d}:adm:%s", u.shard, u.id);
-    redisReply *r = NULL;
-    cr_assert_eq(bg_redis_command(S.r, &r, "HSET %s q_limit 0", key), 0);
-    freeReplyObject(r);
+    cr_assert_eq(bgt_adm_set(S.r, SHARDS, u.id, "q_limit", 0), 0);
     call_t c = {.method = "POST",
                 .path = "/v1/chat/completions",
                 .token = u.key,

@@ -19,10 +19,12 @@
 #include "bg/admission.h"
 #include "bg/authstate.h"
 #include "bg/err.h"
+#include "bg/policy.h"
 #include "bg/redis.h"
 #include "bg/redis_async.h"
 #include "bg/timeutil.h"
 #include "bgtest.h"
+#include "bgtest_adm.h"
 
 #define SHARDS 16
 #define DAY_MS 86400000LL
@@ -106,32 +108,33 @@ static void cmd_ok(bg_redis_t *r, int argc, const char *const *argv)
     freeReplyObject(reply);
 }
 
+/* Writes the config as the plan compiler does: bg_policy_state_write (the fields and "pk"). */
 static void put_config(bg_redis_t *r, const char *uid, const cfg_t *c)
 {
-    bg_admission_keys_t k = keys_of(uid);
-    char v[10][24];
-    long long n[] = {c->q_limit, c->w_anchor, c->w_len,   c->w_until, c->rpm,
-                     c->burst,   c->conc,     c->tok_cap, c->tq_limit};
-    for (size_t i = 0; i < BG_ARRAY_SIZE(n); i++)
-        snprintf(v[i], sizeof(v[i]), "%lld", n[i]);
-    const char *argv[] = {"HSET",     k.adm,      "status",   c->status, "plan",     "monthly",
-                          "q_limit",  v[0],       "w_anchor", v[1],      "w_len",    v[2],
-                          "w_until",  v[3],       "rpm",      v[4],      "burst",    v[5],
-                          "conc",     v[6],       "tok_cap",  v[7],      "tq_limit", v[8],
-                          "features", c->features};
-    const char *del[] = {"DEL", k.adm};
-    cmd_ok(r, 2, del);
-    cmd_ok(r, BG_ARRAY_SIZE(argv), argv);
+    bg_admission_state_t st;
+    memset(&st, 0, sizeof(st));
+    bg_strlcpy(st.user_id, uid, sizeof(st.user_id));
+    bg_strlcpy(st.status, c->status, sizeof(st.status));
+    bg_strlcpy(st.plan, "monthly", sizeof(st.plan));
+    st.w_anchor = c->w_anchor;
+    st.w_len = c->w_len;
+    st.w_until = c->w_until;
+    st.limits = (bg_policy_limits_t){.q_limit = c->q_limit,
+                                     .tq_limit = c->tq_limit,
+                                     .rpm = c->rpm,
+                                     .burst = c->burst,
+                                     .conc = c->conc,
+                                     .tok_cap = c->tok_cap};
+    bg_strlcpy(st.limits.features, c->features, sizeof(st.limits.features));
+    st.v = bg_timeutil_wall_ms();
+    cr_assert_eq(bg_policy_state_write(r, SHARDS, &st), 0);
 }
 
-/* Sets one field of the config hash. */
+/* Changes one number of the config (bgt_adm_set: read back, changed, written by the compiler's
+ * writer). */
 static void put_field(bg_redis_t *r, const char *uid, const char *field, long long value)
 {
-    bg_admission_keys_t k = keys_of(uid);
-    char v[24];
-    snprintf(v, sizeof(v), "%lld", value);
-    const char *argv[] = {"HSET", k.adm, field, v};
-    cmd_ok(r, 4, argv);
+    cr_assert_eq(bgt_adm_set(r, SHARDS, uid, field, value), 0, "%s of %s", field, uid);
 }
 
 /* Writes the quota hash: used requests in the window starting at win. */

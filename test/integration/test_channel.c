@@ -20,6 +20,7 @@
 #include "bg/pg.h"
 #include "bg/redis.h"
 #include "bgtest.h"
+#include "bgtest_adm.h"
 
 #define SHARDS 4
 
@@ -202,10 +203,8 @@ Test(channel, a_turn_is_admitted_against_the_users_one_quota_and_compiled_when_n
 
     /* the quota spent (the first turn holds the only request; no concurrency cap in the way): a
      * refusal each channel words with the plans */
-    cr_assert_eq(bg_redis_command(rc_, &r, "HSET bg:{s%d}:adm:%s q_limit 1 conc 0",
-                                  bg_shard_of(uid, SHARDS), uid),
-                 0);
-    freeReplyObject(r);
+    cr_assert_eq(bgt_adm_set(rc_, SHARDS, uid, "q_limit", 1), 0);
+    cr_assert_eq(bgt_adm_set(rc_, SHARDS, uid, "conc", 0), 0);
     bg_id_uuid_v7_str(job_id);
     cr_assert_eq(bg_turn_prepare(&t, 1000, &j), 0);
     cr_assert_eq(bg_turn_admit(rc_, conn, SHARDS, &j, &d), 0);

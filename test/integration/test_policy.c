@@ -324,6 +324,35 @@ Test(policy_compile, grant_of_a_daily_plan_has_day_windows)
 }
 
 /* HGETALL of key as "field=value" lines sorted by field (new string). */
+/* The packed copy the admission script reads ("pk", BG_POLICY_PK_MAX): nine little-endian doubles
+ * (q_limit, w_anchor, w_len, w_until, rpm, burst, conc, tok_cap, tq_limit), the status, "\n" and
+ * the features, decoded here byte by byte. */
+static void assert_packed(bg_redis_t *r, const char *key, const bg_admission_state_t *st)
+{
+    redisReply *reply;
+    cr_assert_eq(bg_redis_command(r, &reply, "HGET %s pk", key), 0);
+    cr_assert_eq(reply->type, REDIS_REPLY_STRING);
+    const unsigned char *p = (const unsigned char *)reply->str;
+    const int64_t want[9] = {st->limits.q_limit, st->w_anchor,       st->w_len,
+                             st->w_until,        st->limits.rpm,     st->limits.burst,
+                             st->limits.conc,    st->limits.tok_cap, st->limits.tq_limit};
+    cr_assert_geq(reply->len, 9 * 8 + 1);
+    for (int i = 0; i < 9; i++) {
+        uint64_t bits = 0;
+        for (int b = 0; b < 8; b++)
+            bits |= (uint64_t)p[8 * i + b] << (8 * b);
+        double d;
+        memcpy(&d, &bits, sizeof(d));
+        cr_expect_eq((int64_t)d, want[i], "number %d of pk", i);
+    }
+    char tail[2300];
+    snprintf(tail, sizeof(tail), "%s\n%s", st->status, st->limits.features);
+    cr_expect_eq(reply->len - 72, strlen(tail));
+    cr_expect_eq(memcmp(reply->str + 72, tail, strlen(tail)), 0, "pk's tail: %.*s",
+                 (int)(reply->len - 72), reply->str + 72);
+    freeReplyObject(reply);
+}
+
 static char *hgetall_sorted(bg_redis_t *r, const char *key)
 {
     redisReply *reply;
@@ -332,6 +361,10 @@ static char *hgetall_sorted(bg_redis_t *r, const char *key)
     size_t n = reply->elements / 2;
     char **lines = calloc(n + 1, sizeof(char *));
     for (size_t i = 0; i < n; i++) {
+        if (strcmp(reply->element[2 * i]->str, "pk") == 0) {
+            lines[i] = strdup("pk=(binary)"); /* checked by assert_packed */
+            continue;
+        }
         size_t len =
             strlen(reply->element[2 * i]->str) + strlen(reply->element[2 * i + 1]->str) + 2;
         lines[i] = malloc(len);
@@ -391,11 +424,13 @@ Test(policy_compile, state_write_sets_exactly_the_hash)
              "burst=5\nconc=2\n"
              "features=,email_support,chat_support,priority_support,phone_support,api_access,"
              "advanced_analytics,beta,\n"
-             "plan=yearly\nq_limit=150000\nrpm=120\nstatus=active\ntok_cap=4096\ntq_limit=0\n"
-             "v=%" PRId64 "\nw_anchor=%" PRId64 "\nw_len=%" PRId64 "\nw_until=%" PRId64 "\n",
+             "pk=(binary)\nplan=yearly\nq_limit=150000\nrpm=120\nstatus=active\ntok_cap=4096\n"
+             "tq_limit=0\nv=%" PRId64 "\nw_anchor=%" PRId64 "\nw_len=%" PRId64 "\nw_until=%" PRId64
+             "\n",
              now, start, 365 * DAY, start + 365 * DAY);
     cr_assert_str_eq(got, want);
     free(got);
+    assert_packed(r, key, &st);
 
     /* the argv form carries the same fields */
     bg_policy_argv_t a;

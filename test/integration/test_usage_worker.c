@@ -21,6 +21,7 @@
 #include "bg/admission.h"
 #include "bg/err.h"
 #include "bg/jobs.h"
+#include "bg/policy.h"
 #include "bg/redis.h"
 #include "bg/timeutil.h"
 #include "bg/usage.h"
@@ -248,19 +249,20 @@ static void cmd_ok(int argc, const char *const *argv)
 /* An active plan for uid: 10000 requests a day, no rate or concurrency limits. */
 static void put_config(const char *uid)
 {
-    bg_admission_keys_t k;
-    cr_assert_eq(bg_admission_keys(&k, SHARDS, uid), 0);
+    /* as the plan compiler writes it (the fields and the script's packed copy) */
     long long now = bg_timeutil_wall_ms();
-    char anchor[24], len[24], until[24];
-    snprintf(anchor, sizeof(anchor), "%lld", now - 1000);
-    snprintf(len, sizeof(len), "%lld", DAY_MS);
-    snprintf(until, sizeof(until), "%lld", now + 30 * DAY_MS);
-    const char *argv[] = {"HSET",     k.adm,       "status",   "active", "plan",     "monthly",
-                          "q_limit",  "10000",     "w_anchor", anchor,   "w_len",    len,
-                          "w_until",  until,       "rpm",      "0",      "burst",    "1",
-                          "conc",     "0",         "tok_cap",  "0",      "tq_limit", "0",
-                          "features", ",chat,api,"};
-    cmd_ok(BG_ARRAY_SIZE(argv), argv);
+    bg_admission_state_t st;
+    memset(&st, 0, sizeof(st));
+    bg_strlcpy(st.user_id, uid, sizeof(st.user_id));
+    bg_strlcpy(st.status, "active", sizeof(st.status));
+    bg_strlcpy(st.plan, "monthly", sizeof(st.plan));
+    st.w_anchor = now - 1000;
+    st.w_len = DAY_MS;
+    st.w_until = now + 30 * DAY_MS;
+    st.limits = (bg_policy_limits_t){.q_limit = 10000, .burst = 1};
+    bg_strlcpy(st.limits.features, ",chat,api,", sizeof(st.limits.features));
+    st.v = now;
+    cr_assert_eq(bg_policy_state_write(rc_, SHARDS, &st), 0);
 }
 
 /* Reserves quota for job (as the edge does before the llm job runs). */
