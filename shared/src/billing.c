@@ -491,6 +491,82 @@ static int refresh_invoice(PGconn *c, const char *txn)
 }
 
 /*
+ * Takes back the request credits that transaction txn granted, in the proportion of its payment
+ * that approved refunds and chargebacks returned: floor(granted × returned / paid) in all, never
+ * more than the grant, posted per adjustment (kind grant.refund.paddle, key
+ * paddle:credits-back:<adjustment>, at the adjustment's time): − on the user's credits account, +
+ * on the system grants account. Runs when an adjustment is approved and when the transaction is
+ * booked, so the outcome does not depend on which webhook came first: the adjustments without a
+ * posting are taken in the order they were made, each bringing the total taken back to what the
+ * adjustments posted and those made up to it returned. A transaction that granted nothing (no
+ * billing period) or is not booked yet takes nothing back.
+ */
+static int take_back_credits(PGconn *c, const event_t *e, const char *txn, bool *posted)
+{
+    const char *p[] = {e->user_id, txn};
+    PGresult *res;
+    int rc = bg_pg_exec(
+        c,
+        "WITH l AS (SELECT coalesce(sum(le.amount) FILTER (WHERE a.purpose = 'credits' AND "
+        "    t.idempotency_key = 'paddle:credits:' || $2), 0)::bigint AS granted, "
+        "  coalesce(sum(le.amount) FILTER (WHERE a.purpose = 'payments' AND "
+        "    t.idempotency_key = 'paddle:payment:' || $2), 0)::bigint AS paid, "
+        "  coalesce(-sum(le.amount) FILTER (WHERE a.purpose = 'credits' AND "
+        "    t.kind = 'grant.refund.paddle'), 0)::bigint AS back "
+        "  FROM ledger_transactions t JOIN ledger_entries le ON le.transaction_id = t.id "
+        "  JOIN ledger_accounts a ON a.id = le.account_id AND a.owner_type = 'user' "
+        "    AND a.owner_id = $1::uuid "
+        "  WHERE t.user_id = $1::uuid AND (t.idempotency_key IN ('paddle:credits:' || $2, "
+        "    'paddle:payment:' || $2) OR (t.kind = 'grant.refund.paddle' AND "
+        "    t.metadata ->> 'paddle_transaction_id' = $2))) "
+        "SELECT l.granted, l.paid, l.back, p.provider_payment_id, p.amount_minor, "
+        "  floor(extract(epoch FROM p.occurred_at) * 1000)::bigint, "
+        "  EXISTS (SELECT 1 FROM ledger_transactions x "
+        "    WHERE x.idempotency_key = 'paddle:credits-back:' || p.provider_payment_id) "
+        "FROM l LEFT JOIN payments p ON p.paddle_transaction_id = $2 "
+        "  AND p.kind IN ('refund', 'chargeback') AND p.status = 'succeeded' "
+        "ORDER BY p.occurred_at, p.provider_payment_id",
+        2, p, &res);
+    if (rc != 0)
+        return rc;
+    int64_t granted = 0, paid = 0, back = 0, returned = 0;
+    int n = PQntuples(res);
+    if (n < 1 || bg_pg_int64(res, 0, 0, &granted) != 0 || bg_pg_int64(res, 0, 1, &paid) != 0 ||
+        bg_pg_int64(res, 0, 2, &back) != 0)
+        rc = BG_ERR_PROTOCOL;
+    /* what the adjustments already posted returned counts first */
+    for (int i = 0; rc == 0 && i < n; i++) {
+        int64_t amount = 0;
+        if (!PQgetisnull(res, i, 3) && strcmp(PQgetvalue(res, i, 6), "t") == 0 &&
+            bg_pg_int64(res, i, 4, &amount) == 0)
+            returned += amount;
+    }
+    for (int i = 0; rc == 0 && granted > 0 && paid > 0 && i < n; i++) {
+        int64_t amount = 0, at_ms = 0;
+        const char *adj = PQgetvalue(res, i, 3);
+        if (PQgetisnull(res, i, 3) || strcmp(PQgetvalue(res, i, 6), "t") == 0 || !plain(adj) ||
+            bg_pg_int64(res, i, 4, &amount) != 0 || bg_pg_int64(res, i, 5, &at_ms) != 0)
+            continue;
+        returned += amount;
+        /* at most 150,000 credits times a payment in minor units: far from overflowing */
+        int64_t due = granted * (returned < paid ? returned : paid) / paid - back;
+        if (due <= 0)
+            continue;
+        char key[200];
+        snprintf(key, sizeof(key), "paddle:credits-back:%s", adj);
+        char *meta = bg_asprintf("{\"paddle_transaction_id\":\"%s\",\"paddle_adjustment_id\":"
+                                 "\"%s\",\"plan\":\"%s\"}",
+                                 txn, adj, e->plan_id);
+        rc = post(c, e, key, "grant.refund.paddle", "Requests of a refunded payment taken back",
+                  "credits", "grants", "request", -due, at_ms, meta, posted);
+        free(meta);
+        back += due;
+    }
+    PQclear(res);
+    return rc;
+}
+
+/*
  * The invoice of the event's transaction, one per transaction: Paddle's invoice_number, the
  * totals of details.totals, the billing period, issued at billed_at, paid at the first successful
  * event's time. Every field is a function of the set of events (the earliest time, the first
@@ -595,6 +671,9 @@ static int apply_transaction(PGconn *c, event_t *e, bg_billing_result_t *out)
         char key[200];
         snprintf(key, sizeof(key), "paddle:credits:%s", e->entity_id);
         rc = post_credits(c, e, key, &posted);
+        /* refunds approved before this transaction was booked take their credits back now */
+        if (rc == 0)
+            rc = take_back_credits(c, e, e->entity_id, &posted);
         if (rc != 0)
             return rc;
     }
@@ -606,7 +685,8 @@ static int apply_transaction(PGconn *c, event_t *e, bg_billing_result_t *out)
  * A refund or chargeback (a Paddle adjustment): a payments row (kind refund or chargeback, keyed
  * by the adjustment id; its status the furthest one seen: succeeded over canceled over pending)
  * and, once approved, a reversing ledger transaction: −total on the user's payments account, +
- * on the system sales account (kind refund.paddle, key paddle:refund:<adjustment>). The
+ * on the system sales account (kind refund.paddle, key paddle:refund:<adjustment>), and the
+ * request credits the transaction granted taken back in proportion (take_back_credits). The
  * transaction's invoice becomes refunded when the approved adjustments reach its total.
  */
 static int apply_adjustment(PGconn *c, event_t *e, bg_billing_result_t *out)
@@ -677,6 +757,8 @@ static int apply_adjustment(PGconn *c, event_t *e, bg_billing_result_t *out)
                   refund ? "Refund through Paddle" : "Chargeback through Paddle", "payments",
                   "sales", currency, -amount, at_ms, meta, &posted);
         free(meta);
+        if (rc == 0)
+            rc = take_back_credits(c, e, txn, &posted);
         if (rc != 0)
             return rc;
     }

@@ -198,6 +198,30 @@ static long count(const char *sql)
     return n;
 }
 
+/* The request credits transaction txn granted the user, and those taken back since (positive). */
+static long credits_granted(const char *txn)
+{
+    char sql[512];
+    snprintf(sql, sizeof(sql),
+             "SELECT coalesce(sum(e.amount), 0) FROM ledger_entries e JOIN ledger_transactions t "
+             "ON t.id = e.transaction_id JOIN ledger_accounts a ON a.id = e.account_id AND "
+             "a.owner_type = 'user' WHERE t.idempotency_key = 'paddle:credits:%s'",
+             txn);
+    return count(sql);
+}
+
+static long credits_taken_back(const char *txn)
+{
+    char sql[512];
+    snprintf(sql, sizeof(sql),
+             "SELECT coalesce(-sum(e.amount), 0) FROM ledger_entries e JOIN ledger_transactions t "
+             "ON t.id = e.transaction_id JOIN ledger_accounts a ON a.id = e.account_id AND "
+             "a.owner_type = 'user' AND a.purpose = 'credits' WHERE t.kind = "
+             "'grant.refund.paddle' AND t.metadata ->> 'paddle_transaction_id' = '%s'",
+             txn);
+    return count(sql);
+}
+
 static void rfc3339(int64_t ms, char *out, size_t outlen)
 {
     cr_assert_eq(bg_timeutil_format_rfc3339(out, outlen, ms, true), 0);
@@ -868,13 +892,21 @@ Test(billing_paddle, invoices_list_json_and_printable_html_then_a_refund)
     bgt_resp_free(&r);
     cr_assert_eq(call("GET", "/billing/history", token, NULL, NULL, &r), 200, "%s", r.body);
     cr_expect(strstr(r.body, "\"type\": \"refund\"") != NULL &&
-                  strstr(r.body, "\"amount\": -123456") != NULL,
+                  strstr(r.body, "\"amount\": -123456") != NULL &&
+                  strstr(r.body, "\"kind\": \"grant.refund.paddle\"") != NULL,
               "%s", r.body);
     bgt_resp_free(&r);
     cr_expect_eq(count("SELECT count(*) FROM ledger_transactions WHERE kind = 'refund.paddle'"), 1);
     cr_expect_eq(count("SELECT count(*) FROM payments WHERE kind = 'refund' AND status = "
                        "'succeeded'"),
                  1);
+    /* the requests the refunded payment granted are taken back, all of them, once */
+    long granted = credits_granted("txn_inv_1");
+    cr_expect_gt(granted, 0, "the paid period granted requests");
+    cr_expect_eq(credits_taken_back("txn_inv_1"), granted);
+    cr_expect_eq(credits_taken_back("txn_inv_2"), 0, "the other payment keeps its requests");
+    cr_expect_eq(
+        count("SELECT count(*) FROM ledger_transactions WHERE kind = 'grant.refund.paddle'"), 1);
     cr_expect_eq(count("SELECT count(*) FROM (SELECT transaction_id FROM ledger_entries GROUP BY "
                        "transaction_id, unit HAVING sum(amount) <> 0) u"),
                  0, "every ledger transaction balances");
@@ -1182,6 +1214,10 @@ Test(billing_paddle, reconcile_lists_adjustments_posts_a_missed_refund_once_and_
     cr_expect_eq(count("SELECT count(*) FROM (SELECT transaction_id FROM ledger_entries GROUP BY "
                        "transaction_id, unit HAVING sum(amount) <> 0) u"),
                  0, "every ledger transaction balances");
+    /* 14.99 of 19.99 refunded: as many of the period's requests are taken back (rounded down) */
+    long granted = credits_granted("txn_radj");
+    cr_expect_gt(granted, 0, "the paid period granted requests");
+    cr_expect_eq(credits_taken_back("txn_radj"), granted * 1499 / 1999);
     /* 14.99 of 19.99 refunded: the invoice stays paid; the history shows the refund */
     invoice_status(token, "txn_radj", v, sizeof(v));
     cr_expect_str_eq(v, "paid");
@@ -1219,6 +1255,8 @@ Test(billing_paddle, reconcile_lists_adjustments_posts_a_missed_refund_once_and_
                  1);
     invoice_status(token, "txn_radj", v, sizeof(v));
     cr_expect_str_eq(v, "refunded", "14.99 + 5.00 refunded of 19.99");
+    /* and with the rest refunded, the rest of the requests: all of them in total, no more */
+    cr_expect_eq(credits_taken_back("txn_radj"), granted);
 
     /* Paddle's late webhooks for both refunds change nothing */
     long ledger2 = count("SELECT count(*) FROM ledger_entries");
@@ -1231,6 +1269,7 @@ Test(billing_paddle, reconcile_lists_adjustments_posts_a_missed_refund_once_and_
     wait_processed();
     cr_expect_eq(count("SELECT count(*) FROM ledger_entries"), ledger2);
     cr_expect_eq(count("SELECT count(*) FROM ledger_transactions WHERE kind = 'refund.paddle'"), 2);
+    cr_expect_eq(credits_taken_back("txn_radj"), granted);
     cr_expect_eq(count("SELECT count(*) FROM (SELECT transaction_id FROM ledger_entries GROUP BY "
                        "transaction_id, unit HAVING sum(amount) <> 0) u"),
                  0, "every ledger transaction balances");

@@ -388,7 +388,9 @@ static void expect_ledger_balances(void)
     "-10000; payment.paddle 2024-04-12T10:18:47 USD 1999; payment.paddle 2024-04-12T10:18:47 USD " \
     "-1999; grant.paddle 2024-05-12T10:18:47 request 10000; grant.paddle 2024-05-12T10:18:47 "     \
     "request -10000; payment.paddle 2024-05-12T10:18:47 USD 1999; payment.paddle "                 \
-    "2024-05-12T10:18:47 USD -1999; refund.paddle 2024-05-20T08:00:00 USD 1999; refund.paddle "    \
+    "2024-05-12T10:18:47 USD -1999; grant.refund.paddle 2024-05-20T08:00:00 request 10000; "       \
+    "grant.refund.paddle 2024-05-20T08:00:00 request -10000; "                                     \
+    "refund.paddle 2024-05-20T08:00:00 USD 1999; refund.paddle "                                   \
     "2024-05-20T08:00:00 USD -1999; grant.paddle 2024-06-12T10:18:47 request 10000; grant.paddle " \
     "2024-06-12T10:18:47 request -10000; payment.paddle 2024-06-12T10:18:47 USD 1999; "            \
     "payment.paddle 2024-06-12T10:18:47 USD -1999; grant.paddle 2024-06-20T12:00:00 request "      \
@@ -405,7 +407,8 @@ Test(billing_replay, every_order_of_every_duplicated_event_ends_the_same)
                             " live_rows=0");
     cr_expect_str_eq(o.ent, "none yearly q=0 anchor=0 until=0");
     cr_expect_str_eq(o.ledger, LEDGER_ALL);
-    /* the failed renewal (3) was paid two days later; the refunded one (2) is refunded */
+    /* the failed renewal (3) was paid two days later; the refunded one (2) is refunded, and the
+     * 10,000 requests its period granted are taken back at the refund's time, in every order */
     cr_expect_str_eq(o.inv, "txn_T_1 paid 1999 2024-04-12; txn_T_2 refunded 1999 2024-05-12; "
                             "txn_T_3 paid 1999 2024-06-14; txn_T_4 paid 19999 2024-06-20");
     outcome_free(&o);
