@@ -22,38 +22,43 @@ local scan = tonumber(ARGV[8])
 
 local dead = 0
 local counts = {}
+
+-- Moves entry id, delivered `deliveries` times, to the dead letters with its last error.
+local function bury(id, deliveries)
+    local args = {'XADD', dlq, 'MAXLEN', '~', dlq_maxlen, '*'}
+    local entry = redis.call('XRANGE', stream, id, id)
+    if entry[1] then
+        for _, v in ipairs(entry[1][2]) do
+            args[#args + 1] = v
+        end
+    end
+    local err = redis.call('HGET', errs, id)
+    args[#args + 1] = 'dlq_role'
+    args[#args + 1] = role
+    args[#args + 1] = 'dlq_id'
+    args[#args + 1] = id
+    args[#args + 1] = 'dlq_deliveries'
+    args[#args + 1] = tostring(deliveries)
+    args[#args + 1] = 'dlq_error'
+    args[#args + 1] = err or ''
+    redis.call(unpack(args))
+    redis.call('XACK', stream, group, id)
+    redis.call('XDEL', stream, id)
+    redis.call('HDEL', errs, id)
+    dead = dead + 1
+end
+
 local pending = redis.call('XPENDING', stream, group, 'IDLE', min_idle, '-', '+', scan)
 for _, p in ipairs(pending) do
     local id, deliveries = p[1], p[4]
     if deliveries >= max_deliveries then
-        local args = {'XADD', dlq, 'MAXLEN', '~', dlq_maxlen, '*'}
-        local entry = redis.call('XRANGE', stream, id, id)
-        if entry[1] then
-            for _, v in ipairs(entry[1][2]) do
-                args[#args + 1] = v
-            end
-        end
-        local err = redis.call('HGET', errs, id)
-        args[#args + 1] = 'dlq_role'
-        args[#args + 1] = role
-        args[#args + 1] = 'dlq_id'
-        args[#args + 1] = id
-        args[#args + 1] = 'dlq_deliveries'
-        args[#args + 1] = tostring(deliveries)
-        args[#args + 1] = 'dlq_error'
-        args[#args + 1] = err or ''
-        redis.call(unpack(args))
-        redis.call('XACK', stream, group, id)
-        redis.call('XDEL', stream, id)
-        redis.call('HDEL', errs, id)
-        dead = dead + 1
+        bury(id, deliveries)
     else
         counts[id] = deliveries
     end
 end
 
-local summary = redis.call('XPENDING', stream, group)
-local out = {dead, summary[1], redis.call('XLEN', dlq)}
+local claimed = {}
 if claim > 0 then
     local r = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, '0-0', 'COUNT', claim)
     for _, e in ipairs(r[2]) do
@@ -66,8 +71,20 @@ if claim > 0 then
                 local p = redis.call('XPENDING', stream, group, e[1], e[1], 1)
                 d = (p[1] and p[1][4]) or 1
             end
-            out[#out + 1] = {e[1], e[2], d}
+            if d > max_deliveries then
+                -- it had had its deliveries yet was not in the scan above (which sees at most
+                -- `scan` entries, and its own idle time a moment earlier): buried, not run again
+                bury(e[1], d - 1)
+            else
+                claimed[#claimed + 1] = {e[1], e[2], d}
+            end
         end
     end
+end
+
+local summary = redis.call('XPENDING', stream, group)
+local out = {dead, summary[1], redis.call('XLEN', dlq)}
+for _, c in ipairs(claimed) do
+    out[#out + 1] = c
 end
 return out

@@ -303,7 +303,7 @@ Test(worker_runtime, failing_job_is_dead_lettered_then_listed_and_replayed)
     long long deliveries = 0;
     cr_assert(dlq_entry(dlq, job_id, sizeof(job_id), &deliveries, error, sizeof(error)));
     cr_assert_str_eq(job_id, "job-fail-1");
-    cr_assert_eq(deliveries, 3, "moved after BG_MAX_DELIVERIES deliveries");
+    cr_assert_eq(deliveries, 3, "moved after BG_MAX_DELIVERIES deliveries, not %lld", deliveries);
     cr_assert_not_null(strstr(error, "always fails"), "last error: %s", error);
     cr_assert_eq(pending_count(stream, "fail"), 0, "a dead letter is no longer pending");
     cr_assert(exited_zero(bgt_stop(w, SIGTERM, 10000)));
@@ -584,4 +584,57 @@ Test(worker_runtime, bg_worker_keeps_running_while_redis_is_down)
     text[n] = '\0';
     fclose(f);
     cr_assert_not_null(strstr(text, "not reachable"), "%s", text);
+}
+
+/* Runs a command and fails the test on an error reply. */
+static void redis_ok(const char *fmt, const char *a, const char *b)
+{
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_command(rc_, &reply, fmt, a, b), 0);
+    cr_assert_neq(reply->type, REDIS_REPLY_ERROR, "%s: %s", fmt, reply->str);
+    freeReplyObject(reply);
+}
+
+/*
+ * lua/worker_reclaim.lua itself: an entry that has had its deliveries but is not among the idle
+ * entries the scan inspects (it sees `scan` of them) is buried when the claim reaches it, with the
+ * deliveries it had, and never handed out a fourth time.
+ */
+Test(worker_runtime, the_reclaim_script_buries_what_its_scan_missed_instead_of_running_it_again)
+{
+    const char *stream = "bg:{s0}:q:scan", *dlq = "bg:{s0}:dlq:scan", *errs = "bg:{s0}:qerr:scan";
+    redis_ok("DEL %s %s", stream, dlq);
+    redis_ok("XGROUP CREATE %s scan $ MKSTREAM", stream, NULL);
+    redis_ok("XADD %s 1-1 job_id a", stream, NULL);
+    redis_ok("XADD %s 1-2 job_id b", stream, NULL);
+    /* three deliveries each: read once, then claimed twice */
+    redis_ok("XREADGROUP GROUP scan c1 COUNT 10 STREAMS %s >", stream, NULL);
+    for (int i = 0; i < 2; i++)
+        redis_ok("XCLAIM %s scan c1 0 1-1 1-2", stream, NULL);
+    sleep_ms(20);
+    /* the scan sees one idle entry (ARGV[8] = 1); the claim takes both */
+    const char *keys[] = {stream, dlq, errs};
+    const char *args[] = {"scan", "c2", "10", "10", "3", "scan", "1000", "1"};
+    redisReply *reply = NULL;
+    cr_assert_eq(bg_redis_script(rc_, "lua/worker_reclaim.lua", 3, keys, 8, args, &reply), 0);
+    cr_assert_eq(reply->type, REDIS_REPLY_ARRAY, "%s",
+                 reply->type == REDIS_REPLY_ERROR ? reply->str : "");
+    cr_expect_eq(reply->element[0]->integer, 2, "both buried");
+    cr_expect_eq(reply->element[1]->integer, 0, "nothing pending");
+    cr_expect_eq(reply->element[2]->integer, 2, "two dead letters");
+    cr_expect_eq(reply->elements, 3, "nothing handed out again");
+    freeReplyObject(reply);
+    cr_assert_eq(bg_redis_command(rc_, &reply, "XRANGE %s - +", dlq), 0);
+    cr_assert_eq(reply->elements, 2);
+    for (size_t i = 0; i < reply->elements; i++) {
+        const redisReply *f = reply->element[i]->element[1];
+        const char *d = NULL;
+        for (size_t k = 0; k + 1 < f->elements; k += 2)
+            if (strcmp(f->element[k]->str, "dlq_deliveries") == 0)
+                d = f->element[k + 1]->str;
+        cr_expect(d != NULL && strcmp(d, "3") == 0, "dead letter %zu: %s deliveries", i,
+                  d != NULL ? d : "(none)");
+    }
+    freeReplyObject(reply);
+    redis_ok("DEL %s %s", stream, dlq);
 }
