@@ -1022,7 +1022,7 @@ int bg_policy_state_argv(const bg_admission_state_t *s, int shards, bg_policy_ar
         const char *name;
         const char *text; /* NULL: the number */
         int64_t num;
-    } fields[BG_POLICY_STATE_FIELDS] = {
+    } fields[] = {
         {"status", s->status, 0},
         {"plan", s->plan, 0},
         {"q_limit", NULL, s->limits.q_limit},
@@ -1040,7 +1040,9 @@ int bg_policy_state_argv(const bg_admission_state_t *s, int shards, bg_policy_ar
     int n = 0;
     out->argv[n++] = "HSET";
     out->argv[n++] = out->key;
-    for (size_t i = 0; i < BG_POLICY_STATE_FIELDS - 1; i++) {
+    /* the readable fields, then "pk" below */
+    _Static_assert(BG_ARRAY_SIZE(fields) + 1 == BG_POLICY_STATE_FIELDS, "fields of the HSET");
+    for (size_t i = 0; i < BG_ARRAY_SIZE(fields); i++) {
         out->argv[n++] = fields[i].name;
         if (fields[i].text != NULL) {
             out->argv[n++] = fields[i].text;

@@ -432,6 +432,23 @@ int bg_redis_connect(bg_redis_t *r)
 }
 
 /*
+ * A reply that did not come (saved_errno: errno when hiredis failed): drops the connection and
+ * returns BG_ERR_TIMEOUT for a read that timed out, else BG_ERR_UNAVAILABLE. what names the call
+ * in the debug log.
+ */
+static int reply_lost(bg_redis_t *r, int saved_errno, const char *what)
+{
+    const redisContext *c = r->c;
+    bool timed_out =
+        c->err == REDIS_ERR_IO &&
+        (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK || saved_errno == ETIMEDOUT);
+    bg_debug("redis %s: %s%s", r->desc, timed_out ? what : c->errstr,
+             timed_out ? " timed out" : "");
+    drop(r);
+    return timed_out ? BG_ERR_TIMEOUT : BG_ERR_UNAVAILABLE;
+}
+
+/*
  * Sends one formatted command and reads its reply. On a transport error the connection is dropped
  * and the next call reconnects at once (failures stays 0): the common cause is a server restart.
  */
@@ -451,14 +468,8 @@ static int exec_formatted(bg_redis_t *r, const char *cmd, size_t len, int64_t bl
     if (redisAppendFormattedCommand(c, cmd, len) != REDIS_OK ||
         redisGetReply(c, &reply) != REDIS_OK)
         saved_errno = errno;
-    if (reply == NULL) {
-        bool timed_out =
-            c->err == REDIS_ERR_IO &&
-            (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK || saved_errno == ETIMEDOUT);
-        bg_debug("redis %s: %s", r->desc, timed_out ? "command timed out" : c->errstr);
-        drop(r);
-        return timed_out ? BG_ERR_TIMEOUT : BG_ERR_UNAVAILABLE;
-    }
+    if (reply == NULL)
+        return reply_lost(r, saved_errno, "command");
     if (block_ms > 0 && redisSetTimeout(c, ms_to_tv(r->timeout_ms)) != REDIS_OK)
         drop(r); /* the reply is good; only the next command needs a fresh connection */
     if (out != NULL)
@@ -527,16 +538,11 @@ int bg_redis_pipeline(bg_redis_t *r, size_t n, const bg_redis_cmd_t *cmds, redis
         if (redisGetReply(c, &reply) != REDIS_OK)
             saved_errno = errno;
         if (reply == NULL) {
-            bool timed_out =
-                c->err == REDIS_ERR_IO &&
-                (saved_errno == EAGAIN || saved_errno == EWOULDBLOCK || saved_errno == ETIMEDOUT);
-            bg_debug("redis %s: %s", r->desc, timed_out ? "pipeline timed out" : c->errstr);
-            drop(r);
             for (size_t k = 0; k < i; k++) {
                 freeReplyObject(replies[k]);
                 replies[k] = NULL;
             }
-            return timed_out ? BG_ERR_TIMEOUT : BG_ERR_UNAVAILABLE;
+            return reply_lost(r, saved_errno, "pipeline");
         }
         replies[i] = reply;
     }
@@ -561,17 +567,12 @@ bool bg_redis_reply_is_error(const redisReply *reply, const char *prefix)
            strncmp(reply->str, prefix, strlen(prefix)) == 0;
 }
 
-int bg_redis_script(bg_redis_t *r, const char *name, int nkeys, const char *const *keys, int nargs,
-                    const char *const *args, redisReply **out)
+long bg__redis_format_evalsha(char **out, const char *sha, int nkeys, const char *const *keys,
+                              int nargs, const char *const *args)
 {
-    if (out != NULL)
-        *out = NULL;
-    char sha[41];
-    const bg_resource_t *res = bg__redis_script_find(name, sha);
-    if (res == NULL)
-        return BG_ERR_NOT_FOUND;
+    *out = NULL;
     if (nkeys < 0 || nargs < 0)
-        return BG_ERR_INVALID;
+        return -1;
     char nk[16];
     snprintf(nk, sizeof(nk), "%d", nkeys);
     int argc = 3 + nkeys + nargs;
@@ -583,9 +584,26 @@ int bg_redis_script(bg_redis_t *r, const char *name, int nkeys, const char *cons
         argv[3 + i] = keys[i];
     for (int i = 0; i < nargs; i++)
         argv[3 + nkeys + i] = args[i];
+    long len = bg__redis_format(out, argc, argv, NULL);
+    free(argv);
+    return len;
+}
 
+int bg_redis_script(bg_redis_t *r, const char *name, int nkeys, const char *const *keys, int nargs,
+                    const char *const *args, redisReply **out)
+{
+    if (out != NULL)
+        *out = NULL;
+    char sha[41];
+    const bg_resource_t *res = bg__redis_script_find(name, sha);
+    if (res == NULL)
+        return BG_ERR_NOT_FOUND;
+    char *cmd = NULL;
+    long len = bg__redis_format_evalsha(&cmd, sha, nkeys, keys, nargs, args);
+    if (len < 0)
+        return BG_ERR_INVALID;
     redisReply *reply = NULL;
-    int rc = bg_redis_argv(r, argc, argv, NULL, &reply);
+    int rc = exec_formatted(r, cmd, (size_t)len, 0, &reply);
     if (rc == 0 && bg_redis_reply_is_error(reply, "NOSCRIPT")) {
         freeReplyObject(reply);
         reply = NULL;
@@ -598,9 +616,9 @@ int bg_redis_script(bg_redis_t *r, const char *name, int nkeys, const char *cons
         if (loaded != NULL)
             freeReplyObject(loaded);
         if (rc == 0)
-            rc = bg_redis_argv(r, argc, argv, NULL, &reply);
+            rc = exec_formatted(r, cmd, (size_t)len, 0, &reply);
     }
-    free(argv);
+    free(cmd);
     if (rc == 0 && out != NULL)
         *out = reply;
     else if (reply != NULL)

@@ -285,12 +285,12 @@ static int reload_script(bg_redis_async_t *c, cmd_t *cmd)
     const char *argv[3] = {"SCRIPT", "LOAD", cmd->script->data};
     size_t lens[3] = {6, 4, cmd->script->len};
     char *load = NULL;
-    int len = redisFormatCommandArgv(&load, 3, argv, lens);
+    long len = bg__redis_format(&load, 3, argv, lens);
     if (len < 0)
         return BG_ERR_UNAVAILABLE;
     /* No callback for the load: its reply is not needed, the EVALSHA after it tells the outcome. */
     int st = redisAsyncFormattedCommand(c->ac, NULL, NULL, load, (size_t)len);
-    redisFreeCommand(load);
+    free(load);
     return st == REDIS_OK ? 0 : BG_ERR_UNAVAILABLE;
 }
 
@@ -411,20 +411,8 @@ int bg_redis_async_script(bg_redis_async_t *c, bg_redis_async_cb cb, void *ud, c
     int rc = check_ready(c);
     if (rc != 0)
         return rc;
-    char nk[16];
-    snprintf(nk, sizeof(nk), "%d", nkeys);
-    int argc = 3 + nkeys + nargs;
-    const char **argv = bg_malloc((size_t)argc * sizeof(*argv));
-    argv[0] = "EVALSHA";
-    argv[1] = sha;
-    argv[2] = nk;
-    for (int i = 0; i < nkeys; i++)
-        argv[3 + i] = keys[i];
-    for (int i = 0; i < nargs; i++)
-        argv[3 + nkeys + i] = args[i];
     char *formatted = NULL;
-    long len = bg__redis_format(&formatted, argc, argv, NULL);
-    free(argv);
+    long len = bg__redis_format_evalsha(&formatted, sha, nkeys, keys, nargs, args);
     if (len < 0)
         return BG_ERR_INVALID;
     /* formatted is kept by the cmd for a NOSCRIPT retry, or freed by submit on failure */

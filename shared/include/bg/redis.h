@@ -164,6 +164,13 @@ const struct bg_resource *bg__redis_script_find(const char *name, char sha[41]);
 long bg__redis_format(char **out, int argc, const char *const *argv, const size_t *lens);
 
 /**
+ * Formats "EVALSHA sha nkeys keys… args…" with bg__redis_format (NUL-terminated keys and args).
+ * Returns the length, or -1 for a negative count.
+ */
+long bg__redis_format_evalsha(char **out, const char *sha, int nkeys, const char *const *keys,
+                              int nargs, const char *const *args);
+
+/**
  * Returns a reconnect delay for the attempt-th consecutive failure (0-based): base doubling up to
  * cap, with jitter drawn from [delay/2, delay].
  */
