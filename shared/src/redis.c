@@ -611,7 +611,7 @@ int bg_redis_script(bg_redis_t *r, const char *name, int nkeys, const char *cons
         size_t lens[3] = {6, 4, res->len};
         redisReply *loaded = NULL;
         rc = bg_redis_argv(r, 3, load, lens, &loaded);
-        if (rc == 0 && loaded->type == REDIS_REPLY_ERROR)
+        if (rc == 0 && loaded != NULL && loaded->type == REDIS_REPLY_ERROR)
             bg_error("redis: SCRIPT LOAD %s failed: %s", name, loaded->str);
         if (loaded != NULL)
             freeReplyObject(loaded);
