@@ -10,9 +10,14 @@
  *     shard, runs lua/worker_reclaim.lua, which dead-letters what was delivered too often and
  *     claims what has been idle too long (its jobs join the local queue).
  *
- * One mutex guards the queue, the counts and the table of jobs held; one condition variable
- * (monotonic clock) wakes whoever waits on them. A signal handler cannot touch either, so
- * wk_runtime_stop only sets an atomic flag and every wait is bounded (POLL_MS) to notice it.
+ * One mutex guards the queue, the counts and the table of jobs held. Three condition variables
+ * (monotonic clock) wake only who waits for what changed: a queued job wakes one idle handler
+ * (jobs_cv), a finished job the readers waiting for room (room_cv), and the rest (threads ending,
+ * the stop) wakes the life-cycle waits (cv). One variable for all woke every idle handler for
+ * every job read and every job finished: with 128 handlers on two cores that herd cost more CPU
+ * than the jobs and delayed the one handler that had work. A signal handler cannot touch the
+ * mutex or the variables, so wk_runtime_stop only sets an atomic flag and every wait is bounded
+ * (POLL_MS) to notice it.
  *
  * Readers may overshoot capacity when several roles read at once (each sees the same free slots):
  * the local queue then holds at most roles × concurrency jobs. They are still held by this process
@@ -89,7 +94,9 @@ struct wk_runtime {
     _Atomic bool redis_up;
 
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv;      /* life cycle: threads ending, the stop; pauses */
+    pthread_cond_t jobs_cv; /* handlers waiting for a queued job */
+    pthread_cond_t room_cv; /* readers waiting for a free handler */
     job_t *qhead, *qtail; /* jobs read, not started */
     int queued;
     int running;
@@ -126,8 +133,8 @@ static bool stopping(const wk_runtime_t *rt)
     return atomic_load(&rt->stop) != 0;
 }
 
-/* Waits on the runtime's condition for at most ms; the caller holds rt->mu. */
-static void wait_ms(wk_runtime_t *rt, int64_t ms)
+/* Waits on cond (one of the runtime's) for at most ms; the caller holds rt->mu. */
+static void wait_on_ms(wk_runtime_t *rt, pthread_cond_t *cond, int64_t ms)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -137,7 +144,13 @@ static void wait_ms(wk_runtime_t *rt, int64_t ms)
         ts.tv_sec++;
         ts.tv_nsec -= 1000000000L;
     }
-    (void)pthread_cond_timedwait(&rt->cv, &rt->mu, &ts);
+    (void)pthread_cond_timedwait(cond, &rt->mu, &ts);
+}
+
+/* wait_on_ms on the life-cycle condition. */
+static void wait_ms(wk_runtime_t *rt, int64_t ms)
+{
+    wait_on_ms(rt, &rt->cv, ms);
 }
 
 /* Sleeps up to ms, returning early when a stop was asked for. */
@@ -285,7 +298,7 @@ static int take_read(wk_runtime_t *rt, int role, const redisReply *reply)
             }
             pthread_mutex_lock(&rt->mu);
             enqueue_locked(rt, j);
-            pthread_cond_broadcast(&rt->cv);
+            pthread_cond_signal(&rt->jobs_cv);
             pthread_mutex_unlock(&rt->mu);
             got++;
         }
@@ -336,7 +349,7 @@ static void *reader_main(void *arg_)
         }
         pthread_mutex_lock(&rt->mu);
         while (!stopping(rt) && rt->queued + rt->running >= rt->concurrency)
-            wait_ms(rt, POLL_MS);
+            wait_on_ms(rt, &rt->room_cv, POLL_MS);
         int room = rt->concurrency - rt->queued - rt->running;
         pthread_mutex_unlock(&rt->mu);
         if (stopping(rt))
@@ -520,7 +533,7 @@ static void *handler_main(void *arg_)
     for (;;) {
         pthread_mutex_lock(&rt->mu);
         while (!stopping(rt) && rt->qhead == NULL)
-            wait_ms(rt, POLL_MS);
+            wait_on_ms(rt, &rt->jobs_cv, POLL_MS);
         if (stopping(rt)) {
             /* jobs still queued stay pending in Redis: another worker claims them */
             pthread_mutex_unlock(&rt->mu);
@@ -543,7 +556,7 @@ static void *handler_main(void *arg_)
         pthread_mutex_lock(&rt->mu);
         rt->running--;
         rt->running_jobs[slot].role = -1;
-        pthread_cond_broadcast(&rt->cv);
+        pthread_cond_broadcast(&rt->room_cv);
         pthread_mutex_unlock(&rt->mu);
         job_free(j);
     }
@@ -637,7 +650,7 @@ static void take_reclaimed(wk_runtime_t *rt, int role, int shard, const redisRep
                 (long long)j->deliveries);
         pthread_mutex_lock(&rt->mu);
         enqueue_locked(rt, j);
-        pthread_cond_broadcast(&rt->cv);
+        pthread_cond_signal(&rt->jobs_cv);
         pthread_mutex_unlock(&rt->mu);
     }
 }
@@ -804,6 +817,8 @@ int wk_runtime_new(const bg_config_t *cfg, const wk_role_t *const *roles, size_t
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&rt->cv, &ca);
+    pthread_cond_init(&rt->jobs_cv, &ca);
+    pthread_cond_init(&rt->room_cv, &ca);
     pthread_condattr_destroy(&ca);
     rt->running_jobs = bg_calloc((size_t)rt->concurrency, sizeof(held_t));
     for (int i = 0; i < rt->concurrency; i++)
@@ -919,6 +934,8 @@ int wk_runtime_run(wk_runtime_t *rt)
     bg_info("worker: stopping; %d job(s) running, waiting up to %lld ms", rt->running,
             (long long)grace);
     pthread_cond_broadcast(&rt->cv);
+    pthread_cond_broadcast(&rt->jobs_cv);
+    pthread_cond_broadcast(&rt->room_cv);
     int64_t deadline = now_ms() + grace;
     for (int64_t left = grace; rt->threads_alive > 0 && left > 0; left = deadline - now_ms())
         wait_ms(rt, left < POLL_MS ? left : POLL_MS);
@@ -959,6 +976,8 @@ void wk_runtime_free(wk_runtime_t *rt)
     free(rt->running_jobs);
     free(rt->handlers);
     pthread_cond_destroy(&rt->cv);
+    pthread_cond_destroy(&rt->jobs_cv);
+    pthread_cond_destroy(&rt->room_cv);
     pthread_mutex_destroy(&rt->mu);
     free(rt);
 }
