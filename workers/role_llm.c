@@ -216,10 +216,10 @@ void wk_llm_thread_dispose(void *thread_state, void *ud)
     free(t);
 }
 
-static int thread_state(const llm_role_t *l, wk_job_t *job, llm_thread_t **out)
+static int thread_state(const llm_role_t *l, void **slot, llm_thread_t **out)
 {
-    if (*job->thread_state != NULL) {
-        *out = *job->thread_state;
+    if (*slot != NULL) {
+        *out = *slot;
         return 0;
     }
     llm_thread_t *t = bg_calloc(1, sizeof(*t));
@@ -247,9 +247,20 @@ static int thread_state(const llm_role_t *l, wk_job_t *job, llm_thread_t **out)
         free(t);
         return rc;
     }
-    *job->thread_state = t;
+    *slot = t;
     *out = t;
     return 0;
+}
+
+void wk_llm_thread_warm(void **slot, void *ud)
+{
+    const llm_role_t *l = ud;
+    llm_thread_t *t = NULL;
+    int rc = thread_state(l, slot, &t);
+    if (rc != 0)
+        bg_warn("llm: provider client not ready: %s", bg_strerror(rc));
+    /* the connection stays the thread's (bg_pg_thread_conn); a failure is retried by the job */
+    (void)bg_pg_thread_conn(l->database_url);
 }
 
 /* ---- the job's fields ---- */
@@ -1244,7 +1255,7 @@ int wk_llm_handle(wk_job_t *job, void *ud)
         return BG_ERR_INVALID;
     }
     llm_thread_t *t = NULL;
-    int rc = thread_state(l, job, &t);
+    int rc = thread_state(l, job->thread_state, &t);
     if (rc != 0) {
         snprintf(job->error, sizeof(job->error), "provider client: %s", bg_strerror(rc));
         return rc == BG_ERR_CONFIG ? BG_ERR_UNAVAILABLE : rc;

@@ -29,6 +29,8 @@ void wk_llm_dispose(void *ud);
 
 /** Frees a handler thread's state: its provider client and its loop. */
 void wk_llm_thread_dispose(void *thread_state, void *ud);
+/** wk_role_t.thread_warm: the provider client and the Postgres connection of a handler thread. */
+void wk_llm_thread_warm(void **thread_state, void *ud);
 
 /**
  * Runs one chat turn. Returns 0 once the job is over for good: a reply stored (web), billed and

@@ -12,13 +12,13 @@
 
 /* clang-format off */
 static const wk_role_t registry[] = {
-    {"llm", wk_llm_handle, wk_llm_init, wk_llm_dispose, wk_llm_thread_dispose},
+    {"llm", wk_llm_handle, wk_llm_init, wk_llm_dispose, wk_llm_thread_dispose, wk_llm_thread_warm},
     {"telegram", wk_telegram_handle, wk_telegram_init, wk_telegram_dispose,
-     wk_telegram_thread_dispose},
-    {"usage", wk_usage_handle, wk_usage_init, wk_usage_dispose, wk_usage_thread_dispose},
-    {"billing", wk_billing_handle, wk_billing_init, wk_billing_dispose, NULL},
-    {"notify", wk_notify_handle, wk_notify_init, wk_notify_dispose, NULL},
-    {NULL, NULL, NULL, NULL, NULL} /* end of table */
+     wk_telegram_thread_dispose, NULL},
+    {"usage", wk_usage_handle, wk_usage_init, wk_usage_dispose, wk_usage_thread_dispose, NULL},
+    {"billing", wk_billing_handle, wk_billing_init, wk_billing_dispose, NULL, NULL},
+    {"notify", wk_notify_handle, wk_notify_init, wk_notify_dispose, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL, NULL} /* end of table */
 };
 /* clang-format on */
 

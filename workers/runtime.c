@@ -97,7 +97,7 @@ struct wk_runtime {
     pthread_cond_t cv;      /* life cycle: threads ending, the stop; pauses */
     pthread_cond_t jobs_cv; /* handlers waiting for a queued job */
     pthread_cond_t room_cv; /* readers waiting for a free handler */
-    job_t *qhead, *qtail; /* jobs read, not started */
+    job_t *qhead, *qtail;   /* jobs read, not started */
     int queued;
     int running;
     int handlers_alive;
@@ -530,6 +530,11 @@ static void *handler_main(void *arg_)
     bg_redis_t *r = NULL;
     if (bg_redis_new(rt->cfg->redis_url, rt->cfg->redis_timeout_ms, &r) != 0)
         goto out;
+    for (size_t i = 0; i < rt->nroles && !stopping(rt); i++) {
+        const wk_role_t *role = rt->roles[i].role;
+        if (role->thread_warm != NULL)
+            role->thread_warm(&thread_states[i], rt->roles[i].ud);
+    }
     for (;;) {
         pthread_mutex_lock(&rt->mu);
         while (!stopping(rt) && rt->qhead == NULL)

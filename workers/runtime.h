@@ -77,6 +77,11 @@ typedef struct wk_role {
     /** Frees a thread's *thread_state when the thread ends (may be NULL; called only when it is
      *  not NULL). */
     void (*thread_dispose)(void *thread_state, void *ud);
+    /** Called once on each handler thread before it takes its first job (may be NULL): opens
+     *  what the thread's first job would otherwise open (its Postgres connection, a client), so
+     *  that the first jobs after a start or a scale-up do not pay for it. It may leave state in
+     *  *thread_state as the handler would. A failure is no error: the job opens it again. */
+    void (*thread_warm)(void **thread_state, void *ud);
 } wk_role_t;
 
 /** Counters of one role, since start. */

@@ -8,6 +8,7 @@
 #include <libpq-fe.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -488,6 +489,75 @@ Test(worker_runtime, metrics_count_processed_and_failed_jobs_per_role)
         "%s", b.base);
     bg_buf_dispose(&b);
 
+    wk_runtime_stop(rt);
+    void *ret = NULL;
+    pthread_join(t, &ret);
+    cr_assert_eq(*(int *)ret, 0);
+    wk_runtime_free(rt);
+    bg_config_dispose(&cfg);
+}
+
+/* ---- in process: each handler thread is warmed before its first job ---- */
+
+static atomic_int warm_calls, warm_jobs, cold_jobs;
+
+static void warm_thread(void **thread_state, void *ud)
+{
+    (void)ud;
+    cr_assert_null(*thread_state, "warmed once per thread");
+    *thread_state = bg_strdup("warm");
+    atomic_fetch_add(&warm_calls, 1);
+}
+
+static void warm_dispose(void *thread_state, void *ud)
+{
+    (void)ud;
+    free(thread_state);
+}
+
+static int warm_handle(wk_job_t *job, void *ud)
+{
+    (void)ud;
+    bool warm = *job->thread_state != NULL && strcmp(*job->thread_state, "warm") == 0;
+    atomic_fetch_add(warm ? &warm_jobs : &cold_jobs, 1);
+    return 0;
+}
+
+Test(worker_runtime, every_handler_thread_is_warmed_before_its_first_job)
+{
+    bg_config_t cfg;
+    char err[256];
+    setenv("BG_REDIS_URL", srv.url, 1);
+    setenv("BG_SHARDS", "4", 1);
+    setenv("BG_WORKER_CONCURRENCY", "6", 1);
+    setenv("BG_CLAIM_IDLE_MS", "60000", 1);
+    setenv("BG_ENV_FILE", "/nonexistent", 1);
+    cr_assert_eq(bg_config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
+    unsetenv("BG_WORKER_CONCURRENCY");
+    static const wk_role_t role = {"warm", warm_handle, NULL, NULL, warm_dispose, warm_thread};
+    const wk_role_t *roles[] = {&role};
+    wk_runtime_t *rt = NULL;
+    cr_assert_eq(wk_runtime_new(&cfg, roles, 1, &rt), 0);
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, run_thread, rt), 0);
+    /* all six threads are warmed without a job: a worker that has not had any is ready */
+    long long deadline = bgt_now_ms() + 10000;
+    while (atomic_load(&warm_calls) < 6 && bgt_now_ms() < deadline)
+        sleep_ms(10);
+    cr_assert_eq(atomic_load(&warm_calls), 6, "each handler thread warmed once");
+    for (int i = 0; i < 20; i++) {
+        char id[32];
+        snprintf(id, sizeof(id), "warm-%d", i);
+        const char *fields[] = {"n", "1"};
+        bg_job_spec_t job = {i % SHARDS, "warm", id, 1, fields, 10000};
+        cr_assert_eq(bg_jobs_enqueue(rc_, &job, NULL, 0), 0);
+    }
+    deadline = bgt_now_ms() + 10000;
+    while (atomic_load(&warm_jobs) + atomic_load(&cold_jobs) < 20 && bgt_now_ms() < deadline)
+        sleep_ms(10);
+    cr_assert_eq(atomic_load(&warm_jobs), 20, "every job ran on a warmed thread");
+    cr_assert_eq(atomic_load(&cold_jobs), 0);
+    cr_assert_eq(atomic_load(&warm_calls), 6, "and no thread was warmed twice");
     wk_runtime_stop(rt);
     void *ret = NULL;
     pthread_join(t, &ret);
