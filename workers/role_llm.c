@@ -50,6 +50,7 @@
 #include "bg/admission.h"
 #include "bg/agents.h"
 #include "bg/chat.h"
+#include "bg/convseq.h"
 #include "bg/err.h"
 #include "bg/id.h"
 #include "bg/jobout.h"
@@ -57,10 +58,12 @@
 #include "bg/llm.h"
 #include "bg/llm_cache.h"
 #include "bg/log.h"
+#include "bg/metrics.h"
 #include "bg/pg.h"
 #include "bg/prompt.h"
 #include "bg/timeutil.h"
 #include "bg/usage.h"
+#include "ctx_cache.h"
 
 /* How often the cancel flag is read while no delta is being appended. */
 #define CANCEL_POLL_MS 250
@@ -80,6 +83,11 @@
 #define API_MESSAGES_MAX (4u << 20)
 /* Messages of an API job. */
 #define API_MESSAGES_COUNT_MAX 2048
+/* The conversation cache (ctx_cache.h): slots, the message text all entries may hold, and how
+ * long an entry unused stays usable. */
+#define CTX_SLOTS 1024
+#define CTX_BYTES_MAX (64u << 20)
+#define CTX_TTL_MS (15u * 60u * 1000u)
 
 typedef struct st_llm_role {
     char *database_url;      /* owned */
@@ -90,6 +98,8 @@ typedef struct st_llm_role {
     uint32_t connect_timeout_ms, first_token_timeout_ms, idle_timeout_ms, total_timeout_ms;
     int shards;
     bg_llm_defs_t *defs; /* owned: agents and prompt versions, shared by the handler threads */
+    wk_ctx_cache_t *ctx_cache;       /* owned: conversations' context after their last turn here */
+    bg_metrics_counter_t *m_context; /* turns' contexts by source: cache, database */
 } llm_role_t;
 
 typedef struct st_llm_thread {
@@ -115,6 +125,16 @@ typedef struct st_llm_job {
     const char *image_url;  /* an image with the user's message (a data: URL), "" none */
     bg_chat_posted_t posted;
     int64_t message_id;
+    /* the conversation's write sequence (bg/convseq.h): when the context was taken (seq_known
+     * false: unknown), after the user's message was stored, after the reply was (0: not bumped) */
+    bool seq_known;
+    int64_t seq0, seq_user, seq_reply;
+    bool ctx_cached;        /* the context came from the conversation cache */
+    bool name_from_ctx;     /* user_name is the context's (the job named none) */
+    int64_t reply_id;       /* the stored reply, 0 when none was stored by this run */
+    bool reply_complete;    /* and it is part of the history (status complete) */
+    const char *reply_text; /* its text (borrowed from the run), reply_text_len bytes */
+    size_t reply_text_len;
     int64_t max_tokens;   /* 0: the agent's */
     double temperature;   /* < 0: the agent's */
     bool api;             /* channel "api": messages instead of a conversation */
@@ -133,6 +153,7 @@ typedef struct st_llm_run {
     bool cancel_asked; /* the user's cancel */
     bool too_long;     /* the reply reached REPLY_MAX */
     bool shown;        /* some text was appended to the output already */
+    bool abandoned;    /* aborted before anything was shown: its deltas are dropped */
     uint64_t last_cancel_check_ms;
     bg_llm_result_t res;
 } llm_run_t;
@@ -182,6 +203,12 @@ int wk_llm_init(const bg_config_t *cfg, void **ud)
     l->idle_timeout_ms = (uint32_t)cfg->llm_idle_timeout_ms;
     l->total_timeout_ms = (uint32_t)cfg->llm_total_timeout_ms;
     l->defs = bg_llm_defs_new(AGENT_TTL_MS, AGENT_SLOTS, PROMPT_SLOTS);
+    l->ctx_cache = wk_ctx_cache_new(CTX_SLOTS, CTX_BYTES_MAX, CTX_TTL_MS);
+    static const char *const source[] = {"source", NULL};
+    l->m_context = bg_metrics_counter("bg_llm_context_total",
+                                      "Chat turns by where their conversation was read from: "
+                                      "cache (the worker's conversation cache) or database.",
+                                      source);
     *ud = l;
     return 0;
 }
@@ -200,6 +227,7 @@ void wk_llm_dispose(void *ud)
     free(l->fallback_base_url);
     free(l->model);
     bg_llm_defs_free(l->defs);
+    wk_ctx_cache_free(l->ctx_cache);
     free(l);
 }
 
@@ -607,7 +635,7 @@ static void flush(llm_run_t *run)
 static void on_delta(void *ud, const char *text, size_t len)
 {
     llm_run_t *run = ud;
-    if (run->cancel_asked || run->too_long)
+    if (run->cancel_asked || run->too_long || run->abandoned)
         return;
     if (run->text.len + len > REPLY_MAX || bg_buf_append(&run->text, text, len) != 0) {
         /* whole deltas only, so the stored text never ends inside a character */
@@ -715,8 +743,20 @@ static void cache_store(const llm_job_t *j, const cache_slot_t *cs, const llm_en
         bg_warn("llm: job %s: reply not cached: %s", j->job_id, bg_strerror(rc));
 }
 
+/* Moves the conversation's write sequence on after this job stored a message in it; *seq gets the
+ * new value, or 0 when Redis could not be told (the conversation cache then keeps nothing of
+ * this turn). */
+static void bump_sequence(llm_job_t *j, int64_t *seq)
+{
+    int rc = bg_convseq_bump(j->r, j->shard, j->conversation_id, seq);
+    if (rc != 0) {
+        *seq = 0;
+        bg_warn("llm: job %s: conversation sequence not moved: %s", j->job_id, bg_strerror(rc));
+    }
+}
+
 /* Stores the assistant message of a web job, then finishes. Returns as finish(). */
-static int store_and_finish(const llm_job_t *j, const llm_role_t *l, PGconn *c, llm_end_t *e,
+static int store_and_finish(llm_job_t *j, const llm_role_t *l, PGconn *c, llm_end_t *e,
                             const char *status, const bg_buf_t *text)
 {
     if (j->api)
@@ -731,6 +771,15 @@ static int store_and_finish(const llm_job_t *j, const llm_role_t *l, PGconn *c, 
                                    .completion_tokens = e->completion_tokens};
     bool created = false;
     int rc = bg_chat_append_assistant(c, j->conversation_id, &reply, &e->message_id, &created);
+    if (rc == 0) {
+        bump_sequence(j, &j->seq_reply);
+        if (created) {
+            j->reply_id = e->message_id;
+            j->reply_complete = status == NULL;
+            j->reply_text = reply.content;
+            j->reply_text_len = text->base != NULL ? text->len : 0;
+        }
+    }
     if (rc == BG_ERR_NOT_FOUND || rc == BG_ERR_CONFLICT || rc == BG_ERR_INVALID) {
         /* the conversation went away meanwhile (or refuses the reply): the tokens were spent */
         bg_warn("llm: job %s: reply not stored: %s", j->job_id, bg_strerror(rc));
@@ -750,7 +799,7 @@ static int store_and_finish(const llm_job_t *j, const llm_role_t *l, PGconn *c, 
 static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *model,
                     const cache_slot_t *cs)
 {
-    const llm_job_t *j = run->j;
+    llm_job_t *j = run->j;
     const bg_llm_result_t *res = &run->res;
     bool user_canceled = run->cancel_asked && res->error == BG_LLM_ERR_CANCELED;
     bool ok = res->error == BG_LLM_OK || (res->error == BG_LLM_ERR_CANCELED && res->status == 0);
@@ -812,7 +861,7 @@ static int conclude(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *
 static int serve_cached(llm_run_t *run, const llm_role_t *l, PGconn *c, const char *model,
                         const bg_llm_cached_t *v)
 {
-    const llm_job_t *j = run->j;
+    llm_job_t *j = run->j;
     if (v->text_len > 0) {
         (void)bg_jobout_batch_add(&run->batch, v->text, v->text_len);
         int rc = bg_jobout_batch_flush(&run->batch, j->r, j->shard, j->job_id, NULL);
@@ -1077,10 +1126,78 @@ static int load_context(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_co
     if (rc != 0)
         return history_failed(j, l, rc);
     j->agent_id = ctx->agent_id;
-    if (j->user_name[0] == '\0')
+    if (j->user_name[0] == '\0') {
         j->user_name = ctx->user_name;
+        j->name_from_ctx = true;
+    }
     *ended = false;
     return 0;
+}
+
+/*
+ * The turn's context: from the conversation cache when the conversation's write sequence still
+ * has the value its entry was taken at (nothing was stored in it since), else from Postgres. The
+ * sequence is read first, so that a message stored before the read is either in what Postgres
+ * returns or moved the sequence past the value that this turn's entry will be kept under. Returns
+ * as load_context.
+ */
+static int context_for(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_context_t *ctx,
+                       bool *ended)
+{
+    static const char *const from_cache[] = {"cache"}, *const from_db[] = {"database"};
+    int rc = bg_convseq_get(j->r, j->shard, j->conversation_id, &j->seq0, &j->seq_known);
+    if (rc != 0) {
+        j->seq_known = false;
+        bg_debug("llm: job %s: conversation sequence unreadable: %s", j->job_id, bg_strerror(rc));
+    }
+    if (j->seq_known &&
+        wk_ctx_cache_get(l->ctx_cache, j->conversation_id, j->user_id, j->seq0, ctx)) {
+        bg_metrics_counter_inc(l->m_context, from_cache);
+        j->ctx_cached = true;
+        j->agent_id = ctx->agent_id;
+        if (j->user_name[0] == '\0') {
+            j->user_name = ctx->user_name;
+            j->name_from_ctx = true;
+        }
+        *ended = false;
+        return 0;
+    }
+    bg_metrics_counter_inc(l->m_context, from_db);
+    return load_context(j, l, c, ctx, ended);
+}
+
+/* After a turn that read its context here (context_for) and stored its message: keeps the
+ * conversation's state after the turn (that context, the user's message and a complete reply) in
+ * the cache under the sequence's new value, when this turn's writes were the only ones since the
+ * context was taken; forgets the conversation otherwise. */
+static void remember_context(const llm_job_t *j, const llm_role_t *l, bg_chat_context_t *ctx)
+{
+    int64_t seq = j->seq_user;
+    bool alone = j->seq_known && j->message_id > 0 && seq != 0 && seq == j->seq0 + 1;
+    if (alone && j->reply_id > 0) {
+        alone = j->seq_reply == seq + 1;
+        seq = j->seq_reply;
+    }
+    if (!alone) {
+        wk_ctx_cache_drop(l->ctx_cache, j->conversation_id);
+        return;
+    }
+    (void)bg_strlcpy(ctx->agent_id, j->posted.agent_id, sizeof(ctx->agent_id));
+    (void)bg_strlcpy(ctx->user_name, j->posted.user_name, sizeof(ctx->user_name));
+    wk_ctx_history_push(&ctx->history, j->message_id, "user", j->content, strlen(j->content));
+    if (j->reply_id > 0 && j->reply_complete)
+        wk_ctx_history_push(&ctx->history, j->reply_id, "assistant", j->reply_text,
+                            j->reply_text_len);
+    wk_ctx_history_trim(&ctx->history, BG_CHAT_HISTORY_MAX, HISTORY_BYTES_MAX);
+    wk_ctx_cache_put(l->ctx_cache, j->conversation_id, j->user_id, seq, ctx);
+}
+
+/* A cached context whose agent or user name is no longer the conversation's (post_user read them
+ * afresh): an agent changed, or the user renamed themselves. */
+static bool context_changed(const llm_job_t *j, const bg_chat_context_t *ctx)
+{
+    return strcmp(j->posted.agent_id, ctx->agent_id) != 0 ||
+           (j->name_from_ctx && strcmp(j->posted.user_name, ctx->user_name) != 0);
 }
 
 /* Stores the turn's user message (once per job); sets j->message_id. A bg_chat_post_user error. */
@@ -1088,8 +1205,10 @@ static int store_user(llm_job_t *j, PGconn *c)
 {
     int rc = bg_chat_post_user(c, j->user_id, j->conversation_id, j->content, j->job_id,
                                j->request_id[0] != '\0' ? j->request_id : NULL, &j->posted);
-    if (rc == 0)
+    if (rc == 0) {
         j->message_id = j->posted.message_id;
+        bump_sequence(j, &j->seq_user);
+    }
     return rc;
 }
 
@@ -1111,16 +1230,23 @@ static int post_user(llm_job_t *j, const llm_role_t *l, PGconn *c, bool *ended)
     return 0;
 }
 
-/* Loads what the prompt needs, renders it, answers from the cache or streams, and concludes. */
-static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c)
+/*
+ * Loads what the prompt needs, renders it, answers from the cache or streams, and concludes.
+ * *again: the turn's context came from the conversation cache and turned out stale when its
+ * message was stored (context_changed); its call was abandoned before anything was shown, and the
+ * caller runs the turn again, from Postgres (the message is stored by then).
+ */
+static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c, bool *again)
 {
+    *again = false;
     /* a web turn whose message comes in the job: stored while the provider works (load_context) */
     bool store_later = !j->api && j->message_id == 0 && j->content[0] != '\0' &&
                        bg_id_uuid_is_valid(j->conversation_id);
+    bool remember = store_later;
     bg_chat_context_t ctx = {0};
     if (store_later) {
         bool ended = false;
-        int rc = load_context(j, l, c, &ctx, &ended);
+        int rc = context_for(j, l, c, &ctx, &ended);
         if (ended)
             return rc;
     }
@@ -1223,9 +1349,30 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
             stream_wait(&run);
             goto out;
         }
+        if (j->ctx_cached && context_changed(j, &ctx)) {
+            bg_info("llm: job %s: the cached conversation changed (agent or user name); starting "
+                    "over from the database",
+                    j->job_id);
+            run.abandoned = true;
+            bg_llm_abort(run.call);
+            stream_wait(&run);
+            wk_ctx_cache_drop(l->ctx_cache, j->conversation_id);
+            j->agent_id = j->posted.agent_id;
+            if (j->name_from_ctx)
+                j->user_name = j->posted.user_name;
+            *again = true;
+            rc = 0;
+            goto out;
+        }
     }
     stream_wait(&run);
     rc = conclude(&run, l, c, model, &cs);
+    if (remember) {
+        if (rc == 0)
+            remember_context(j, l, &ctx);
+        else
+            wk_ctx_cache_drop(l->ctx_cache, j->conversation_id);
+    }
 
 out:
     if (store_later && rc == 0) {
@@ -1292,5 +1439,9 @@ int wk_llm_handle(wk_job_t *job, void *ud)
             return BG_ERR_RETRY;
         }
     }
-    return run_turn(&j, l, t, c);
+    bool again = false;
+    rc = run_turn(&j, l, t, c, &again);
+    if (again) /* the message is stored now: the turn reads its conversation from Postgres */
+        rc = run_turn(&j, l, t, c, &again);
+    return rc;
 }

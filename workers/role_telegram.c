@@ -56,6 +56,7 @@
 #include "bg/billing.h"
 #include "bg/channel.h"
 #include "bg/chat.h"
+#include "bg/convseq.h"
 #include "bg/crypto.h"
 #include "bg/err.h"
 #include "bg/i18n.h"
@@ -1167,9 +1168,14 @@ static int turn(tg_ctx_t *x, const char *image_url, const char *text)
         return say(x, "telegram.error", NULL, NULL);
     if (rc != 0)
         return rc;
+    /* a message stored (or found stored) moves the conversation's sequence, so that no worker
+     * takes its context from a copy made before it (bg/convseq.h); not moved: the job runs again */
+    int ushard = bg_shard_of(x->who.user_id, x->role->shards);
+    rc = bg_convseq_bump(x->job->redis, ushard, conv, NULL);
+    if (rc != 0)
+        return rc;
 
     /* admitted before (a redelivery)? then only its output is missing */
-    int ushard = bg_shard_of(x->who.user_id, x->role->shards);
     char marker[BG_REDIS_KEY_MAX];
     snprintf(marker, sizeof(marker), "bg:{s%d}:tg:adm:%s", ushard, x->job->job_id);
     redisReply *r = NULL;

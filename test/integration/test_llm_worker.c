@@ -26,6 +26,7 @@
 #include "bg/admission.h"
 #include "bg/agents.h"
 #include "bg/chat.h"
+#include "bg/convseq.h"
 #include "bg/err.h"
 #include "bg/id.h"
 #include "bg/jobout.h"
@@ -36,6 +37,7 @@
 #include "bg/redis.h"
 #include "bg/timeutil.h"
 #include "bgtest.h"
+#include "ctx_cache.h"
 
 #define SHARDS 4
 #define DAY_MS 86400000LL
@@ -51,6 +53,7 @@ static pid_t demo_pid;
 static char demo_url[128];
 static pid_t children[8];
 static size_t nchildren;
+static int worker_port; /* BG_WORKER_PORT of the next worker started (0: no health endpoint) */
 
 static void sleep_ms(int ms)
 {
@@ -125,7 +128,7 @@ static pid_t start_worker(const char *name, int claim_idle_ms)
     snprintf(vars[n++], 600, "BG_MAX_DELIVERIES=5");
     snprintf(vars[n++], 600, "BG_SHUTDOWN_GRACE_MS=5000");
     snprintf(vars[n++], 600, "BG_WORKER_CONCURRENCY=2");
-    snprintf(vars[n++], 600, "BG_WORKER_PORT=0");
+    snprintf(vars[n++], 600, "BG_WORKER_PORT=%d", worker_port);
     snprintf(vars[n++], 600, "BG_REDIS_TIMEOUT_MS=2000");
     snprintf(vars[n++], 600, "BG_LOG_FORMAT=text");
     snprintf(vars[n++], 600, "BG_ENV_FILE=/nonexistent");
@@ -1310,4 +1313,238 @@ Test(llm_worker, an_agent_change_reaches_jobs_within_the_agent_ttl)
     free(ev1);
     free(ev2);
     free(ev3);
+}
+
+/* ---- the conversation cache ---- */
+
+/* The worker's bg_llm_context_total{source} (the worker runs with worker_port set). */
+static long long contexts_from(const char *source)
+{
+    char url[128], want[96];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/metrics", worker_port);
+    bgt_resp_t resp;
+    cr_assert_eq(bgt_http(BGT_H1, "GET", url, NULL, NULL, 0, &resp), 0, "%s", resp.error);
+    cr_assert_eq(resp.status, 200);
+    snprintf(want, sizeof(want), "bg_llm_context_total{source=\"%s\"} ", source);
+    const char *at = strstr(resp.body, want);
+    long long n = at != NULL ? strtoll(at + strlen(want), NULL, 10) : 0;
+    bgt_resp_free(&resp);
+    return n;
+}
+
+static void start_metered_worker(void)
+{
+    worker_port = bgt_free_port();
+    start_worker("w1", 5000);
+    char url[128];
+    snprintf(url, sizeof(url), "http://127.0.0.1:%d/healthz", worker_port);
+    cr_assert_eq(bgt_wait_http(url, 200, 10000), 0, "the worker's health endpoint");
+}
+
+/* Runs the next turn of t's conversation to its end; returns what it showed (owned). Replies are
+ * kept short (10 tokens) so that an echo of the whole conversation fits in its own reply. */
+static char *next_turn(turn_t *t, const char *content)
+{
+    bg_id_uuid_v7_str(t->job);
+    bool echo = strstr(content, "#echo:") != NULL;
+    const char *fields[] = {"user_id",         t->uid,
+                            "conversation_id", t->conv,
+                            "agent_id",        t->agent,
+                            "content",         content,
+                            "request_id",      "req-of-turn",
+                            "channel",         "web",
+                            "locale",          "en",
+                            "max_tokens",      echo ? "4000" : "10",
+                            "temperature",     ""};
+    admit(t, fields, BG_ARRAY_SIZE(fields) / 2);
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
+    char *shown = shown_text(ev);
+    events_free(ev);
+    free(ev);
+    return shown;
+}
+
+Test(llm_worker, consecutive_turns_take_their_conversation_from_the_cache_and_see_it_whole)
+{
+    start_metered_worker();
+    turn_t t;
+    submit(&t, "Name a colour.");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    char *a1 = shown_text(ev);
+    events_free(ev);
+    free(ev);
+    char *a2 = next_turn(&t, "Name a fruit.");
+    char *a3 = next_turn(&t, "Name a tree.");
+    /* the first turn starts the conversation's sequence, the second is the first to be kept */
+    cr_assert_eq(contexts_from("database"), 2);
+    cr_assert_eq(contexts_from("cache"), 1);
+
+    char *echo = next_turn(&t, "All of it? #echo:messages");
+    cr_assert_eq(contexts_from("cache"), 2, "the fourth turn from the cache too");
+    cr_assert_eq(contexts_from("database"), 2);
+    /* every earlier turn, in order, each once, then this message once */
+    char want[1024];
+    snprintf(want, sizeof(want), "user: Name a colour. | assistant: %.30s", a1);
+    cr_assert(strstr(echo, want) != NULL, "%s", echo);
+    const char *u2 = strstr(echo, "user: Name a fruit. | assistant: ");
+    const char *u3 = strstr(echo, "user: Name a tree. | assistant: ");
+    cr_assert(u2 != NULL && u3 != NULL && strstr(echo, want) < u2 && u2 < u3, "%s", echo);
+    cr_assert(strncmp(u2 + strlen("user: Name a fruit. | assistant: "), a2, 20) == 0, "%s", echo);
+    cr_assert(strncmp(u3 + strlen("user: Name a tree. | assistant: "), a3, 20) == 0, "%s", echo);
+    cr_assert_eq(occurrences(echo, "All of it?"), 1, "%s", echo);
+    cr_assert_eq(occurrences(echo, "user: Name a fruit."), 1, "%s", echo);
+    free(echo);
+
+    /* the same turn read from Postgres (the sequence lost, as after a Redis restart) shows the
+     * same transcript up to this turn's own message */
+    char key[BG_REDIS_KEY_MAX];
+    cr_assert_eq(bg_convseq_key(key, sizeof(key), t.shard, t.conv), 0);
+    redisReply *r = NULL;
+    cr_assert_eq(bg_redis_command(rc_, &r, "DEL %s", key), 0);
+    freeReplyObject(r);
+    char *again = next_turn(&t, "Once again? #echo:messages");
+    cr_assert_eq(contexts_from("database"), 3, "no sequence: a miss");
+    cr_assert(strstr(again, want) != NULL && strstr(again, "All of it? #echo:messages") != NULL,
+              "%s", again);
+    free(again);
+    free(a1);
+    free(a2);
+    free(a3);
+}
+
+Test(llm_worker, a_message_another_process_stores_is_in_the_next_turn)
+{
+    start_metered_worker();
+    turn_t t;
+    submit(&t, "First.");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    events_free(ev);
+    free(ev);
+    free(next_turn(&t, "Second."));
+    free(next_turn(&t, "Third."));
+    cr_assert_eq(contexts_from("cache"), 1, "the conversation is cached");
+
+    /* stored elsewhere as the Telegram channel does it: the message, then the sequence moved */
+    char job[40];
+    bg_id_uuid_v7_str(job);
+    int64_t mid = 0;
+    cr_assert_eq(bg_chat_append_user(conn, t.uid, t.conv, "A note from elsewhere", job, NULL, &mid),
+                 0);
+    cr_assert_eq(bg_convseq_bump(rc_, t.shard, t.conv, NULL), 0);
+
+    char *echo = next_turn(&t, "What did I say? #echo:messages");
+    cr_assert(strstr(echo, "user: A note from elsewhere") != NULL, "%s", echo);
+    cr_assert(strstr(echo, "A note from elsewhere") > strstr(echo, "Third."), "%s", echo);
+    cr_assert_eq(contexts_from("cache"), 1, "the moved sequence made it a miss");
+    cr_assert_eq(contexts_from("database"), 3);
+    free(echo);
+}
+
+Test(llm_worker, a_renamed_user_is_addressed_by_the_new_name_from_a_cached_conversation)
+{
+    start_metered_worker();
+    turn_t t;
+    submit(&t, "Hello.");
+    events_t *ev = calloc(1, sizeof(*ev));
+    wait_over(&t, ev, 30000);
+    events_free(ev);
+    free(next_turn(&t, "Hello again."));
+    free(next_turn(&t, "Still here."));
+    cr_assert_eq(contexts_from("cache"), 1);
+
+    /* renamed (PATCH /me) between two turns: the sequence does not move for that */
+    const char *p[] = {t.uid};
+    char v[8];
+    pg_value("UPDATE users SET name = 'Grace' WHERE id = $1::uuid RETURNING 1", 1, p, v, sizeof(v));
+    submit_next(&t, "Who am I? #echo:messages");
+    wait_over(&t, ev, 30000);
+    cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
+    cr_assert_eq(count_type(ev, "reset"), 0, "the abandoned call showed nothing");
+    cr_assert_eq(count_type(ev, "done"), 1);
+    char *echo = shown_text(ev);
+    cr_assert(strstr(echo, "The user's name is Grace") != NULL, "%s", echo);
+    cr_assert(strstr(echo, "Ada") == NULL, "%s", echo);
+    cr_assert_eq(occurrences(echo, "Who am I?"), 1, "the message once: %s", echo);
+    cr_assert(strstr(echo, "Still here.") != NULL, "%s", echo);
+    cr_assert_eq(contexts_from("cache"), 2, "the turn started from the cache, then over");
+    free(echo);
+    events_free(ev);
+    free(ev);
+    /* one reply, one usage record, one request charged */
+    cr_assert_eq(
+        pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = 'assistant'", t.job),
+        1);
+    cr_assert_eq(
+        pg_int1("SELECT count(*) FROM messages WHERE job_id = $1 AND role = 'user'", t.job), 1);
+    wait_billed(&t);
+    cr_assert_eq(pg_int1("SELECT count(*) FROM usage_records WHERE request_id = $1", t.job), 1);
+    cr_assert_eq(quota_used(&t), 4);
+
+    /* and the turn after it is cached again, under the new name */
+    char *next = next_turn(&t, "And now? #echo:messages");
+    cr_assert(strstr(next, "The user's name is Grace") != NULL, "%s", next);
+    free(next);
+}
+
+Test(llm_worker, a_cached_history_is_bounded_as_postgres_bounds_it)
+{
+    /* a conversation of 40 messages of 1..300 bytes, some not complete (not in any history) */
+    turn_t t;
+    make_user(t.uid);
+    bg_agent_t *agent = malloc(sizeof(*agent));
+    cr_assert_eq(bg_agents_get_by_slug(conn, NULL, "assistant", agent), 0);
+    bg_chat_conversation_t conv;
+    cr_assert_eq(bg_chat_create(conn, t.uid, agent->id, "web", NULL, NULL, NULL, &conv), 0);
+    free(agent);
+    unsigned seed = 7;
+    for (int i = 0; i < 40; i++) {
+        char text[320], job[40];
+        size_t len = 1 + (size_t)(rand_r(&seed) % 300);
+        memset(text, 'a' + i % 26, len);
+        text[len] = '\0';
+        bg_id_uuid_v7_str(job);
+        int64_t id = 0;
+        if (i % 2 == 0) {
+            cr_assert_eq(bg_chat_append_user(conn, t.uid, conv.id, text, job, NULL, &id), 0);
+        } else {
+            const bg_chat_reply_t reply = {.job_id = job,
+                                           .content = text,
+                                           .status = i % 7 == 1 ? "failed" : NULL,
+                                           .prompt_tokens = -1,
+                                           .completion_tokens = -1};
+            bool created = false;
+            cr_assert_eq(bg_chat_append_assistant(conn, conv.id, &reply, &id, &created), 0);
+        }
+    }
+    bg_chat_context_t all;
+    cr_assert_eq(bg_chat_context(conn, t.uid, conv.id, "no-job", BG_CHAT_HISTORY_MAX, 0, &all), 0);
+    cr_assert_gt(all.history.count, 30);
+    const size_t counts[] = {1, 2, 5, 17, 1000};
+    const size_t budgets[] = {0, 1, 150, 299, 300, 301, 1000, 2500, 100000};
+    for (size_t a = 0; a < BG_ARRAY_SIZE(counts); a++) {
+        for (size_t b = 0; b < BG_ARRAY_SIZE(budgets); b++) {
+            bg_chat_context_t pg;
+            cr_assert_eq(
+                bg_chat_context(conn, t.uid, conv.id, "no-job", counts[a], budgets[b], &pg), 0);
+            /* the whole history, bounded by the cache's own rule */
+            bg_chat_context_t mine;
+            memset(&mine, 0, sizeof(mine));
+            for (size_t i = 0; i < all.history.count; i++)
+                wk_ctx_history_push(&mine.history, all.history.items[i].id,
+                                    all.history.items[i].role, all.history.items[i].content,
+                                    all.history.items[i].content_len);
+            wk_ctx_history_trim(&mine.history, counts[a], budgets[b]);
+            cr_assert_eq(mine.history.count, pg.history.count, "%zu messages, %zu bytes", counts[a],
+                         budgets[b]);
+            for (size_t i = 0; i < pg.history.count; i++)
+                cr_assert_eq(mine.history.items[i].id, pg.history.items[i].id);
+            bg_chat_context_dispose(&mine);
+            bg_chat_context_dispose(&pg);
+        }
+    }
+    bg_chat_context_dispose(&all);
 }
