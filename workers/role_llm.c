@@ -153,7 +153,7 @@ typedef struct st_llm_run {
     bool cancel_asked; /* the user's cancel */
     bool too_long;     /* the reply reached REPLY_MAX */
     bool shown;        /* some text was appended to the output already */
-    bool abandoned;    /* aborted before anything was shown: its deltas are dropped */
+    bool abandoned;    /* its call was given up: deltas that still come are dropped */
     uint64_t last_cancel_check_ms;
     bg_llm_result_t res;
 } llm_run_t;
@@ -1233,8 +1233,9 @@ static int post_user(llm_job_t *j, const llm_role_t *l, PGconn *c, bool *ended)
 /*
  * Loads what the prompt needs, renders it, answers from the cache or streams, and concludes.
  * *again: the turn's context came from the conversation cache and turned out stale when its
- * message was stored (context_changed); its call was abandoned before anything was shown, and the
- * caller runs the turn again, from Postgres (the message is stored by then).
+ * message was stored (context_changed); its call was abandoned (a delta it showed already is
+ * taken back with a reset event), and the caller runs the turn again, from Postgres (the message
+ * is stored by then).
  */
 static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *c, bool *again)
 {
@@ -1356,6 +1357,14 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
             run.abandoned = true;
             bg_llm_abort(run.call);
             stream_wait(&run);
+            /* a provider fast enough to answer while the request went out may have shown a first
+             * delta: the client drops it on reset, as after a worker's death */
+            if (run.shown &&
+                bg_jobout_append(j->r, j->shard, j->job_id, BG_JOBOUT_RESET, "{}", 2, NULL) != 0) {
+                snprintf(j->job->error, sizeof(j->job->error), "reset not appended");
+                rc = BG_ERR_RETRY;
+                goto out;
+            }
             wk_ctx_cache_drop(l->ctx_cache, j->conversation_id);
             j->agent_id = j->posted.agent_id;
             if (j->name_from_ctx)
