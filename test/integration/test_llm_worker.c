@@ -1415,18 +1415,25 @@ Test(llm_worker, consecutive_turns_take_their_conversation_from_the_cache_and_se
     free(a3);
 }
 
-Test(llm_worker, a_message_another_process_stores_is_in_the_next_turn)
+/* Starts a metered worker and runs three turns of a new conversation (the first as the edge
+ * admits it, the next two with short replies): the third is the first from the cache. */
+static void cached_conversation(turn_t *t, const char *first, const char *second, const char *third)
 {
     start_metered_worker();
-    turn_t t;
-    submit(&t, "First.");
+    submit(t, first);
     events_t *ev = calloc(1, sizeof(*ev));
-    wait_over(&t, ev, 30000);
+    wait_over(t, ev, 30000);
     events_free(ev);
     free(ev);
-    free(next_turn(&t, "Second."));
-    free(next_turn(&t, "Third."));
+    free(next_turn(t, second));
+    free(next_turn(t, third));
     cr_assert_eq(contexts_from("cache"), 1, "the conversation is cached");
+}
+
+Test(llm_worker, a_message_another_process_stores_is_in_the_next_turn)
+{
+    turn_t t;
+    cached_conversation(&t, "First.", "Second.", "Third.");
 
     /* stored elsewhere as the Telegram channel does it: the message, then the sequence moved */
     char job[40];
@@ -1446,15 +1453,9 @@ Test(llm_worker, a_message_another_process_stores_is_in_the_next_turn)
 
 Test(llm_worker, a_renamed_user_is_addressed_by_the_new_name_from_a_cached_conversation)
 {
-    start_metered_worker();
     turn_t t;
-    submit(&t, "Hello.");
+    cached_conversation(&t, "Hello.", "Hello again.", "Still here.");
     events_t *ev = calloc(1, sizeof(*ev));
-    wait_over(&t, ev, 30000);
-    events_free(ev);
-    free(next_turn(&t, "Hello again."));
-    free(next_turn(&t, "Still here."));
-    cr_assert_eq(contexts_from("cache"), 1);
 
     /* renamed (PATCH /me) between two turns: the sequence does not move for that */
     const char *p[] = {t.uid};
@@ -1463,7 +1464,9 @@ Test(llm_worker, a_renamed_user_is_addressed_by_the_new_name_from_a_cached_conve
     submit_next(&t, "Who am I? #echo:messages");
     wait_over(&t, ev, 30000);
     cr_assert_str_eq(ev->type[ev->n - 1], "done", "%s", ev->data[ev->n - 1]);
-    cr_assert_eq(count_type(ev, "reset"), 0, "the abandoned call showed nothing");
+    /* the demo provider answers at once, so the abandoned call may have shown its first delta:
+     * then a reset took it back, and what the client shows is the new reply alone */
+    cr_assert_leq(count_type(ev, "reset"), 1);
     cr_assert_eq(count_type(ev, "done"), 1);
     char *echo = shown_text(ev);
     cr_assert(strstr(echo, "The user's name is Grace") != NULL, "%s", echo);

@@ -445,15 +445,36 @@ static void *run_thread(void *rt)
     return &rc;
 }
 
-Test(worker_runtime, metrics_count_processed_and_failed_jobs_per_role)
+/* The configuration of an in-process runtime on the test's Redis (concurrency 0: the default). */
+static void runtime_config(bg_config_t *cfg, int concurrency)
 {
-    bg_config_t cfg;
-    char err[256];
+    char err[256], n[16];
     setenv("BG_REDIS_URL", srv.url, 1);
     setenv("BG_SHARDS", "4", 1);
     setenv("BG_CLAIM_IDLE_MS", "60000", 1);
     setenv("BG_ENV_FILE", "/nonexistent", 1);
-    cr_assert_eq(bg_config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
+    snprintf(n, sizeof(n), "%d", concurrency);
+    if (concurrency > 0)
+        setenv("BG_WORKER_CONCURRENCY", n, 1);
+    cr_assert_eq(bg_config_load(cfg, NULL, err, sizeof(err)), 0, "%s", err);
+    unsetenv("BG_WORKER_CONCURRENCY");
+}
+
+/* Stops an in-process runtime run on thread t, checks that it ended well, and frees it. */
+static void runtime_end(wk_runtime_t *rt, pthread_t t, bg_config_t *cfg)
+{
+    wk_runtime_stop(rt);
+    void *ret = NULL;
+    pthread_join(t, &ret);
+    cr_assert_eq(*(int *)ret, 0);
+    wk_runtime_free(rt);
+    bg_config_dispose(cfg);
+}
+
+Test(worker_runtime, metrics_count_processed_and_failed_jobs_per_role)
+{
+    bg_config_t cfg;
+    runtime_config(&cfg, 0);
     static const wk_role_t role = {"count", count_handle, NULL, NULL, NULL};
     const wk_role_t *roles[] = {&role};
     wk_runtime_t *rt = NULL;
@@ -489,12 +510,7 @@ Test(worker_runtime, metrics_count_processed_and_failed_jobs_per_role)
         "%s", b.base);
     bg_buf_dispose(&b);
 
-    wk_runtime_stop(rt);
-    void *ret = NULL;
-    pthread_join(t, &ret);
-    cr_assert_eq(*(int *)ret, 0);
-    wk_runtime_free(rt);
-    bg_config_dispose(&cfg);
+    runtime_end(rt, t, &cfg);
 }
 
 /* ---- in process: each handler thread is warmed before its first job ---- */
@@ -526,14 +542,7 @@ static int warm_handle(wk_job_t *job, void *ud)
 Test(worker_runtime, every_handler_thread_is_warmed_before_its_first_job)
 {
     bg_config_t cfg;
-    char err[256];
-    setenv("BG_REDIS_URL", srv.url, 1);
-    setenv("BG_SHARDS", "4", 1);
-    setenv("BG_WORKER_CONCURRENCY", "6", 1);
-    setenv("BG_CLAIM_IDLE_MS", "60000", 1);
-    setenv("BG_ENV_FILE", "/nonexistent", 1);
-    cr_assert_eq(bg_config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
-    unsetenv("BG_WORKER_CONCURRENCY");
+    runtime_config(&cfg, 6);
     static const wk_role_t role = {"warm", warm_handle, NULL, NULL, warm_dispose, warm_thread};
     const wk_role_t *roles[] = {&role};
     wk_runtime_t *rt = NULL;
@@ -558,12 +567,7 @@ Test(worker_runtime, every_handler_thread_is_warmed_before_its_first_job)
     cr_assert_eq(atomic_load(&warm_jobs), 20, "every job ran on a warmed thread");
     cr_assert_eq(atomic_load(&cold_jobs), 0);
     cr_assert_eq(atomic_load(&warm_calls), 6, "and no thread was warmed twice");
-    wk_runtime_stop(rt);
-    void *ret = NULL;
-    pthread_join(t, &ret);
-    cr_assert_eq(*(int *)ret, 0);
-    wk_runtime_free(rt);
-    bg_config_dispose(&cfg);
+    runtime_end(rt, t, &cfg);
 }
 
 /* ---- bg-worker itself ---- */
