@@ -1137,15 +1137,16 @@ static int load_context(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_co
 /*
  * The turn's context: from the conversation cache when the conversation's write sequence still
  * has the value its entry was taken at (nothing was stored in it since), else from Postgres. The
- * sequence is read first, so that a message stored before the read is either in what Postgres
- * returns or moved the sequence past the value that this turn's entry will be kept under. Returns
- * as load_context.
+ * sequence is read first (and started if the conversation has none yet, so that even its first
+ * turn is kept), so that a message stored before the read is either in what Postgres returns or
+ * moved the sequence past the value that this turn's entry will be kept under. Returns as
+ * load_context.
  */
 static int context_for(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_context_t *ctx,
                        bool *ended)
 {
     static const char *const from_cache[] = {"cache"}, *const from_db[] = {"database"};
-    int rc = bg_convseq_get(j->r, j->shard, j->conversation_id, &j->seq0, &j->seq_known);
+    int rc = bg_convseq_read(j->r, j->shard, j->conversation_id, &j->seq0, &j->seq_known);
     if (rc != 0) {
         j->seq_known = false;
         bg_debug("llm: job %s: conversation sequence unreadable: %s", j->job_id, bg_strerror(rc));

@@ -2,8 +2,8 @@
  * A conversation's write sequence (see bg/convseq.h).
  *
  * The bump is three commands in one pipeline: SET NX of a random start (only when the key is
- * missing), INCR, EXPIRE. They need not be atomic: the value only has to move, and two writers
- * bumping at once each move it.
+ * missing), INCR, EXPIRE; the reader's bg_convseq_read two (SET NX, GET). They need not be atomic:
+ * the value only has to move, and two writers bumping at once each move it.
  */
 #include "bg/convseq.h"
 
@@ -69,6 +69,41 @@ int bg_convseq_get(bg_redis_t *r, int shard, const char *conversation_id, int64_
     return rc;
 }
 
+/* A random starting value, and the TTL, as command arguments. */
+static void start_args(char start[24], char ttl[24])
+{
+    uint64_t draw = 0;
+    randombytes_buf(&draw, sizeof(draw));
+    snprintf(start, 24, "%lld", (long long)(START_MIN + (int64_t)(draw % START_SPAN)));
+    snprintf(ttl, 24, "%d", BG_CONVSEQ_TTL_S);
+}
+
+int bg_convseq_read(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq,
+                    bool *known)
+{
+    *seq = 0;
+    *known = false;
+    char key[BG_REDIS_KEY_MAX];
+    if (bg_convseq_key(key, sizeof(key), shard, conversation_id) != 0)
+        return BG_ERR_INVALID;
+    char start[24], ttl[24];
+    start_args(start, ttl);
+    const char *set[] = {"SET", key, start, "NX", "EX", ttl};
+    const char *get[] = {"GET", key};
+    const bg_redis_cmd_t cmds[] = {{6, set, NULL}, {2, get, NULL}};
+    redisReply *replies[BG_ARRAY_SIZE(cmds)];
+    int rc = bg_redis_pipeline(r, BG_ARRAY_SIZE(cmds), cmds, replies);
+    if (rc != 0)
+        return rc;
+    if (replies[1]->type == REDIS_REPLY_ERROR)
+        rc = BG_ERR_PROTOCOL;
+    else if (replies[1]->type == REDIS_REPLY_STRING)
+        *known = parse_seq(replies[1]->str, replies[1]->len, seq);
+    for (size_t i = 0; i < BG_ARRAY_SIZE(cmds); i++)
+        freeReplyObject(replies[i]);
+    return rc;
+}
+
 int bg_convseq_bump(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq)
 {
     if (seq != NULL)
@@ -76,11 +111,8 @@ int bg_convseq_bump(bg_redis_t *r, int shard, const char *conversation_id, int64
     char key[BG_REDIS_KEY_MAX];
     if (bg_convseq_key(key, sizeof(key), shard, conversation_id) != 0)
         return BG_ERR_INVALID;
-    uint64_t draw = 0;
-    randombytes_buf(&draw, sizeof(draw));
     char start[24], ttl[24];
-    snprintf(start, sizeof(start), "%lld", (long long)(START_MIN + (int64_t)(draw % START_SPAN)));
-    snprintf(ttl, sizeof(ttl), "%d", BG_CONVSEQ_TTL_S);
+    start_args(start, ttl);
     const char *set[] = {"SET", key, start, "NX", "EX", ttl};
     const char *incr[] = {"INCR", key};
     const char *expire[] = {"EXPIRE", key, ttl};

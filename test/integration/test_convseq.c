@@ -69,6 +69,27 @@ Test(convseq, a_sequence_is_unknown_until_bumped_then_moves_by_one)
     cr_assert_not(known);
 }
 
+Test(convseq, a_reader_starts_a_missing_sequence_and_leaves_a_present_one)
+{
+    int64_t first = 0, again = 0, bumped = 0;
+    bool known = false;
+    cr_assert_eq(bg_convseq_read(r, 5, CONV, &first, &known), 0);
+    cr_assert(known, "started by the read");
+    cr_assert_geq(first, 1LL << 40);
+    cr_assert_eq(bg_convseq_read(r, 5, CONV, &again, &known), 0);
+    cr_assert(known);
+    cr_assert_eq(again, first, "a second read leaves it as it is");
+    cr_assert_eq(bg_convseq_bump(r, 5, CONV, &bumped), 0);
+    cr_assert_eq(bumped, first + 1, "a bump moves on from where the read started it");
+    cr_assert_eq(bg_convseq_read(r, 5, CONV, &again, &known), 0);
+    cr_assert_eq(again, first + 1);
+    char key[BG_REDIS_KEY_MAX];
+    cr_assert_eq(bg_convseq_key(key, sizeof(key), 5, CONV), 0);
+    cr_assert_gt(ttl_of(key), BG_CONVSEQ_TTL_S - 10, "the started key expires");
+    cr_assert_eq(bg_convseq_read(r, 5, "nope", &again, &known), BG_ERR_INVALID);
+    cr_assert_not(known);
+}
+
 Test(convseq, a_lost_sequence_starts_again_elsewhere)
 {
     int64_t first = 0, again = 0;

@@ -1378,13 +1378,13 @@ Test(llm_worker, consecutive_turns_take_their_conversation_from_the_cache_and_se
     free(ev);
     char *a2 = next_turn(&t, "Name a fruit.");
     char *a3 = next_turn(&t, "Name a tree.");
-    /* the first turn starts the conversation's sequence, the second is the first to be kept */
-    cr_assert_eq(contexts_from("database"), 2);
-    cr_assert_eq(contexts_from("cache"), 1);
+    /* the first turn starts the conversation's sequence and is kept: the second is a hit */
+    cr_assert_eq(contexts_from("database"), 1);
+    cr_assert_eq(contexts_from("cache"), 2);
 
     char *echo = next_turn(&t, "All of it? #echo:messages");
-    cr_assert_eq(contexts_from("cache"), 2, "the fourth turn from the cache too");
-    cr_assert_eq(contexts_from("database"), 2);
+    cr_assert_eq(contexts_from("cache"), 3, "the fourth turn from the cache too");
+    cr_assert_eq(contexts_from("database"), 1);
     /* every earlier turn, in order, each once, then this message once */
     char want[1024];
     snprintf(want, sizeof(want), "user: Name a colour. | assistant: %.30s", a1);
@@ -1406,7 +1406,7 @@ Test(llm_worker, consecutive_turns_take_their_conversation_from_the_cache_and_se
     cr_assert_eq(bg_redis_command(rc_, &r, "DEL %s", key), 0);
     freeReplyObject(r);
     char *again = next_turn(&t, "Once again? #echo:messages");
-    cr_assert_eq(contexts_from("database"), 3, "no sequence: a miss");
+    cr_assert_eq(contexts_from("database"), 2, "no sequence: a miss");
     cr_assert(strstr(again, want) != NULL && strstr(again, "All of it? #echo:messages") != NULL,
               "%s", again);
     free(again);
@@ -1416,7 +1416,7 @@ Test(llm_worker, consecutive_turns_take_their_conversation_from_the_cache_and_se
 }
 
 /* Starts a metered worker and runs three turns of a new conversation (the first as the edge
- * admits it, the next two with short replies): the third is the first from the cache. */
+ * admits it, the next two with short replies): the second and third come from the cache. */
 static void cached_conversation(turn_t *t, const char *first, const char *second, const char *third)
 {
     start_metered_worker();
@@ -1427,7 +1427,7 @@ static void cached_conversation(turn_t *t, const char *first, const char *second
     free(ev);
     free(next_turn(t, second));
     free(next_turn(t, third));
-    cr_assert_eq(contexts_from("cache"), 1, "the conversation is cached");
+    cr_assert_eq(contexts_from("cache"), 2, "the conversation is cached");
 }
 
 Test(llm_worker, a_message_another_process_stores_is_in_the_next_turn)
@@ -1446,8 +1446,8 @@ Test(llm_worker, a_message_another_process_stores_is_in_the_next_turn)
     char *echo = next_turn(&t, "What did I say? #echo:messages");
     cr_assert(strstr(echo, "user: A note from elsewhere") != NULL, "%s", echo);
     cr_assert(strstr(echo, "A note from elsewhere") > strstr(echo, "Third."), "%s", echo);
-    cr_assert_eq(contexts_from("cache"), 1, "the moved sequence made it a miss");
-    cr_assert_eq(contexts_from("database"), 3);
+    cr_assert_eq(contexts_from("cache"), 2, "the moved sequence made it a miss");
+    cr_assert_eq(contexts_from("database"), 2);
     free(echo);
 }
 
@@ -1473,7 +1473,7 @@ Test(llm_worker, a_renamed_user_is_addressed_by_the_new_name_from_a_cached_conve
     cr_assert(strstr(echo, "Ada") == NULL, "%s", echo);
     cr_assert_eq(occurrences(echo, "Who am I?"), 1, "the message once: %s", echo);
     cr_assert(strstr(echo, "Still here.") != NULL, "%s", echo);
-    cr_assert_eq(contexts_from("cache"), 2, "the turn started from the cache, then over");
+    cr_assert_eq(contexts_from("cache"), 3, "the turn started from the cache, then over");
     free(echo);
     events_free(ev);
     free(ev);

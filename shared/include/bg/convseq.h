@@ -40,6 +40,13 @@ BG_MUSTCHECK int bg_convseq_key(char *out, size_t outlen, int shard, const char 
 BG_MUSTCHECK int bg_convseq_get(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq,
                                 bool *known);
 
+/** Reads the sequence as bg_convseq_get does, first starting it at a random point (SET NX) when
+ *  there is none, in the same round trip: for a reader that keeps what it reads under the value,
+ *  so that a conversation's first turn already has one. *known is false only when the reply was
+ *  not a number. */
+BG_MUSTCHECK int bg_convseq_read(bg_redis_t *r, int shard, const char *conversation_id,
+                                 int64_t *seq, bool *known);
+
 /** Moves the sequence on by one after a write (one round trip) and renews its TTL; *seq (may be
  *  NULL) gets the new value. */
 BG_MUSTCHECK int bg_convseq_bump(bg_redis_t *r, int shard, const char *conversation_id,
