@@ -49,6 +49,18 @@ static bool parse_seq(const char *s, size_t len, int64_t *out)
     return true;
 }
 
+/* Reads a GET reply (freed here) into *seq and *known; BG_ERR_PROTOCOL for an error reply. */
+static int take_seq(redisReply *reply, int64_t *seq, bool *known)
+{
+    int rc = 0;
+    if (reply->type == REDIS_REPLY_ERROR)
+        rc = BG_ERR_PROTOCOL;
+    else if (reply->type == REDIS_REPLY_STRING)
+        *known = parse_seq(reply->str, reply->len, seq);
+    freeReplyObject(reply);
+    return rc;
+}
+
 int bg_convseq_get(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq, bool *known)
 {
     *seq = 0;
@@ -61,21 +73,37 @@ int bg_convseq_get(bg_redis_t *r, int shard, const char *conversation_id, int64_
     int rc = bg_redis_argv(r, 2, argv, NULL, &reply);
     if (rc != 0)
         return rc;
-    if (reply->type == REDIS_REPLY_ERROR)
-        rc = BG_ERR_PROTOCOL;
-    else if (reply->type == REDIS_REPLY_STRING)
-        *known = parse_seq(reply->str, reply->len, seq);
-    freeReplyObject(reply);
-    return rc;
+    return take_seq(reply, seq, known);
 }
 
-/* A random starting value, and the TTL, as command arguments. */
-static void start_args(char start[24], char ttl[24])
+/* Runs, in one round trip, SET NX of a random start (only a missing key takes it), then cmd (GET
+ * or INCR) and, with renew, EXPIRE; *reply gets cmd's reply (owned) on 0. */
+static int after_start(bg_redis_t *r, int shard, const char *conversation_id, const char *cmd,
+                       bool renew, redisReply **reply)
 {
+    *reply = NULL;
+    char key[BG_REDIS_KEY_MAX];
+    if (bg_convseq_key(key, sizeof(key), shard, conversation_id) != 0)
+        return BG_ERR_INVALID;
     uint64_t draw = 0;
     randombytes_buf(&draw, sizeof(draw));
-    snprintf(start, 24, "%lld", (long long)(START_MIN + (int64_t)(draw % START_SPAN)));
-    snprintf(ttl, 24, "%d", BG_CONVSEQ_TTL_S);
+    char start[24], ttl[24];
+    snprintf(start, sizeof(start), "%lld", (long long)(START_MIN + (int64_t)(draw % START_SPAN)));
+    snprintf(ttl, sizeof(ttl), "%d", BG_CONVSEQ_TTL_S);
+    const char *set[] = {"SET", key, start, "NX", "EX", ttl};
+    const char *then[] = {cmd, key};
+    const char *expire[] = {"EXPIRE", key, ttl};
+    const bg_redis_cmd_t cmds[] = {{6, set, NULL}, {2, then, NULL}, {3, expire, NULL}};
+    redisReply *replies[BG_ARRAY_SIZE(cmds)];
+    size_t n = renew ? 3 : 2;
+    int rc = bg_redis_pipeline(r, n, cmds, replies);
+    if (rc != 0)
+        return rc;
+    *reply = replies[1];
+    freeReplyObject(replies[0]);
+    if (renew)
+        freeReplyObject(replies[2]);
+    return 0;
 }
 
 int bg_convseq_read(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq,
@@ -83,49 +111,25 @@ int bg_convseq_read(bg_redis_t *r, int shard, const char *conversation_id, int64
 {
     *seq = 0;
     *known = false;
-    char key[BG_REDIS_KEY_MAX];
-    if (bg_convseq_key(key, sizeof(key), shard, conversation_id) != 0)
-        return BG_ERR_INVALID;
-    char start[24], ttl[24];
-    start_args(start, ttl);
-    const char *set[] = {"SET", key, start, "NX", "EX", ttl};
-    const char *get[] = {"GET", key};
-    const bg_redis_cmd_t cmds[] = {{6, set, NULL}, {2, get, NULL}};
-    redisReply *replies[BG_ARRAY_SIZE(cmds)];
-    int rc = bg_redis_pipeline(r, BG_ARRAY_SIZE(cmds), cmds, replies);
+    redisReply *reply = NULL;
+    int rc = after_start(r, shard, conversation_id, "GET", false, &reply);
     if (rc != 0)
         return rc;
-    if (replies[1]->type == REDIS_REPLY_ERROR)
-        rc = BG_ERR_PROTOCOL;
-    else if (replies[1]->type == REDIS_REPLY_STRING)
-        *known = parse_seq(replies[1]->str, replies[1]->len, seq);
-    for (size_t i = 0; i < BG_ARRAY_SIZE(cmds); i++)
-        freeReplyObject(replies[i]);
-    return rc;
+    return take_seq(reply, seq, known);
 }
 
 int bg_convseq_bump(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq)
 {
     if (seq != NULL)
         *seq = 0;
-    char key[BG_REDIS_KEY_MAX];
-    if (bg_convseq_key(key, sizeof(key), shard, conversation_id) != 0)
-        return BG_ERR_INVALID;
-    char start[24], ttl[24];
-    start_args(start, ttl);
-    const char *set[] = {"SET", key, start, "NX", "EX", ttl};
-    const char *incr[] = {"INCR", key};
-    const char *expire[] = {"EXPIRE", key, ttl};
-    const bg_redis_cmd_t cmds[] = {{6, set, NULL}, {2, incr, NULL}, {3, expire, NULL}};
-    redisReply *replies[BG_ARRAY_SIZE(cmds)];
-    int rc = bg_redis_pipeline(r, BG_ARRAY_SIZE(cmds), cmds, replies);
+    redisReply *reply = NULL;
+    int rc = after_start(r, shard, conversation_id, "INCR", true, &reply);
     if (rc != 0)
         return rc;
-    if (replies[1]->type != REDIS_REPLY_INTEGER)
+    if (reply->type != REDIS_REPLY_INTEGER)
         rc = BG_ERR_PROTOCOL;
     else if (seq != NULL)
-        *seq = replies[1]->integer;
-    for (size_t i = 0; i < BG_ARRAY_SIZE(cmds); i++)
-        freeReplyObject(replies[i]);
+        *seq = reply->integer;
+    freeReplyObject(reply);
     return rc;
 }
