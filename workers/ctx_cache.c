@@ -39,12 +39,15 @@ wk_ctx_cache_t *wk_ctx_cache_new(size_t slots, size_t bytes_max, uint64_t ttl_ms
     return cc;
 }
 
-static void entry_clear(wk_ctx_cache_t *cc, entry_t *e)
+/* Empties a slot (the caller holds cc->mu); its context goes to *dead, to be disposed of outside
+ * the lock. */
+static void entry_take_locked(wk_ctx_cache_t *cc, entry_t *e, bg_chat_context_t *dead)
 {
+    memset(dead, 0, sizeof(*dead));
     if (!e->used)
         return;
     cc->bytes -= e->bytes;
-    bg_chat_context_dispose(&e->ctx);
+    *dead = e->ctx;
     memset(e, 0, sizeof(*e));
 }
 
@@ -52,8 +55,11 @@ void wk_ctx_cache_free(wk_ctx_cache_t *cc)
 {
     if (cc == NULL)
         return;
-    for (size_t i = 0; i < cc->nslots; i++)
-        entry_clear(cc, &cc->slots[i]);
+    for (size_t i = 0; i < cc->nslots; i++) {
+        bg_chat_context_t dead;
+        entry_take_locked(cc, &cc->slots[i], &dead);
+        bg_chat_context_dispose(&dead);
+    }
     free(cc->slots);
     pthread_mutex_destroy(&cc->mu);
     free(cc);
@@ -156,14 +162,10 @@ void wk_ctx_cache_put(wk_ctx_cache_t *cc, const char *conversation_id, const cha
     (void)bg_strlcpy(fresh.user_id, user_id, sizeof(fresh.user_id));
     fresh.bytes = context_copy(&fresh.ctx, ctx);
     fresh.expires_ms = bg_timeutil_mono_ms() + cc->ttl_ms;
-    bg_chat_context_t dead = {0};
+    bg_chat_context_t dead;
     pthread_mutex_lock(&cc->mu);
     entry_t *e = slot_of(cc, conversation_id);
-    if (e->used) {
-        cc->bytes -= e->bytes;
-        dead = e->ctx;
-        memset(e, 0, sizeof(*e));
-    }
+    entry_take_locked(cc, e, &dead);
     bool fits = cc->bytes + fresh.bytes <= cc->bytes_max;
     if (fits) {
         *e = fresh;
@@ -180,11 +182,8 @@ void wk_ctx_cache_drop(wk_ctx_cache_t *cc, const char *conversation_id)
     bg_chat_context_t dead = {0};
     pthread_mutex_lock(&cc->mu);
     entry_t *e = slot_of(cc, conversation_id);
-    if (e->used && strcmp(e->conversation_id, conversation_id) == 0) {
-        cc->bytes -= e->bytes;
-        dead = e->ctx;
-        memset(e, 0, sizeof(*e));
-    }
+    if (strcmp(e->conversation_id, conversation_id) == 0)
+        entry_take_locked(cc, e, &dead);
     pthread_mutex_unlock(&cc->mu);
     bg_chat_context_dispose(&dead);
 }

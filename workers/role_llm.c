@@ -129,12 +129,10 @@ typedef struct st_llm_job {
      * false: unknown), after the user's message was stored, after the reply was (0: not bumped) */
     bool seq_known;
     int64_t seq0, seq_user, seq_reply;
-    bool ctx_cached;        /* the context came from the conversation cache */
-    bool name_from_ctx;     /* user_name is the context's (the job named none) */
-    int64_t reply_id;       /* the stored reply, 0 when none was stored by this run */
-    bool reply_complete;    /* and it is part of the history (status complete) */
-    const char *reply_text; /* its text (borrowed from the run), reply_text_len bytes */
-    size_t reply_text_len;
+    bool ctx_cached;      /* the context came from the conversation cache */
+    bool name_from_ctx;   /* user_name is the context's (the job named none) */
+    int64_t reply_id;     /* the stored reply, 0 when none was stored by this run */
+    bool reply_complete;  /* and it is part of the history (status complete) */
     int64_t max_tokens;   /* 0: the agent's */
     double temperature;   /* < 0: the agent's */
     bool api;             /* channel "api": messages instead of a conversation */
@@ -776,8 +774,6 @@ static int store_and_finish(llm_job_t *j, const llm_role_t *l, PGconn *c, llm_en
         if (created) {
             j->reply_id = e->message_id;
             j->reply_complete = status == NULL;
-            j->reply_text = reply.content;
-            j->reply_text_len = text->base != NULL ? text->len : 0;
         }
     }
     if (rc == BG_ERR_NOT_FOUND || rc == BG_ERR_CONFLICT || rc == BG_ERR_INVALID) {
@@ -1106,6 +1102,16 @@ out:
     return rc;
 }
 
+/* The turn takes its agent from the context, and its user's name unless the job named one. */
+static void take_context(llm_job_t *j, const bg_chat_context_t *ctx)
+{
+    j->agent_id = ctx->agent_id;
+    if (j->user_name[0] == '\0') {
+        j->user_name = ctx->user_name;
+        j->name_from_ctx = true;
+    }
+}
+
 /*
  * A web turn whose job carries the user's message (the edge enqueues it without touching
  * Postgres) is rendered from what the conversation held before it (bg_chat_context: the agent,
@@ -1125,11 +1131,7 @@ static int load_context(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_co
         return fail_job(j, l, "not_found", "the conversation is gone");
     if (rc != 0)
         return history_failed(j, l, rc);
-    j->agent_id = ctx->agent_id;
-    if (j->user_name[0] == '\0') {
-        j->user_name = ctx->user_name;
-        j->name_from_ctx = true;
-    }
+    take_context(j, ctx);
     *ended = false;
     return 0;
 }
@@ -1155,11 +1157,7 @@ static int context_for(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_con
         wk_ctx_cache_get(l->ctx_cache, j->conversation_id, j->user_id, j->seq0, ctx)) {
         bg_metrics_counter_inc(l->m_context, from_cache);
         j->ctx_cached = true;
-        j->agent_id = ctx->agent_id;
-        if (j->user_name[0] == '\0') {
-            j->user_name = ctx->user_name;
-            j->name_from_ctx = true;
-        }
+        take_context(j, ctx);
         *ended = false;
         return 0;
     }
@@ -1171,7 +1169,8 @@ static int context_for(llm_job_t *j, const llm_role_t *l, PGconn *c, bg_chat_con
  * conversation's state after the turn (that context, the user's message and a complete reply) in
  * the cache under the sequence's new value, when this turn's writes were the only ones since the
  * context was taken; forgets the conversation otherwise. */
-static void remember_context(const llm_job_t *j, const llm_role_t *l, bg_chat_context_t *ctx)
+static void remember_context(const llm_job_t *j, const llm_role_t *l, bg_chat_context_t *ctx,
+                             const bg_buf_t *reply)
 {
     int64_t seq = j->seq_user;
     bool alone = j->seq_known && j->message_id > 0 && seq != 0 && seq == j->seq0 + 1;
@@ -1187,8 +1186,8 @@ static void remember_context(const llm_job_t *j, const llm_role_t *l, bg_chat_co
     (void)bg_strlcpy(ctx->user_name, j->posted.user_name, sizeof(ctx->user_name));
     wk_ctx_history_push(&ctx->history, j->message_id, "user", j->content, strlen(j->content));
     if (j->reply_id > 0 && j->reply_complete)
-        wk_ctx_history_push(&ctx->history, j->reply_id, "assistant", j->reply_text,
-                            j->reply_text_len);
+        wk_ctx_history_push(&ctx->history, j->reply_id, "assistant",
+                            reply->base != NULL ? reply->base : "", reply->len);
     wk_ctx_history_trim(&ctx->history, BG_CHAT_HISTORY_MAX, HISTORY_BYTES_MAX);
     wk_ctx_cache_put(l->ctx_cache, j->conversation_id, j->user_id, seq, ctx);
 }
@@ -1379,7 +1378,7 @@ static int run_turn(llm_job_t *j, const llm_role_t *l, llm_thread_t *t, PGconn *
     rc = conclude(&run, l, c, model, &cs);
     if (remember) {
         if (rc == 0)
-            remember_context(j, l, &ctx);
+            remember_context(j, l, &ctx, &run.text);
         else
             wk_ctx_cache_drop(l->ctx_cache, j->conversation_id);
     }

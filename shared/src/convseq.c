@@ -49,33 +49,6 @@ static bool parse_seq(const char *s, size_t len, int64_t *out)
     return true;
 }
 
-/* Reads a GET reply (freed here) into *seq and *known; BG_ERR_PROTOCOL for an error reply. */
-static int take_seq(redisReply *reply, int64_t *seq, bool *known)
-{
-    int rc = 0;
-    if (reply->type == REDIS_REPLY_ERROR)
-        rc = BG_ERR_PROTOCOL;
-    else if (reply->type == REDIS_REPLY_STRING)
-        *known = parse_seq(reply->str, reply->len, seq);
-    freeReplyObject(reply);
-    return rc;
-}
-
-int bg_convseq_get(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq, bool *known)
-{
-    *seq = 0;
-    *known = false;
-    char key[BG_REDIS_KEY_MAX];
-    if (bg_convseq_key(key, sizeof(key), shard, conversation_id) != 0)
-        return BG_ERR_INVALID;
-    const char *argv[] = {"GET", key};
-    redisReply *reply = NULL;
-    int rc = bg_redis_argv(r, 2, argv, NULL, &reply);
-    if (rc != 0)
-        return rc;
-    return take_seq(reply, seq, known);
-}
-
 /* Runs, in one round trip, SET NX of a random start (only a missing key takes it), then cmd (GET
  * or INCR) and, with renew, EXPIRE; *reply gets cmd's reply (owned) on 0. */
 static int after_start(bg_redis_t *r, int shard, const char *conversation_id, const char *cmd,
@@ -115,7 +88,12 @@ int bg_convseq_read(bg_redis_t *r, int shard, const char *conversation_id, int64
     int rc = after_start(r, shard, conversation_id, "GET", false, &reply);
     if (rc != 0)
         return rc;
-    return take_seq(reply, seq, known);
+    if (reply->type == REDIS_REPLY_ERROR)
+        rc = BG_ERR_PROTOCOL;
+    else if (reply->type == REDIS_REPLY_STRING)
+        *known = parse_seq(reply->str, reply->len, seq);
+    freeReplyObject(reply);
+    return rc;
 }
 
 int bg_convseq_bump(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq)

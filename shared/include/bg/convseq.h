@@ -36,14 +36,9 @@
  *  conversation id that is not a UUID (out is then ""). */
 BG_MUSTCHECK int bg_convseq_key(char *out, size_t outlen, int shard, const char *conversation_id);
 
-/** Reads the sequence: *known false (and *seq 0) when there is none. */
-BG_MUSTCHECK int bg_convseq_get(bg_redis_t *r, int shard, const char *conversation_id, int64_t *seq,
-                                bool *known);
-
-/** Reads the sequence as bg_convseq_get does, first starting it at a random point (SET NX) when
- *  there is none, in the same round trip: for a reader that keeps what it reads under the value,
- *  so that a conversation's first turn already has one. *known is false only when the reply was
- *  not a number. */
+/** Reads the sequence, first starting it at a random point (SET NX) when there is none, in the
+ *  same round trip: a reader keeps what it reads under the value, so even a conversation's first
+ *  turn has one. *known is false (and *seq 0) only when the reply was not a number. */
 BG_MUSTCHECK int bg_convseq_read(bg_redis_t *r, int shard, const char *conversation_id,
                                  int64_t *seq, bool *known);
 
